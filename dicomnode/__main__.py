@@ -1,0 +1,3 @@
+from dicomnode.cli import app
+
+app()

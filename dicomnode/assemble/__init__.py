@@ -1,0 +1,5 @@
+"""Assemble stage: decide when a study (or series) is complete."""
+
+from dicomnode.assemble.assembler import Assembler
+
+__all__ = ["Assembler"]

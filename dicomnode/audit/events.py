@@ -1,0 +1,55 @@
+"""The audit vocabulary: DICOM PS3.15 A.5 event IDs, and the node's event types mapped onto them.
+
+PS3.15 has no event for "study complete"; that one uses the private coding scheme ``99DCMNODE``
+(documented in ``docs/audit.md``) so a consumer that knows only DCM codes can still filter it out.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+
+
+class Outcome(IntEnum):
+    """PS3.15 EventOutcomeIndicator."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+class EventKind(Enum):
+    """Node event type → (type name, event code, code meaning, PS3.15 EventActionCode).
+
+    The type name is part of the value so that no two members are Enum aliases of each other.
+    """
+
+    APPLICATION_START = ("application-start", "110100", "Application Activity", "E")
+    APPLICATION_STOP = ("application-stop", "110100", "Application Activity", "E")
+    ASSOCIATION_ACCEPTED = ("association-accepted", "110113", "Security Alert", "E")  # type 110126 Node Authentication
+    ASSOCIATION_REJECTED = ("association-rejected", "110113", "Security Alert", "E")
+    ASSOCIATION_ABORTED = ("association-aborted", "110113", "Security Alert", "E")
+    PROTOCOL_VIOLATION = ("protocol-violation", "110113", "Security Alert", "E")
+    INSTANCES_RECEIVED = ("instances-received", "110104", "DICOM Instances Transferred", "C")
+    STORE_REFUSED = ("store-refused", "110104", "DICOM Instances Transferred", "C")
+    DUPLICATE_CONFLICT = ("duplicate-conflict", "110104", "DICOM Instances Transferred", "C")
+    STUDY_COMPLETED = ("study-completed", "DN0001", "Study Completed", "E")  # 99DCMNODE (private)
+    SERIES_COMPLETED = ("series-completed", "DN0002", "Series Completed", "E")  # 99DCMNODE (private)
+    INSTANCES_SWEPT = ("instances-swept", "110100", "Application Activity", "E")
+
+    @property
+    def type_name(self) -> str:
+        """The stable, human-readable event type stored in the row (e.g. ``store-refused``)."""
+        return str(self.value[0])
+
+    @property
+    def code(self) -> str:
+        return str(self.value[1])
+
+    @property
+    def meaning(self) -> str:
+        return str(self.value[2])
+
+    @property
+    def action(self) -> str:
+        return str(self.value[3])

@@ -1,0 +1,264 @@
+"""The ``dicomnode`` command line (typer + rich). Every command takes ``--config FILE``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from dicomnode.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="dicomnode: durable DICOM ingest, completion, routing and audit.")
+audit_app = typer.Typer(no_args_is_help=True, help="Review and verify the audit trail.")
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
+app.add_typer(audit_app, name="audit")
+app.add_typer(db_app, name="db")
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="DICOMNODE_CONFIG",
+                 help="YAML configuration file (see dicomnode.example.yaml)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _sessions(settings: Settings) -> Any:
+    from dicomnode.database import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(settings.database_url))
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the node until SIGTERM/SIGINT (then finish in-flight instances and stop)."""
+    settings = _settings(config)
+    from dicomnode.node import Node, configure_logging
+
+    configure_logging(settings.logging.level)
+    try:
+        node = Node(settings)
+    except OSError as e:
+        err.print(f"[red]error:[/red] cannot start: {e}")
+        raise typer.Exit(1) from None
+    try:
+        node.serve_forever()
+    except OSError as e:  # e.g. port in use
+        err.print(f"[red]error:[/red] {e} (node.port is {settings.node.port})")
+        node.stop("start failed")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def echo(
+    host: str,
+    port: int,
+    aet: Annotated[str, typer.Option("--aet", help="Called AE title (the peer's).")] = "ANY-SCP",
+    calling_aet: Annotated[str | None, typer.Option(
+        "--calling-aet", help="Our AE title; default node.ae_title.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Send a C-ECHO (verification) to HOST PORT; exit 0 on success."""
+    settings = _settings(config)
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling_aet or settings.node.ae_title)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        err.print(f"[red]echo failed:[/red] association with {aet}@{host}:{port} "
+                  "rejected, aborted or never connected")
+        raise typer.Exit(1)
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    if code != 0:
+        err.print(f"[red]echo failed:[/red] status {code!r}")
+        raise typer.Exit(1)
+    console.print(f"echo {aet}@{host}:{port}: [green]success[/green]")
+
+
+@app.command()
+def studies(
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    all_instances: Annotated[bool, typer.Option(
+        "--all", help="List every instance (the table shows 10 per series).")] = False,
+) -> None:
+    """Studies with their series and instances, and completion state."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import selectinload
+
+    from dicomnode.schema import Series, Study
+
+    settings = _settings(config)
+    with _sessions(settings)() as s:
+        rows = s.execute(
+            select(Study).options(selectinload(Study.patient),
+                                  selectinload(Study.series).selectinload(Series.instances))
+            .order_by(Study.first_received_at)
+        ).scalars().all()
+        data = [{
+            "study_uid": st.study_uid, "patient_id": st.patient.patient_id,
+            "patient_name": st.patient.patient_name, "study_date": st.study_date,
+            "accession_number": st.accession_number, "description": st.study_description,
+            "state": st.state, "revision": st.revision, "num_instances": st.num_instances,
+            "completed_at": st.completed_at,
+            "series": [{
+                "series_uid": se.series_uid, "modality": se.modality,
+                "series_number": se.series_number, "description": se.series_description,
+                "state": se.state, "revision": se.revision, "num_instances": se.num_instances,
+                "instances": [{
+                    "sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid,
+                    "transfer_syntax_uid": i.transfer_syntax_uid, "size": i.size,
+                    "instance_number": i.instance_number, "study_revision": i.study_revision,
+                    "path": i.path, "sha256": i.sha256,
+                } for i in se.instances],
+            } for se in st.series],
+        } for st in rows]
+    if as_json:
+        _print_json(data)
+        return
+    if not data:
+        console.print("no studies")
+        return
+    for st in data:
+        color = "green" if st["state"] == "complete" else "yellow"
+        tree = Tree(f"[bold]{st['study_uid']}[/bold]  {st['patient_name']} ({st['patient_id']})"
+                    f"  {st['study_date']}  [{color}]{st['state']}[/{color}] rev {st['revision']}"
+                    f"  {st['num_instances']} instances")
+        for se in st["series"]:
+            branch = tree.add(f"{se['modality']} #{se['series_number']} {se['description']}  "
+                              f"{se['series_uid']}  {se['state']}  {se['num_instances']} inst.")
+            shown = se["instances"] if all_instances else se["instances"][:10]
+            for i in shown:
+                branch.add(f"{i['sop_instance_uid']}  {i['sop_class_uid']}  "
+                           f"{i['transfer_syntax_uid']}  {i['size']} B")
+            if len(shown) < len(se["instances"]):
+                branch.add(f"… {len(se['instances']) - len(shown)} more (--all)")
+        console.print(tree)
+
+
+def _parse_since(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        err.print(f"[red]error:[/red] --since {value!r}: use ISO 8601, e.g. 2026-11-21T08:00")
+        raise typer.Exit(2) from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+@audit_app.command("list")
+def audit_list(
+    config: ConfigOpt = None,
+    since: Annotated[str | None, typer.Option(help="Only events at or after (ISO 8601, UTC "
+                                              "unless a zone is given).")] = None,
+    event: Annotated[str | None, typer.Option(help="Event type (e.g. store-refused) or "
+                                              "code (e.g. 110104).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (newest last).")] = 1000,
+    as_json: JsonOpt = False,
+) -> None:
+    """List audit events."""
+    from sqlalchemy import or_, select
+
+    from dicomnode.schema import AuditEvent
+
+    settings = _settings(config)
+    q = select(AuditEvent)
+    cutoff = _parse_since(since)
+    if cutoff:
+        q = q.where(AuditEvent.ts >= cutoff)
+    if event:
+        q = q.where(or_(AuditEvent.event_type == event, AuditEvent.event_code == event))
+    q = q.order_by(AuditEvent.seq.desc()).limit(limit)
+    with _sessions(settings)() as s:
+        rows = list(reversed(s.execute(q).scalars().all()))
+        data = [{
+            "seq": r.seq, "ts": r.ts, "event_code": r.event_code, "event_name": r.event_name,
+            "event_type": r.event_type, "action": r.action, "outcome": r.outcome,
+            "source_aet": r.source_aet, "source_host": r.source_host, "dest_aet": r.dest_aet,
+            "user": r.user, "detail": json.loads(r.detail), "hash": r.hash,
+        } for r in rows]
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("seq", "time (UTC)", "event", "type", "outcome", "who", "detail")
+    for d in data:
+        who = " ".join(x for x in (d["source_aet"], d["source_host"]) if x)
+        table.add_row(str(d["seq"]), d["ts"][:23], f"{d['event_code']} {d['event_name']}",
+                      d["event_type"], str(d["outcome"]), who,
+                      json.dumps(d["detail"], default=str)[:120])
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Recompute the hash chain; exit 1 and name the first broken row if any was altered."""
+    from dicomnode.audit import verify_chain
+
+    result = verify_chain(_sessions(_settings(config)))
+    if as_json:
+        _print_json({"ok": result.ok, "checked": result.checked,
+                     "first_bad_seq": result.first_bad_seq, "reason": result.reason})
+    elif result.ok:
+        console.print(f"audit chain [green]intact[/green]: {result.checked} events verified")
+    else:
+        err.print(f"[red]audit chain BROKEN[/red] at seq {result.first_bad_seq}: "
+                  f"{result.reason} ({result.checked} events verified before it)")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None,
+               revision: Annotated[str, typer.Option(help="Target revision.")] = "head") -> None:
+    """Apply schema migrations (safe to run repeatedly; `serve` runs it too)."""
+    from dicomnode.database import current_revision, upgrade
+
+    settings = _settings(config)
+    upgrade(settings.database_url, revision)
+    console.print(f"database at revision {current_revision(settings.database_url)}")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOpt = None) -> None:
+    """Show the schema revision of the configured database."""
+    from dicomnode.database import current_revision
+
+    console.print(str(current_revision(_settings(config).database_url)))
+
+
+@app.command()
+def version() -> None:
+    """Print the dicomnode version."""
+    from dicomnode import __version__
+
+    console.print(__version__)

@@ -1,0 +1,205 @@
+"""Configuration: one YAML file, validated by one pydantic-settings model.
+
+Precedence (highest first): ``DICOMNODE_*`` environment variables, the YAML file, defaults.
+Nested keys use ``__`` in environment variables: ``DICOMNODE_NODE__PORT=11113`` overrides
+``node.port``; lists are JSON: ``DICOMNODE_ACCESS__ALLOWED_CALLING_AETS='["CT1","PACS"]'``.
+
+Every key is documented in ``dicomnode.example.yaml`` and ``docs/configuration.md``. A bad file
+gives one :class:`ConfigError` whose message names the key, so an admin never has to read a
+traceback to find a typo.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "DICOMNODE_CONFIG"
+"""Environment variable naming the config file when ``--config`` is not given."""
+
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+def _check_ae(value: str) -> str:
+    if not _AE_RE.match(value) or not value.strip():
+        raise ValueError(
+            "must be 1-16 printable ASCII characters, no backslash, not only spaces (PS3.5 AE)"
+        )
+    return value.strip()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class NodeConfig(_Section):
+    ae_title: str = "DICOMNODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(10, ge=1, le=1000)
+    max_pdu_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=4096,
+        le=64 * 1024 * 1024,
+        description="Maximum PDU length we announce and accept. Larger PDUs mean fewer Python "
+        "round trips per instance; anything a peer claims above this is aborted unread.",
+    )
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    acse_timeout_seconds: float = Field(30.0, gt=0)
+    dimse_timeout_seconds: float = Field(60.0, gt=0)
+    shutdown_grace_seconds: float = Field(
+        15.0, ge=0, description="On SIGTERM, how long in-flight instances may take to finish."
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+
+class StorageConfig(_Section):
+    path: Path = Path("./dicomnode-data")
+    min_free_mb: int = Field(1024, ge=0)
+    duplicate_policy: Literal["keep-first", "replace", "reject"] = "keep-first"
+
+
+class DatabaseConfig(_Section):
+    url: str | None = Field(
+        None, description="SQLAlchemy URL; default SQLite (WAL) at <storage.path>/index.sqlite3"
+    )
+    echo: bool = False
+
+
+class AccessConfig(_Section):
+    allowed_calling_aets: list[str] = Field(default_factory=list)
+    require_called_aet: bool = True
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _aets(cls, v: list[str]) -> list[str]:
+        return [_check_ae(a) for a in v]
+
+
+class AssembleConfig(_Section):
+    quiet_seconds: float = Field(5.0, ge=0)
+    level: Literal["study", "series"] = "study"
+    poll_seconds: float = Field(0.5, gt=0, le=60)
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+_yaml_data: ContextVar[dict[str, Any]] = ContextVar("_yaml_data", default={})  # noqa: B039
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _yaml_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_data.get())
+
+
+class Settings(BaseSettings):
+    """The whole node configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOMNODE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    node: NodeConfig = Field(default_factory=NodeConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    access: AccessConfig = Field(default_factory=AccessConfig)
+    assemble: AssembleConfig = Field(default_factory=AssembleConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def database_url(self) -> str:
+        """The effective SQLAlchemy URL."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.storage.path / 'index.sqlite3').resolve()}"
+
+
+def _suggest(loc: tuple[Any, ...], model: type[BaseModel]) -> str:
+    """'did you mean' for an unknown key, from the fields of the section it sits in."""
+    target: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        field = target.model_fields.get(str(part)) if target else None
+        ann = field.annotation if field else None
+        target = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if target is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(target.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: {key}: unknown key{_suggest(err['loc'], Settings)}")
+        else:
+            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid configuration\n  " + "\n  ".join(lines)
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load and validate the configuration.
+
+    ``path`` falls back to ``$DICOMNODE_CONFIG``; with neither, defaults plus environment.
+    Raises :class:`ConfigError` with a message naming the offending key.
+    """
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    data: dict[str, Any] = {}
+    source = "environment/defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {p}: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections (node:, storage:, …)")
+        data = loaded
+    token = _yaml_data.set(data)
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+    finally:
+        _yaml_data.reset(token)

@@ -1,0 +1,112 @@
+"""The node: wires the stages together and owns start-up recovery and shutdown.
+
+Start: migrate the schema → sweep ``tmp/`` (roll forward or delete) → close associations a crash
+left open (audited as interrupted) → audit application start → assembler → SCP.
+Stop (SIGTERM/SIGINT): stop accepting → let in-flight instances finish → close associations →
+stop the assembler → audit application stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from types import FrameType
+
+from sqlalchemy import select
+
+from dicomnode import __version__
+from dicomnode.assemble import Assembler
+from dicomnode.audit import AuditLog, EventKind
+from dicomnode.config import Settings
+from dicomnode.database import make_engine, make_sessionmaker, upgrade
+from dicomnode.receive.scp import Receiver, finish_association
+from dicomnode.schema import Association, utcnow
+from dicomnode.store import FileStore, InstanceStore
+
+log = logging.getLogger(__name__)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pynetdicom logs every PDU at INFO; keep it to warnings unless debugging
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else
+                                             logging.WARNING)
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started_at = utcnow()
+        self._stopped = threading.Event()
+        upgrade(settings.database_url)
+        self.engine = make_engine(settings.database_url, settings.database.echo)
+        self.sessions = make_sessionmaker(self.engine)
+        self.audit = AuditLog(self.sessions)
+        self.files = FileStore(settings.storage.path, settings.storage.min_free_mb)
+        self.index_lock = threading.Lock()
+        self.store = InstanceStore(self.files, self.sessions, self.audit,
+                                   settings.storage.duplicate_policy, self.index_lock)
+        self.assembler = Assembler(self.sessions, self.audit,
+                                   quiet_seconds=settings.assemble.quiet_seconds,
+                                   level=settings.assemble.level,
+                                   poll_seconds=settings.assemble.poll_seconds,
+                                   index_lock=self.index_lock, started_at=self.started_at)
+        self.receiver = Receiver(settings, self.store, self.sessions, self.audit)
+
+    def _recover(self) -> dict[str, int]:
+        forward, deleted = self.store.sweep()
+        with self.sessions() as s:
+            stale = s.execute(select(Association.id, Association.calling_aet,
+                                     Association.peer_host, Association.called_aet)
+                              .where(Association.state == "open")).all()
+        for row_id, calling, host, called in stale:
+            finish_association(self.sessions, self.audit, row_id, "interrupted",
+                               calling=calling, host=host, called=called)
+        if forward or deleted:
+            self.audit.record(EventKind.INSTANCES_SWEPT, rolled_forward=forward,
+                              removed_partial=deleted)
+        return {"rolled_forward": forward, "removed_partial": deleted,
+                "interrupted_associations": len(stale)}
+
+    def start(self) -> None:
+        recovered = self._recover()
+        n = self.settings.node
+        self.audit.record(EventKind.APPLICATION_START, source_aet=n.ae_title,
+                          source_host=socket.gethostname(), version=__version__, pid=os.getpid(),
+                          port=n.port, database=self.engine.url.get_backend_name(),
+                          storage=str(self.files.root), **recovered)
+        self.assembler.start()
+        self.receiver.start()
+
+    def stop(self, reason: str = "requested") -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("stopping (%s): finishing in-flight instances", reason)
+        self.receiver.stop(self.settings.node.shutdown_grace_seconds)
+        self.assembler.stop()
+        self.audit.record(EventKind.APPLICATION_STOP, source_aet=self.settings.node.ae_title,
+                          source_host=socket.gethostname(), reason=reason, pid=os.getpid())
+        self.engine.dispose()
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        stop = threading.Event()
+        reason = ["signal"]
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            reason[0] = signal.Signals(signum).name
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        log.info("dicomnode %s ready", __version__)
+        while not stop.wait(1.0):
+            pass
+        self.stop(reason[0])

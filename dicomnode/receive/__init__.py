@@ -1,0 +1,1 @@
+"""Receive stage: pynetdicom SCP (C-ECHO, C-STORE), access control, PDU guard."""

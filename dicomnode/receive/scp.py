@@ -1,0 +1,276 @@
+"""The receive stage: a pynetdicom SCP for C-ECHO and C-STORE.
+
+Associations are records in SQL (who, from where, when, how many instances and bytes) and every
+accept, reject, abort and protocol violation is audited. The C-STORE handler hands the dataset
+bytes, exactly as they arrived, to the store stage and answers with the status it returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.audit import AuditLog, EventKind, Outcome
+from dicomnode.config import Settings
+from dicomnode.receive import pdu_guard
+from dicomnode.schema import Association, Instance, Series, Study, utcnow
+from dicomnode.store import InstanceStore, Received
+
+log = logging.getLogger(__name__)
+
+RAW_DATA_STORAGE = "1.2.840.10008.5.1.4.1.1.66"
+
+# Every standard transfer syntax pydicom knows, uncompressed ones first: when a peer offers
+# several in one context we prefer one it can always produce. Data is stored as received, so
+# accepting a compressed syntax never means decoding it.
+TRANSFER_SYNTAXES: list[str] = [ImplicitVRLittleEndian, ExplicitVRLittleEndian] + [
+    str(ts) for ts in AllTransferSyntaxes if ts not in (ImplicitVRLittleEndian,
+                                                        ExplicitVRLittleEndian)
+]
+
+
+def storage_sop_classes() -> list[str]:
+    """All standard storage SOP classes pynetdicom knows (Raw Data Storage included)."""
+    uids = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
+    if RAW_DATA_STORAGE not in uids:
+        uids.append(RAW_DATA_STORAGE)
+    return uids
+
+
+@dataclass
+class _AssocStats:
+    row_id: int | None = None
+    stored: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    bytes: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    finished: bool = False
+
+
+class Receiver:
+    def __init__(self, settings: Settings, store: InstanceStore, sessions: sessionmaker[Session],
+                 audit: AuditLog) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+        self.audit = audit
+        self._stats: dict[int, _AssocStats] = {}
+        self._stats_lock = threading.Lock()
+        self._inflight = 0
+        self._inflight_cv = threading.Condition()
+        self.server: Any = None
+        self.ae = self._build_ae()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _build_ae(self) -> AE:
+        pdu_guard.install()
+        n = self.settings.node
+        ae = AE(ae_title=n.ae_title)
+        ae.maximum_pdu_size = n.max_pdu_bytes
+        ae.maximum_associations = n.max_associations
+        ae.network_timeout = n.network_timeout_seconds
+        ae.acse_timeout = n.acse_timeout_seconds
+        ae.dimse_timeout = n.dimse_timeout_seconds
+        ae.require_calling_aet = list(self.settings.access.allowed_calling_aets)
+        ae.require_called_aet = self.settings.access.require_called_aet
+        ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        for uid in storage_sop_classes():
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        ae._dicomnode_on_violation = self._on_violation
+        return ae
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+
+    def start(self) -> None:
+        n = self.settings.node
+        self.server = self.ae.start_server((n.host, n.port), block=False,
+                                           evt_handlers=self.handlers())
+        log.info("listening as %s on %s:%d", n.ae_title, n.host, n.port)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self, grace_seconds: float) -> None:
+        """Stop accepting, let in-flight C-STOREs finish (up to the grace period), then close."""
+        if self.server is None:
+            return
+        # stop the accept loop and close the listening socket; associations keep running
+        self.server.shutdown()
+        deadline = time.monotonic() + grace_seconds
+        with self._inflight_cv:
+            while self._inflight and time.monotonic() < deadline:
+                self._inflight_cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for assoc in list(self.ae.active_associations):
+            assoc.abort()
+        for assoc in list(self.ae.active_associations):
+            assoc.join(timeout=5)
+        self.server = None
+
+    # -- association bookkeeping -----------------------------------------------------------
+    def _stats_for(self, assoc: Any) -> _AssocStats:
+        with self._stats_lock:
+            return self._stats.setdefault(id(assoc), _AssocStats())
+
+    @staticmethod
+    def _peer(assoc: Any) -> tuple[str, str, int, str]:
+        rq = assoc.requestor
+        primitive = getattr(rq, "primitive", None)
+        called = getattr(primitive, "called_ae_title", "") if primitive else ""
+        return (str(rq.ae_title or "").strip(), str(rq.address or ""), int(rq.port or 0),
+                str(called or "").strip())
+
+    def _on_accepted(self, event: Any) -> None:
+        calling, host, port, called = self._peer(event.assoc)
+        st = self._stats_for(event.assoc)
+        with self.sessions() as s, s.begin():
+            row = Association(calling_aet=calling, called_aet=called, peer_host=host,
+                              peer_port=port, state="open", started_at=utcnow())
+            s.add(row)
+            s.flush()
+            st.row_id = row.id
+            self.audit.record(EventKind.ASSOCIATION_ACCEPTED, session=s, source_aet=calling,
+                              source_host=host, dest_aet=called, association_id=row.id,
+                              event_type_code="110126 Node Authentication",
+                              contexts=len(event.assoc.accepted_contexts))
+
+    def _on_rejected(self, event: Any) -> None:
+        calling, host, _, called = self._peer(event.assoc)
+        allowed = self.settings.access.allowed_calling_aets
+        if allowed and calling not in allowed:
+            reason = f"calling AE title {calling!r} is not in access.allowed_calling_aets"
+        elif self.settings.access.require_called_aet and called != self.settings.node.ae_title:
+            reason = f"called AE title {called!r} is not ours ({self.settings.node.ae_title!r})"
+        else:
+            reason = (f"busy: node.max_associations ({self.settings.node.max_associations}) "
+                      "reached, or user identity refused")
+        log.warning("rejected association from %s@%s: %s", calling, host, reason)
+        self.audit.record(EventKind.ASSOCIATION_REJECTED, Outcome.MINOR_FAILURE,
+                          source_aet=calling, source_host=host, dest_aet=called, reason=reason)
+
+    def _on_violation(self, assoc: Any, reason: str) -> None:
+        calling, host, _, called = self._peer(assoc)
+        self.audit.record(EventKind.PROTOCOL_VIOLATION, Outcome.SERIOUS_FAILURE,
+                          source_aet=calling, source_host=host, dest_aet=called, reason=reason)
+
+    def _on_released(self, event: Any) -> None:
+        self._finish(event.assoc, "released")
+
+    def _on_aborted(self, event: Any) -> None:
+        self._finish(event.assoc, "aborted")
+
+    def _on_conn_close(self, event: Any) -> None:
+        # a peer that just drops the TCP connection: make sure the row is closed
+        self._finish(event.assoc, "aborted")
+        with self._stats_lock:
+            self._stats.pop(id(event.assoc), None)
+
+    def _finish(self, assoc: Any, how: str) -> None:
+        with self._stats_lock:
+            st = self._stats.get(id(assoc))
+            if st is None or st.finished or st.row_id is None:
+                return
+            st.finished = True
+        calling, host, _, called = self._peer(assoc)
+        finish_association(self.sessions, self.audit, st.row_id, how, calling=calling,
+                           host=host, called=called, duplicates=st.duplicates,
+                           refusals=st.refusals)
+
+    # -- services --------------------------------------------------------------------------
+    def _on_echo(self, event: Any) -> int:
+        return 0x0000
+
+    def _on_store(self, event: Any) -> Dataset:
+        with self._inflight_cv:
+            self._inflight += 1
+        try:
+            return self._store(event)
+        finally:
+            with self._inflight_cv:
+                self._inflight -= 1
+                self._inflight_cv.notify_all()
+
+    def _store(self, event: Any) -> Dataset:
+        st = self._stats_for(event.assoc)
+        calling, host, _, _ = self._peer(event.assoc)
+        req = event.request
+        # a view, not a copy, of the bytes exactly as they arrived
+        with req.DataSet.getbuffer() as dataset:
+            result = self.store.store(Received(
+                meta=_encode_meta(event), dataset=dataset,
+                transfer_syntax=str(event.context.transfer_syntax),
+                sop_class_uid=str(req.AffectedSOPClassUID),
+                sop_instance_uid=str(req.AffectedSOPInstanceUID), association_id=st.row_id,
+                calling_aet=calling, peer_host=host))
+        rsp = Dataset()
+        rsp.Status = int(result.status)
+        if result.ok:
+            if result.outcome in ("duplicate", "kept-first"):
+                st.duplicates += 1
+        else:
+            st.refused += 1
+            key = f"0x{result.status:04X}"
+            st.refusals[key] = st.refusals.get(key, 0) + 1
+            rsp.ErrorComment = result.reason[:64]
+        return rsp
+
+
+def _encode_meta(event: Any) -> bytes:
+    """Preamble + Part 10 file meta for the received dataset (built from the request)."""
+    buf = DicomBytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, event.file_meta, enforce_standard=True)
+    return buf.getvalue()
+
+
+def finish_association(sessions: sessionmaker[Session], audit: AuditLog, row_id: int, how: str,
+                       *, calling: str, host: str, called: str, duplicates: int = 0,
+                       refusals: dict[str, int] | None = None) -> None:
+    """Close an association row and audit what it transferred (also used at start-up for
+    associations a crash left open, with ``how='interrupted'``)."""
+    with sessions() as s, s.begin():
+        row = s.get_one(Association, row_id)
+        row.state = how
+        row.ended_at = utcnow()
+        studies = s.execute(
+            select(Study.study_uid, Series.series_uid)
+            .join(Instance, Instance.study_fk == Study.id)
+            .join(Series, Instance.series_fk == Series.id)
+            .where(Instance.association_fk == row_id).distinct()
+        ).all()
+        by_study: dict[str, list[str]] = {}
+        for study_uid, series_uid in studies:
+            by_study.setdefault(study_uid, []).append(series_uid)
+        if row.instances_received or row.instances_failed or duplicates:
+            outcome = Outcome.SUCCESS if not row.instances_failed else Outcome.MINOR_FAILURE
+            audit.record(EventKind.INSTANCES_RECEIVED, outcome, session=s, source_aet=calling,
+                         source_host=host, dest_aet=called, association_id=row_id,
+                         instances=row.instances_received, bytes=row.bytes_received,
+                         failed=row.instances_failed, duplicates=duplicates,
+                         refusals=refusals or {}, studies=by_study, ended=how)
+        if how != "released":
+            audit.record(EventKind.ASSOCIATION_ABORTED, Outcome.MINOR_FAILURE, session=s,
+                         source_aet=calling, source_host=host, dest_aet=called,
+                         association_id=row_id, how=how)

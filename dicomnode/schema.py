@@ -1,0 +1,217 @@
+"""The SQL state every stage shares: the contract between receive, store, assemble and later stages.
+
+Stages never talk through globals; they read and write these tables. Changing a table means an
+Alembic migration in ``db/versions`` (``dicomnode db upgrade``), tested on SQLite and PostgreSQL.
+
+Hierarchy: patients → studies → series → instances. ``associations`` records every DICOM
+association, ``completions`` is the queue of "this study/series is complete" events the routing
+stage consumes, and ``audit_events`` is the append-only, hash-chained audit trail.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UID = String(64)  # PS3.5 UI: at most 64 characters
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Always timezone-aware UTC in Python, whatever the backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: use dicomnode.schema.utcnow()")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Patient(Base):
+    __tablename__ = "patients"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # PatientID + IssuerOfPatientID identify a patient; names change (marriage, corrections).
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    issuer: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    birth_date: Mapped[str] = mapped_column(String(8), default="")
+    sex: Mapped[str] = mapped_column(String(16), default="")
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+    __table_args__ = (UniqueConstraint("patient_id", "issuer", name="uq_patients_id_issuer"),)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    referring_physician: Mapped[str] = mapped_column(String(324), default="")
+    # Completion state: 'receiving' until quiet for assemble.quiet_seconds, then 'complete'.
+    # A late instance re-opens the study as revision+1 (never dropped).
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
+
+
+class Series(Base):
+    __tablename__ = "series"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_uid: Mapped[str] = mapped_column(UID, unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[str] = mapped_column(String(12), default="")
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part: Mapped[str] = mapped_column(String(16), default="")
+    frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")
+    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    num_instances: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(
+        back_populates="series", order_by="Instance.id"
+    )
+
+
+class Association(Base):
+    __tablename__ = "associations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    calling_aet: Mapped[str] = mapped_column(String(16))
+    called_aet: Mapped[str] = mapped_column(String(16))
+    peer_host: Mapped[str] = mapped_column(String(64))
+    peer_port: Mapped[int] = mapped_column(Integer)
+    # open → released | aborted | interrupted (node stopped or crashed while it was open)
+    state: Mapped[str] = mapped_column(String(16), default="open", index=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    instances_received: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    instances_failed: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    # Relative to storage.path; generated by the node, never from a UID.
+    path: Mapped[str] = mapped_column(String(255), unique=True)
+    study_revision: Mapped[int] = mapped_column(Integer, default=1)
+    association_fk: Mapped[int | None] = mapped_column(
+        ForeignKey("associations.id"), nullable=True, index=True
+    )
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Completion(Base):
+    """A study (or series) became complete: the event the routing stage consumes from SQL."""
+
+    __tablename__ = "completions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    level: Mapped[str] = mapped_column(String(8))  # study | series
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    num_instances: Mapped[int] = mapped_column(Integer)
+    completed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    __table_args__ = (
+        # one event per (level, study/series, revision): a restart can never emit it twice
+        UniqueConstraint(
+            "level", "study_uid", "series_uid", "revision", name="uq_completions_key"
+        ),
+        Index("ix_completions_pending", "consumed_at"),
+    )
+
+
+class AuditEvent(Base):
+    """Append-only, hash-chained audit record (DICOM PS3.15 A.5 vocabulary).
+
+    ``hash = sha256(prev_hash || canonical_json(content))`` where content is every other column
+    but ``id``; ``seq`` is gapless, so a deleted row breaks the chain at its successor.
+    """
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    ts: Mapped[str] = mapped_column(String(32), index=True)  # UTC ISO 8601, µs
+    event_code: Mapped[str] = mapped_column(String(16), index=True)  # e.g. 110104
+    event_name: Mapped[str] = mapped_column(String(64))  # e.g. Instances Transferred
+    event_type: Mapped[str] = mapped_column(String(64), index=True)  # ours, e.g. store-refused
+    action: Mapped[str] = mapped_column(String(1))  # C R U D E
+    outcome: Mapped[int] = mapped_column(Integer)  # 0 success, 4 minor, 8 serious, 12 major
+    source_aet: Mapped[str] = mapped_column(String(16), default="")
+    source_host: Mapped[str] = mapped_column(String(64), default="")
+    dest_aet: Mapped[str] = mapped_column(String(16), default="")
+    user: Mapped[str] = mapped_column(String(64), default="")
+    detail: Mapped[str] = mapped_column(Text, default="{}")  # canonical JSON
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """One row: the last seq and hash, so truncating the tail of the chain is detected too."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))

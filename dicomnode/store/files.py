@@ -1,0 +1,166 @@
+"""Instance files on disk, written so that nothing acknowledged is lost and nothing half-written
+is ever indexed.
+
+The protocol (one instance)::
+
+    1. write tmp/<name>      → fsync file → fsync tmp/          (stage)
+    2. commit the index row (path = objects/ab/cd/<name>)          (caller, in SQL)
+    3. rename tmp/<name> → objects/ab/cd/<name> → fsync that dir   (publish)
+    4. only now answer the C-STORE with 0x0000
+
+A crash before 2 leaves an unindexed file in ``tmp/``: the start-up sweep deletes it (the sender
+never got a success, so it will send again). A crash between 2 and 3 leaves an indexed row whose
+file still sits in ``tmp/``: the sweep finishes the rename (roll forward). So the sweep only ever
+reads ``tmp/``; the object tree is never scanned. ``<name>`` is a random UUID: file names never
+come from UIDs a peer sent us.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class DiskFull(OSError):
+    """Not enough free space (below ``storage.min_free_mb`` or ENOSPC)."""
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A fully written, fsynced file in ``tmp/`` that is not yet published."""
+
+    name: str
+    rel_path: str  # where it will live, relative to the storage root
+    size: int
+    sha256: str  # of the dataset bytes as received (file meta excluded)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
+        self.root = root.resolve()
+        self.tmp = self.root / "tmp"
+        self.objects = self.root / "objects"
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        for d in (self.root, self.tmp, self.objects):
+            d.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[str] = set()
+
+    # -- space -----------------------------------------------------------------------------
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def check_space(self, incoming: int) -> None:
+        """Raise DiskFull if writing ``incoming`` bytes would go below the watermark."""
+        free = self.free_bytes()
+        if free - incoming < self.min_free_bytes:
+            raise DiskFull(
+                errno.ENOSPC,
+                f"{free // 2**20} MiB free, {incoming // 2**20} MiB incoming, "
+                f"storage.min_free_mb is {self.min_free_bytes // 2**20}",
+            )
+
+    # -- write path ------------------------------------------------------------------------
+    def stage(self, meta: bytes, dataset: bytes | memoryview) -> Staged:
+        """Write ``meta + dataset`` durably under tmp/ and return what to index."""
+        self.check_space(len(meta) + len(dataset))
+        name = uuid.uuid4().hex
+        tmp_path = self.tmp / f"{name}.dcm"
+        digest = hashlib.sha256(dataset).hexdigest()
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                self._write_all(fd, memoryview(meta), memoryview(dataset))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.tmp)
+        except OSError as e:
+            tmp_path.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(e.errno, f"disk full while writing: {e.strerror}") from e
+            raise
+        rel = f"objects/{name[:2]}/{name[2:4]}/{name}.dcm"
+        return Staged(name, rel, len(meta) + len(dataset), digest)
+
+    @staticmethod
+    def _write_all(fd: int, *parts: memoryview) -> None:
+        """One writev for the common case; loop on short writes."""
+        views = [p for p in parts if len(p)]
+        while views:
+            n = os.writev(fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
+
+    def publish(self, staged: Staged) -> None:
+        """Move an indexed file into place and make the rename durable."""
+        self._publish(staged.name, staged.rel_path)
+
+    def _publish(self, name: str, rel_path: str) -> None:
+        final = self.root / rel_path
+        parent = final.parent
+        key = str(parent)
+        if key not in self._known_dirs:
+            if not parent.exists():
+                parent.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(parent.parent)
+                _fsync_dir(parent.parent.parent)
+            self._known_dirs.add(key)
+        os.rename(self.tmp / f"{name}.dcm", final)
+        _fsync_dir(parent)
+
+    def discard(self, staged: Staged) -> None:
+        (self.tmp / f"{staged.name}.dcm").unlink(missing_ok=True)
+
+    def remove(self, rel_path: str) -> None:
+        p = self.root / rel_path
+        p.unlink(missing_ok=True)
+
+    def path_of(self, rel_path: str) -> Path:
+        return self.root / rel_path
+
+    # -- recovery --------------------------------------------------------------------------
+    def sweep(self, indexed_path: Callable[[str], str | None]) -> tuple[int, int]:
+        """Finish or remove what a crash left in tmp/.
+
+        ``indexed_path(name)`` returns the rel_path the index holds for that file name, or None.
+        Returns (rolled_forward, deleted).
+        """
+        forward = deleted = 0
+        for entry in os.scandir(self.tmp):
+            name, ext = os.path.splitext(entry.name)
+            rel = indexed_path(name) if ext == ".dcm" else None
+            if rel is not None:
+                self._publish(name, rel)
+                forward += 1
+            else:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
+                deleted += 1
+        if forward or deleted:
+            _fsync_dir(self.tmp)
+            log.warning("start-up sweep: %d file(s) rolled forward, %d stray file(s) removed",
+                        forward, deleted)
+        return forward, deleted

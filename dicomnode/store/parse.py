@@ -1,0 +1,218 @@
+"""Check that a received dataset is whole, and read the attributes the index needs.
+
+Why a hand-written walker: pydicom reads a truncated dataset without complaint (a short
+PixelData value is returned as-is), so it cannot tell us "the sender stopped half-way". This walks
+element headers only (values are skipped, never copied), checks every length fits inside the
+buffer and every undefined-length sequence is closed, and costs microseconds per instance.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
+             b"UV"}
+_ITEM = 0xFFFEE000
+_ITEM_END = 0xFFFEE00D
+_SEQ_END = 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+_MAX_DEPTH = 64
+
+
+class MalformedDataset(ValueError):
+    """The dataset is truncated or structurally invalid; the message says where."""
+
+
+class _Walker:
+    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool) -> None:
+        self.buf = buf
+        self.end = len(buf)
+        self.implicit = implicit
+        e = "<" if little else ">"
+        self.u16 = struct.Struct(e + "H")
+        self.u32 = struct.Struct(e + "L")
+        self.tag = struct.Struct(e + "HH")
+
+    def _need(self, pos: int, n: int, what: str) -> None:
+        if pos + n > self.end:
+            raise MalformedDataset(
+                f"truncated: {what} at byte {pos} needs {n} bytes, only {self.end - pos} remain"
+            )
+
+    def header(self, pos: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+        """Return (tag, vr, length, position of value)."""
+        self._need(pos, 8, "element header")
+        g, el = self.tag.unpack_from(self.buf, pos)
+        tag = (g << 16) | el
+        if g == 0xFFFE or implicit:
+            return tag, None, self.u32.unpack_from(self.buf, pos + 4)[0], pos + 8
+        vr = bytes(self.buf[pos + 4 : pos + 6])
+        if vr in _LONG_VRS:
+            self._need(pos, 12, "element header")
+            return tag, vr, self.u32.unpack_from(self.buf, pos + 8)[0], pos + 12
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            raise MalformedDataset(f"invalid VR {vr!r} for tag ({g:04X},{el:04X}) at byte {pos}")
+        return tag, vr, self.u16.unpack_from(self.buf, pos + 6)[0], pos + 8
+
+    def dataset(self, pos: int, stop: int, implicit: bool, depth: int, in_item: bool) -> int:
+        """Walk elements from pos; in an undefined-length item, stop at the item delimiter."""
+        if depth > _MAX_DEPTH:
+            raise MalformedDataset("sequences nested too deeply")
+        while pos < stop:
+            tag, vr, length, vpos = self.header(pos, implicit)
+            if tag == _ITEM_END:
+                if not in_item:
+                    raise MalformedDataset(f"item delimiter outside an item at byte {pos}")
+                return vpos
+            if tag in (_ITEM, _SEQ_END):
+                raise MalformedDataset(f"unexpected item tag at byte {pos}")
+            if length == _UNDEFINED:
+                # SQ, or UN holding an implicit-VR sequence (PS3.5 6.2.2), or encapsulated pixels
+                inner_implicit = implicit or vr == b"UN"
+                pos = self.sequence(vpos, inner_implicit, depth + 1)
+            else:
+                self._need(vpos, length, f"value of ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+                pos = vpos + length
+        if in_item:
+            raise MalformedDataset("truncated: item not closed by an item delimiter")
+        if pos != stop:
+            raise MalformedDataset("truncated: last element runs past the end")
+        return pos
+
+    def sequence(self, pos: int, implicit: bool, depth: int) -> int:
+        while True:
+            tag, _, length, vpos = self.header(pos, True)
+            if tag == _SEQ_END:
+                return vpos
+            if tag != _ITEM:
+                raise MalformedDataset(f"expected an item in a sequence at byte {pos}")
+            if length == _UNDEFINED:
+                pos = self.dataset(vpos, self.end, implicit, depth, in_item=True)
+            else:
+                self._need(vpos, length, "sequence item")
+                pos = vpos + length
+
+
+def inflate(buf: bytes | memoryview) -> bytes:
+    """Raw-deflate decode (PS3.5 A.5); raises MalformedDataset when the stream is cut short."""
+    d = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = d.decompress(buf) + d.flush()
+    except zlib.error as e:
+        raise MalformedDataset(f"deflate stream is corrupt: {e}") from None
+    if not d.eof:
+        raise MalformedDataset("truncated: deflate stream ends early")
+    return out
+
+
+@dataclass(frozen=True)
+class PlainDataset:
+    """A structurally checked dataset: inflated bytes and the encoding they really use."""
+
+    data: bytes | memoryview
+    implicit: bool
+    little: bool
+
+
+def check_complete(dataset: bytes | memoryview, transfer_syntax: str) -> PlainDataset:
+    """Raise MalformedDataset unless ``dataset`` (no file meta) is structurally whole.
+
+    Like dcmtk and pydicom, an explicit-VR syntax whose data turns out to be implicit-VR
+    (a known sender bug) is accepted and stored as received.
+    """
+    ts = UID(transfer_syntax)
+    plain = inflate(dataset) if ts == DeflatedExplicitVRLittleEndian else dataset
+    implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
+    little = ts != ExplicitVRBigEndian
+    if len(plain) == 0:
+        raise MalformedDataset("empty dataset")
+    try:
+        _Walker(plain, implicit, little).dataset(0, len(plain), implicit, 0, in_item=False)
+    except MalformedDataset as first:
+        if implicit or not little or "invalid VR" not in str(first) or "at byte 0" not in str(first):
+            raise
+        _Walker(plain, True, True).dataset(0, len(plain), True, 0, in_item=False)
+        implicit = True
+    return PlainDataset(plain, implicit, little)
+
+
+@dataclass(frozen=True)
+class IndexAttributes:
+    """What the SQL index keeps of one instance (the keys PACS users filter on)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    issuer: str
+    patient_name: str
+    birth_date: str
+    sex: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician: str
+    modality: str
+    series_number: str
+    series_description: str
+    body_part: str
+    frame_of_reference_uid: str
+    instance_number: int | None
+
+
+def _s(ds: Any, kw: str, limit: int) -> str:
+    try:
+        v = ds.get(kw)
+    except Exception:  # a badly encoded optional value must not refuse the instance
+        return ""
+    return "" if v is None else str(v)[:limit]
+
+
+def read_index_attributes(plain: PlainDataset) -> IndexAttributes:
+    """Parse the header (stopping before pixel data) and pick out the indexed attributes."""
+    try:
+        ds = pydicom.filereader.read_dataset(
+            io.BytesIO(plain.data), plain.implicit, plain.little,
+            stop_when=pydicom.filereader._at_pixel_data,
+        )
+    except Exception as e:  # pydicom raises many types on garbage
+        raise MalformedDataset(f"cannot parse dataset: {e}") from None
+    inst_no: int | None
+    try:
+        raw = ds.get("InstanceNumber")
+        inst_no = int(raw) if raw not in (None, "") else None
+    except (TypeError, ValueError):
+        inst_no = None
+    return IndexAttributes(
+        sop_class_uid=_s(ds, "SOPClassUID", 64),
+        sop_instance_uid=_s(ds, "SOPInstanceUID", 64),
+        study_uid=_s(ds, "StudyInstanceUID", 64),
+        series_uid=_s(ds, "SeriesInstanceUID", 64),
+        patient_id=_s(ds, "PatientID", 64),
+        issuer=_s(ds, "IssuerOfPatientID", 64),
+        patient_name=_s(ds, "PatientName", 324),
+        birth_date=_s(ds, "PatientBirthDate", 8),
+        sex=_s(ds, "PatientSex", 16),
+        study_date=_s(ds, "StudyDate", 8),
+        study_time=_s(ds, "StudyTime", 16),
+        accession_number=_s(ds, "AccessionNumber", 16),
+        study_id=_s(ds, "StudyID", 16),
+        study_description=_s(ds, "StudyDescription", 64),
+        referring_physician=_s(ds, "ReferringPhysicianName", 324),
+        modality=_s(ds, "Modality", 16),
+        series_number=_s(ds, "SeriesNumber", 12),
+        series_description=_s(ds, "SeriesDescription", 64),
+        body_part=_s(ds, "BodyPartExamined", 16),
+        frame_of_reference_uid=_s(ds, "FrameOfReferenceUID", 64),
+        instance_number=inst_no,
+    )

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs (Debian packages included) and run the whole suite.
+# Used by .ci/run; safe to run repeatedly on a developer machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+need_apt=()
+for pkg in dcmtk orthanc; do dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg"); done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+python3 -m pip install -q -e '.[test]'
+
+echo "== ruff"; python3 -m ruff check dicomnode tests bench
+echo "== mypy"; python3 -m mypy dicomnode
+echo "== pytest"; python3 -m pytest -q -p no:cacheprovider "$@"
