@@ -87,6 +87,18 @@ def with_new_uids(src: Path | str, dst: Path, *, study_uid: str | None = None,
     return ds
 
 
+def verbatim_scu(ae_title: str) -> Any:
+    """A pynetdicom AE whose send_c_store(path) streams the file's dataset bytes unchanged.
+
+    Without STORE_SEND_CHUNKED_DATASET pynetdicom parses and re-encodes the file, which would
+    silently repair e.g. a truncated value length before it reaches the node.
+    """
+    from pynetdicom import AE, _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    return AE(ae_title=ae_title)
+
+
 def wait_until(pred: Callable[[], Any], timeout: float = 30, interval: float = 0.1,
                what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout

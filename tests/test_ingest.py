@@ -19,6 +19,7 @@ from tests.helpers import (
     free_port,
     split_part10,
     storescu,
+    verbatim_scu,
     wait_until,
     with_new_uids,
 )
@@ -111,7 +112,7 @@ def test_every_transfer_syntax_stored_bit_exact(node, samples, reference_scp) ->
 
 def test_verbatim_bytes_from_pynetdicom(node, samples) -> None:  # type: ignore[no-untyped-def]
     """A pynetdicom SCU sends file bytes without re-encoding: stored == file, byte for byte."""
-    ae = AE(ae_title="PYSCU")
+    ae = verbatim_scu("PYSCU")
     for ts, _flag, path in samples:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         ae.add_requested_context(ds.SOPClassUID, ts)

@@ -118,15 +118,26 @@ class Receiver:
         if self.server is None:
             return
         # stop the accept loop and close the listening socket; associations keep running
+        t0 = time.monotonic()
         self.server.shutdown()
+        log.info("stopped listening (%.2fs)", time.monotonic() - t0)
         deadline = time.monotonic() + grace_seconds
         with self._inflight_cv:
             while self._inflight and time.monotonic() < deadline:
                 self._inflight_cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+        log.info("in-flight instances done (%.2fs); closing %d association(s)",
+                 time.monotonic() - t0, len(self.ae.active_associations))
+        established = [a for a in self.ae.active_associations if a.is_established]
         for assoc in list(self.ae.active_associations):
-            assoc.abort()
-        for assoc in list(self.ae.active_associations):
+            if assoc.is_established:
+                assoc.abort()  # A-ABORT to the peer: it will re-send what was not acknowledged
+            else:
+                # still negotiating, or a bare TCP connection: pynetdicom's thread sits in a
+                # queue wait until acse_timeout; it is a daemon holding nothing of ours
+                assoc.kill()
+        for assoc in established:
             assoc.join(timeout=5)
+        log.info("associations closed (%.2fs)", time.monotonic() - t0)
         self.server = None
 
     # -- association bookkeeping -----------------------------------------------------------

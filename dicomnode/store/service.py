@@ -150,6 +150,7 @@ class InstanceStore:
         if existing is not None:
             digest = hashlib.sha256(rx.dataset).hexdigest()
             if digest == existing[1]:
+                self._touch(attrs)
                 return self._ok(rx, attrs, "duplicate", "identical instance already stored")
             if self.duplicate_policy == "reject":
                 raise _Refusal(Status.DUPLICATE_REFUSED,
@@ -242,6 +243,18 @@ class InstanceStore:
                 instances_received=Association.instances_received + 1,
                 bytes_received=Association.bytes_received + staged.size))
         s.flush()
+
+    def _touch(self, attrs: IndexAttributes) -> None:
+        """A re-sent instance is activity: a study still receiving must not complete under a
+        sender that is re-sending it. A complete study is not re-opened (nothing new arrived)."""
+        now = utcnow()
+        with self._index_lock, self.sessions() as s, s.begin():
+            s.execute(update(Study).where(Study.study_uid == attrs.study_uid,
+                                          Study.state == "receiving")
+                      .values(last_received_at=now))
+            s.execute(update(Series).where(Series.series_uid == attrs.series_uid,
+                                           Series.state == "receiving")
+                      .values(last_received_at=now))
 
     def _replace(self, s: Session, instance_id: int, attrs: IndexAttributes,
                  staged: Staged) -> None:

@@ -1,0 +1,170 @@
+"""Unit tests of the pieces under the node: config, the dataset walker, audit chain, sweep."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from dicomnode.audit import AuditLog, EventKind, Outcome, verify_chain
+from dicomnode.config import ConfigError, load_settings
+from dicomnode.database import make_engine, make_sessionmaker, upgrade
+from dicomnode.store.files import DiskFull, FileStore
+from dicomnode.store.parse import MalformedDataset, check_complete, read_index_attributes
+from tests.helpers import split_part10
+
+TEST_FILES = os.path.dirname(get_testdata_file("CT_small.dcm"))
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def test_defaults_and_example_file_load() -> None:
+    s = load_settings(Path(__file__).parent.parent / "dicomnode.example.yaml")
+    assert s.node.ae_title == "DICOMNODE" and s.assemble.level == "study"
+    assert s.database_url.startswith("sqlite:///")
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("node:\n  prot: 104\nassemble:\n  level: patient\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(f)
+    msg = str(e.value)
+    assert "node.prot: unknown key (did you mean 'port'?)" in msg
+    assert "assemble.level" in msg and "'study' or 'series'" in msg
+
+
+@pytest.mark.parametrize("text,key", [
+    ("node: {ae_title: 'WAY_TOO_LONG_AE_TITLE'}", "node.ae_title"),
+    ("node: {port: 70000}", "node.port"),
+    ("access: {allowed_calling_aets: ['A\\\\B']}", "access.allowed_calling_aets"),
+    ("storage: {duplicate_policy: overwrite}", "storage.duplicate_policy"),
+    ("[1, 2]", "top level"),
+    ("node: {port: [}", "not valid YAML"),
+])
+def test_each_bad_value_is_reported(tmp_path: Path, text: str, key: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(f)
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("node: {port: 104, ae_title: FROMFILE}\n")
+    monkeypatch.setenv("DICOMNODE_NODE__PORT", "11113")
+    monkeypatch.setenv("DICOMNODE_ACCESS__ALLOWED_CALLING_AETS", '["CT1", "MR1"]')
+    s = load_settings(f)
+    assert s.node.port == 11113 and s.node.ae_title == "FROMFILE"
+    assert s.access.allowed_calling_aets == ["CT1", "MR1"]
+
+
+# --- the structural walker -------------------------------------------------------------------
+
+def _samples() -> list[str]:
+    files = sorted(glob.glob(TEST_FILES + "/*.dcm"))
+    out = []
+    for f in files:
+        try:
+            split_part10(f)
+        except Exception:
+            continue  # no file meta: not something a network peer sends us as-is
+        out.append(f)
+    return out
+
+
+def test_walker_accepts_pydicom_corpus_and_catches_its_truncated_files() -> None:
+    bad = {}
+    for f in _samples():
+        ts, data = split_part10(f)
+        try:
+            read_index_attributes(check_complete(data, ts))
+        except MalformedDataset as e:
+            bad[os.path.basename(f)] = str(e)
+    assert set(bad) == {"MR_truncated.dcm", "rtplan_truncated.dcm"}, bad
+    assert len(_samples()) > 50
+
+
+@pytest.mark.parametrize("cut", [1, 7, 100, 2000])
+def test_walker_catches_truncation_anywhere(cut: int) -> None:
+    checked = 0
+    for f in _samples():
+        ts, data = split_part10(f)
+        if "truncated" in f or ts == "1.2.840.10008.1.2.1.99":
+            continue  # deflate: trailing padding after the stream end is legal
+        if len(data) <= cut:
+            continue
+        with pytest.raises(MalformedDataset):
+            check_complete(data[: len(data) - cut], ts)
+        checked += 1
+    assert checked > 40
+
+
+def test_deflated_truncation_detected() -> None:
+    ts, data = split_part10(get_testdata_file("image_dfl.dcm"))
+    with pytest.raises(MalformedDataset, match="deflate"):
+        check_complete(data[:-50], ts)
+
+
+def test_index_attributes() -> None:
+    ts, data = split_part10(get_testdata_file("CT_small.dcm"))
+    a = read_index_attributes(check_complete(data, ts))
+    assert a.modality == "CT" and a.patient_name == "CompressedSamples^CT1"
+    assert a.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
+
+
+def test_garbage_is_malformed() -> None:
+    with pytest.raises(MalformedDataset):
+        check_complete(os.urandom(4096), "1.2.840.10008.1.2.1")
+    with pytest.raises(MalformedDataset):
+        check_complete(b"", "1.2.840.10008.1.2")
+
+
+# --- audit -----------------------------------------------------------------------------------
+
+def test_event_kinds_are_distinct() -> None:
+    # Enum members with equal values become aliases: that once recorded every 110104 event as
+    # 'instances-received'. Every kind must keep its own type name.
+    names = [k.type_name for k in EventKind]
+    assert len(names) == len(EventKind.__members__) == len(set(names))
+    assert EventKind.DUPLICATE_CONFLICT.type_name == "duplicate-conflict"
+    assert EventKind.DUPLICATE_CONFLICT.code == "110104"
+
+
+def test_chain_links_and_verifies(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.sqlite3'}"
+    upgrade(url)
+    sessions = make_sessionmaker(make_engine(url))
+    log = AuditLog(sessions)
+    for i in range(20):
+        log.record(EventKind.STORE_REFUSED, Outcome.SERIOUS_FAILURE, source_aet="X", n=i)
+    r = verify_chain(sessions)
+    assert r.ok and r.checked == 20
+
+
+# --- file store ------------------------------------------------------------------------------
+
+def test_stage_publish_and_sweep(tmp_path: Path) -> None:
+    fs = FileStore(tmp_path, min_free_mb=0)
+    a = fs.stage(b"META", b"DATASET-A")
+    b = fs.stage(b"META", b"DATASET-B")
+    fs.stage(b"META", b"PARTIAL")  # crashed before its index commit
+    (fs.tmp / "junk.part").write_bytes(b"x")
+    fs.publish(a)
+    assert fs.path_of(a.rel_path).read_bytes() == b"METADATASET-A"
+    # b was indexed but the crash came before its rename: the sweep rolls it forward
+    indexed = {b.name: b.rel_path}
+    forward, deleted = fs.sweep(lambda name: indexed.get(name))
+    assert (forward, deleted) == (1, 2)
+    assert fs.path_of(b.rel_path).read_bytes() == b"METADATASET-B"
+    assert os.listdir(fs.tmp) == []
+
+
+def test_watermark(tmp_path: Path) -> None:
+    fs = FileStore(tmp_path, min_free_mb=10**9)
+    with pytest.raises(DiskFull, match="min_free_mb"):
+        fs.stage(b"", b"x")
+    assert os.listdir(fs.tmp) == []
