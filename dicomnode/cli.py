@@ -83,10 +83,11 @@ def echo(
     """Send a C-ECHO (verification) to HOST PORT; exit 0 on success."""
     settings = _settings(config)
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+
+    from dicomnode.receive.scp import VERIFICATION
 
     ae = AE(ae_title=calling_aet or settings.node.ae_title)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     ae.acse_timeout = ae.network_timeout = 10
     assoc = ae.associate(host, port, ae_title=aet)
     if not assoc.is_established:

@@ -78,7 +78,7 @@ class Node:
         self.audit.record(EventKind.APPLICATION_START, source_aet=n.ae_title,
                           source_host=socket.gethostname(), version=__version__, pid=os.getpid(),
                           port=n.port, database=self.engine.url.get_backend_name(),
-                          storage=str(self.files.root), **recovered)
+                          storage=str(self.files.root), recovered=recovered)
         self.assembler.start()
         self.receiver.start()
 

@@ -31,7 +31,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         admin = _pg_connect()
     except Exception as e:
         if IN_CI:
-            raise AssertionError(f"PostgreSQL must be reachable in CI ({PG_ADMIN_URL}): {e}")
+            raise AssertionError(
+                f"PostgreSQL must be reachable in CI ({PG_ADMIN_URL}): {e}") from e
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {e}")
     name = f"dicomnode_t_{uuid.uuid4().hex[:12]}"
     with admin:

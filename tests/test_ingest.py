@@ -10,7 +10,6 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pynetdicom import AE
 
 from tests.helpers import (
     dcmtk,
@@ -84,7 +83,7 @@ def test_echo_with_dcmtk(node) -> None:  # type: ignore[no-untyped-def]
 
 def test_every_transfer_syntax_stored_bit_exact(node, samples, reference_scp) -> None:  # type: ignore[no-untyped-def]
     ref_port, ref_dir = reference_scp
-    for ts, flag, path in samples:
+    for _ts, flag, path in samples:
         storescu(node.port, [path], flag=flag)
         storescu(ref_port, [path], flag=flag)
     stored = node.instances()
@@ -123,7 +122,7 @@ def test_verbatim_bytes_from_pynetdicom(node, samples) -> None:  # type: ignore[
         assert status.Status == 0x0000, path.name
     assoc.release()
     stored = node.instances()
-    for ts, _flag, path in samples:
+    for _ts, _flag, path in samples:
         sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         assert split_part10(node.storage / stored[sop]["path"]) == split_part10(path)
 

@@ -93,14 +93,15 @@ class Assembler:
                 ).rowcount  # type: ignore[attr-defined]
                 if n != 1:
                     continue  # an instance arrived meanwhile
-                row = s.get_one(model, row_id)
-                if isinstance(row, Series):
+                if model is Series:
+                    se = s.get_one(Series, row_id)
                     study_uid = s.execute(select(Study.study_uid).where(
-                        Study.id == row.study_fk)).scalar_one()
-                    c = Completed(level, study_uid, row.series_uid, row.revision,
-                                  row.num_instances)
+                        Study.id == se.study_fk)).scalar_one()
+                    c = Completed(level, study_uid, se.series_uid, se.revision,
+                                  se.num_instances)
                 else:
-                    c = Completed(level, row.study_uid, None, row.revision, row.num_instances)
+                    st = s.get_one(Study, row_id)
+                    c = Completed(level, st.study_uid, None, st.revision, st.num_instances)
                 if self.level == level:
                     self._emit(s, c, now)
                 out.append(c)

@@ -26,15 +26,17 @@ class EventKind(Enum):
 
     APPLICATION_START = ("application-start", "110100", "Application Activity", "E")
     APPLICATION_STOP = ("application-stop", "110100", "Application Activity", "E")
-    ASSOCIATION_ACCEPTED = ("association-accepted", "110113", "Security Alert", "E")  # type 110126 Node Authentication
+    # Security Alert, event type (110126, DCM, "Node Authentication")
+    ASSOCIATION_ACCEPTED = ("association-accepted", "110113", "Security Alert", "E")
     ASSOCIATION_REJECTED = ("association-rejected", "110113", "Security Alert", "E")
     ASSOCIATION_ABORTED = ("association-aborted", "110113", "Security Alert", "E")
     PROTOCOL_VIOLATION = ("protocol-violation", "110113", "Security Alert", "E")
     INSTANCES_RECEIVED = ("instances-received", "110104", "DICOM Instances Transferred", "C")
     STORE_REFUSED = ("store-refused", "110104", "DICOM Instances Transferred", "C")
     DUPLICATE_CONFLICT = ("duplicate-conflict", "110104", "DICOM Instances Transferred", "C")
-    STUDY_COMPLETED = ("study-completed", "DN0001", "Study Completed", "E")  # 99DCMNODE (private)
-    SERIES_COMPLETED = ("series-completed", "DN0002", "Series Completed", "E")  # 99DCMNODE (private)
+    # private coding scheme 99DCMNODE: PS3.15 has no event for these
+    STUDY_COMPLETED = ("study-completed", "DN0001", "Study Completed", "E")
+    SERIES_COMPLETED = ("series-completed", "DN0002", "Series Completed", "E")
     INSTANCES_SWEPT = ("instances-swept", "110100", "Application Activity", "E")
 
     @property

@@ -117,5 +117,5 @@ def install() -> None:
             f"dicomnode's PDU guard supports pynetdicom {SUPPORTED_PYNETDICOM}, found "
             f"{pynetdicom.__version__}: pin it (pip install pynetdicom=={SUPPORTED_PYNETDICOM})"
         )
-    DULServiceProvider._read_pdu_data = _guarded_read_pdu_data
-    DULServiceProvider._dicomnode_guarded = True
+    setattr(DULServiceProvider, "_read_pdu_data", _guarded_read_pdu_data)  # noqa: B010
+    setattr(DULServiceProvider, "_dicomnode_guarded", True)  # noqa: B010

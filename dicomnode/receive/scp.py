@@ -18,7 +18,6 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,6 +30,7 @@ from dicomnode.store import InstanceStore, Received
 log = logging.getLogger(__name__)
 
 RAW_DATA_STORAGE = "1.2.840.10008.5.1.4.1.1.66"
+VERIFICATION = "1.2.840.10008.1.1"
 
 # Every standard transfer syntax pydicom knows, uncompressed ones first: when a peer offers
 # several in one context we prefer one it can always produce. Data is stored as received, so
@@ -86,13 +86,13 @@ class Receiver:
         ae.dimse_timeout = n.dimse_timeout_seconds
         ae.require_calling_aet = list(self.settings.access.allowed_calling_aets)
         ae.require_called_aet = self.settings.access.require_called_aet
-        ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
-        ae._dicomnode_on_violation = self._on_violation
+        ae._dicomnode_on_violation = self._on_violation  # type: ignore[attr-defined]
         return ae
 
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),

@@ -136,7 +136,8 @@ def check_complete(dataset: bytes | memoryview, transfer_syntax: str) -> PlainDa
     try:
         _Walker(plain, implicit, little).dataset(0, len(plain), implicit, 0, in_item=False)
     except MalformedDataset as first:
-        if implicit or not little or "invalid VR" not in str(first) or "at byte 0" not in str(first):
+        msg = str(first)
+        if implicit or not little or "invalid VR" not in msg or "at byte 0" not in msg:
             raise
         _Walker(plain, True, True).dataset(0, len(plain), True, 0, in_item=False)
         implicit = True

@@ -1,0 +1,53 @@
+"""The command line as an admin uses it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from pydicom.data import get_testdata_file
+
+from tests.helpers import storescu, with_new_uids
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicomnode", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bad_config_is_one_clear_error(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("node:\n  port: 99999\nstorage:\n  min_free: 5\n")
+    for cmd in (["serve"], ["studies"], ["audit", "verify"], ["db", "upgrade"]):
+        r = run(*cmd, "--config", str(f))
+        assert r.returncode == 2, cmd
+        assert "node.port" in r.stderr and "storage.min_free: unknown key" in r.stderr
+        assert "Traceback" not in r.stderr
+
+
+def test_echo_studies_and_db_commands(node, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ok = node.cli("echo", "127.0.0.1", str(node.port), "--aet", "DICOMNODE")
+    assert "success" in ok.stdout
+    bad = node.cli("echo", "127.0.0.1", str(node.port), "--aet", "WRONG_AE", check=False)
+    assert bad.returncode == 1 and "echo failed" in bad.stderr
+    f = tmp_path / "ct.dcm"
+    ds = with_new_uids(get_testdata_file("CT_small.dcm"), f)
+    storescu(node.port, [f])
+    table = node.cli("studies").stdout
+    assert ds.StudyInstanceUID in table and "CompressedSamples^CT1" in table
+    [study] = json.loads(node.cli("studies", "--json").stdout)
+    [inst] = study["series"][0]["instances"]
+    assert inst["sop_instance_uid"] == ds.SOPInstanceUID
+    assert inst["transfer_syntax_uid"] == "1.2.840.10008.1.2.1"
+    assert inst["sop_class_uid"] == "1.2.840.10008.5.1.4.1.1.2" and inst["size"] > 30000
+    assert study["state"] in ("receiving", "complete")
+    assert "revision 0001" in node.cli("db", "upgrade").stdout
+    assert node.cli("db", "current").stdout.strip() == "0001"
+    events = json.loads(node.cli("audit", "list", "--json", "--event", "110113").stdout)
+    assert {e["event_type"] for e in events} == {"association-accepted", "association-rejected"}
+    since = json.loads(node.cli("audit", "list", "--json", "--since", "2999-01-01").stdout)
+    assert since == []
+    bad_since = node.cli("audit", "list", "--since", "yesterday", check=False)
+    assert bad_since.returncode == 2 and "ISO 8601" in bad_since.stderr
