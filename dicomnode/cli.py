@@ -44,7 +44,7 @@ def _settings(config: Path | None) -> Settings:
 def _sessions(settings: Settings) -> Any:
     from dicomnode.database import make_engine, make_sessionmaker
 
-    return make_sessionmaker(make_engine(settings.database_url))
+    return make_sessionmaker(make_engine(settings.database_url), readonly=True)
 
 
 def _print_json(value: Any) -> None:

@@ -49,7 +49,8 @@ class Node:
         self.files = FileStore(settings.storage.path, settings.storage.min_free_mb)
         self.index_lock = threading.Lock()
         self.store = InstanceStore(self.files, self.sessions, self.audit,
-                                   settings.storage.duplicate_policy, self.index_lock)
+                                   settings.storage.duplicate_policy, self.index_lock,
+                                   workers=settings.node.max_associations)
         self.assembler = Assembler(self.sessions, self.audit,
                                    quiet_seconds=settings.assemble.quiet_seconds,
                                    level=settings.assemble.level,
@@ -89,6 +90,7 @@ class Node:
         log.info("stopping (%s): finishing in-flight instances", reason)
         self.receiver.stop(self.settings.node.shutdown_grace_seconds)
         self.assembler.stop()
+        self.store.close()
         self.audit.record(EventKind.APPLICATION_STOP, source_aet=self.settings.node.ae_title,
                           source_host=socket.gethostname(), reason=reason, pid=os.getpid())
         self.engine.dispose()

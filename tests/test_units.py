@@ -156,8 +156,8 @@ def test_stage_publish_and_sweep(tmp_path: Path) -> None:
     fs.publish(a)
     assert fs.path_of(a.rel_path).read_bytes() == b"METADATASET-A"
     # b was indexed but the crash came before its rename: the sweep rolls it forward
-    indexed = {b.name: b.rel_path}
-    forward, deleted = fs.sweep(lambda name: indexed.get(name))
+    indexed = {b.rel_path}
+    forward, deleted = fs.sweep(lambda rel: rel if rel in indexed else None)
     assert (forward, deleted) == (1, 2)
     assert fs.path_of(b.rel_path).read_bytes() == b"METADATASET-B"
     assert os.listdir(fs.tmp) == []
@@ -168,3 +168,34 @@ def test_watermark(tmp_path: Path) -> None:
     with pytest.raises(DiskFull, match="min_free_mb"):
         fs.stage(b"", b"x")
     assert os.listdir(fs.tmp) == []
+
+
+def test_index_attributes_match_pydicom_in_every_character_set() -> None:
+    """The walker hands pydicom only the indexed elements; decoding must match a full read."""
+    import pydicom
+    from pydicom.data import get_charset_files
+
+    from dicomnode.store.meta import part10_header
+
+    checked = 0
+    for f in get_charset_files("*.dcm"):
+        ds = pydicom.dcmread(f)
+        if "PatientName" not in ds or "SpecificCharacterSet" not in ds:
+            continue
+        ts, data = split_part10(f) if ds.file_meta else ("", b"")
+        if not data:
+            continue
+        a = read_index_attributes(check_complete(data, ts))
+        assert a.patient_name == str(ds.PatientName)[:324], f
+        checked += 1
+    assert checked >= 10
+    # and the hand-built file meta reads back as pydicom would write it
+    h = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2", "NODE", "CT1")
+    import io
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    fp = io.BytesIO(h)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    assert fp.tell() == len(h) and meta.SendingApplicationEntityTitle == "CT1"
+    assert meta.FileMetaInformationGroupLength == len(h) - 128 - 4 - 12

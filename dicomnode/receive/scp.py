@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from sqlalchemy import select
@@ -23,9 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
-from dicomnode.receive import pdu_guard
+from dicomnode.receive import dul_patches
 from dicomnode.schema import Association, Instance, Series, Study, utcnow
 from dicomnode.store import InstanceStore, Received
+from dicomnode.store.meta import part10_header
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,12 @@ class Receiver:
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self.server: Any = None
+        self.ae_title = settings.node.ae_title
         self.ae = self._build_ae()
 
     # -- set-up ----------------------------------------------------------------------------
     def _build_ae(self) -> AE:
-        pdu_guard.install()
+        dul_patches.install()
         n = self.settings.node
         ae = AE(ae_title=n.ae_title)
         ae.maximum_pdu_size = n.max_pdu_bytes
@@ -230,7 +230,10 @@ class Receiver:
         # a view, not a copy, of the bytes exactly as they arrived
         with req.DataSet.getbuffer() as dataset:
             result = self.store.store(Received(
-                meta=_encode_meta(event), dataset=dataset,
+                meta=part10_header(str(req.AffectedSOPClassUID),
+                                   str(req.AffectedSOPInstanceUID),
+                                   str(event.context.transfer_syntax), self.ae_title,
+                                   calling, self.ae_title), dataset=dataset,
                 transfer_syntax=str(event.context.transfer_syntax),
                 sop_class_uid=str(req.AffectedSOPClassUID),
                 sop_instance_uid=str(req.AffectedSOPInstanceUID), association_id=st.row_id,
@@ -246,14 +249,6 @@ class Receiver:
             st.refusals[key] = st.refusals.get(key, 0) + 1
             rsp.ErrorComment = result.reason[:64]
         return rsp
-
-
-def _encode_meta(event: Any) -> bytes:
-    """Preamble + Part 10 file meta for the received dataset (built from the request)."""
-    buf = DicomBytesIO()
-    buf.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buf, event.file_meta, enforce_standard=True)
-    return buf.getvalue()
 
 
 def finish_association(sessions: sessionmaker[Session], audit: AuditLog, row_id: int, how: str,

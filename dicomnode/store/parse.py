@@ -8,13 +8,15 @@ buffer and every undefined-length sequence is closed, and costs microseconds per
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
-import pydicom
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
@@ -31,8 +33,11 @@ class MalformedDataset(ValueError):
 
 
 class _Walker:
-    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool) -> None:
+    def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool,
+                 wanted: frozenset[int] = frozenset()) -> None:
         self.buf = buf
+        self.wanted = wanted
+        self.found: dict[int, tuple[bytes | None, int, int]] = {}  # tag → (vr, length, vpos)
         self.end = len(buf)
         self.implicit = implicit
         e = "<" if little else ">"
@@ -73,6 +78,8 @@ class _Walker:
                 return vpos
             if tag in (_ITEM, _SEQ_END):
                 raise MalformedDataset(f"unexpected item tag at byte {pos}")
+            if depth == 0 and tag in self.wanted and length != _UNDEFINED:
+                self.found[tag] = (vr, length, vpos)
             if length == _UNDEFINED:
                 # SQ, or UN holding an implicit-VR sequence (PS3.5 6.2.2), or encapsulated pixels
                 inner_implicit = implicit or vr == b"UN"
@@ -119,6 +126,7 @@ class PlainDataset:
     data: bytes | memoryview
     implicit: bool
     little: bool
+    elements: dict[int, tuple[bytes | None, int, int]]  # the indexed top-level elements
 
 
 def check_complete(dataset: bytes | memoryview, transfer_syntax: str) -> PlainDataset:
@@ -133,15 +141,17 @@ def check_complete(dataset: bytes | memoryview, transfer_syntax: str) -> PlainDa
     little = ts != ExplicitVRBigEndian
     if len(plain) == 0:
         raise MalformedDataset("empty dataset")
+    walker = _Walker(plain, implicit, little, _WANTED)
     try:
-        _Walker(plain, implicit, little).dataset(0, len(plain), implicit, 0, in_item=False)
+        walker.dataset(0, len(plain), implicit, 0, in_item=False)
     except MalformedDataset as first:
         msg = str(first)
         if implicit or not little or "invalid VR" not in msg or "at byte 0" not in msg:
             raise
-        _Walker(plain, True, True).dataset(0, len(plain), True, 0, in_item=False)
+        walker = _Walker(plain, True, True, _WANTED)
+        walker.dataset(0, len(plain), True, 0, in_item=False)
         implicit = True
-    return PlainDataset(plain, implicit, little)
+    return PlainDataset(plain, implicit, little, walker.found)
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,14 @@ class IndexAttributes:
     instance_number: int | None
 
 
+_KEYWORDS = ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+             "SeriesInstanceUID", "PatientID", "IssuerOfPatientID", "PatientName",
+             "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
+             "StudyID", "StudyDescription", "ReferringPhysicianName", "Modality", "SeriesNumber",
+             "SeriesDescription", "BodyPartExamined", "FrameOfReferenceUID", "InstanceNumber")
+_WANTED = frozenset(int(tag_for_keyword(k) or 0) for k in _KEYWORDS)
+
+
 def _s(ds: Any, kw: str, limit: int) -> str:
     try:
         v = ds.get(kw)
@@ -180,18 +198,19 @@ def _s(ds: Any, kw: str, limit: int) -> str:
 
 
 def read_index_attributes(plain: PlainDataset) -> IndexAttributes:
-    """Parse the header (stopping before pixel data) and pick out the indexed attributes."""
-    try:
-        ds = pydicom.filereader.read_dataset(
-            io.BytesIO(plain.data), plain.implicit, plain.little,
-            stop_when=pydicom.filereader._at_pixel_data,
-        )
-    except Exception as e:  # pydicom raises many types on garbage
-        raise MalformedDataset(f"cannot parse dataset: {e}") from None
+    """Decode just the indexed attributes the walker found (pydicom does the value decoding,
+    Specific Character Set included); the rest of the header is never parsed."""
+    raw: dict[BaseTag, DataElement | RawDataElement] = {}
+    for tag, (vr, length, vpos) in plain.elements.items():
+        value = bytes(plain.data[vpos: vpos + length])
+        raw[BaseTag(tag)] = RawDataElement(
+            BaseTag(tag), vr.decode("ascii") if vr else None, length, value, vpos,
+            plain.implicit, plain.little, True, False)
+    ds = Dataset(raw)
     inst_no: int | None
     try:
-        raw = ds.get("InstanceNumber")
-        inst_no = int(raw) if raw not in (None, "") else None
+        number = ds.get("InstanceNumber")
+        inst_no = int(number) if number not in (None, "") else None
     except (TypeError, ValueError):
         inst_no = None
     return IndexAttributes(

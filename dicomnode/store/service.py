@@ -7,14 +7,17 @@ ErrorComment a human can act on, and an audit event.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import IntEnum
 
 from pydicom.uid import UID
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -79,6 +82,24 @@ class _Refusal(Exception):
     attrs: IndexAttributes | None = field(default=None)
 
 
+# Hot-path statements, built once: constructing SQLAlchemy statements per call cost more than
+# executing them. Executed on the session's Core connection.
+_EXISTING = select(Instance.id, Instance.sha256, Instance.path).where(
+    Instance.sop_instance_uid == bindparam("sop"))
+_STUDY = select(Study.id, Study.state, Study.revision).where(
+    Study.study_uid == bindparam("uid")).with_for_update()
+_SERIES = select(Series.id, Series.state).where(
+    Series.series_uid == bindparam("uid")).with_for_update()
+_BUMP_STUDY = update(Study).where(Study.id == bindparam("row")).values(
+    num_instances=Study.num_instances + 1, last_received_at=bindparam("now"))
+_BUMP_SERIES = update(Series).where(Series.id == bindparam("row")).values(
+    num_instances=Series.num_instances + 1, last_received_at=bindparam("now"))
+_INSERT_INSTANCE = insert(Instance)
+_BUMP_ASSOCIATION = update(Association).where(Association.id == bindparam("row")).values(
+    instances_received=Association.instances_received + 1,
+    bytes_received=Association.bytes_received + bindparam("size"))
+
+
 def _valid_uid(value: str) -> bool:
     return bool(value) and UID(value).is_valid
 
@@ -93,28 +114,54 @@ class InstanceStore:
         audit: AuditLog,
         duplicate_policy: str = "keep-first",
         index_lock: threading.Lock | None = None,
+        workers: int = 10,
     ) -> None:
         self.files = files
         self.sessions = sessions
+        self.read_engine = sessions.kw["bind"].execution_options(dicomnode_readonly=True)
+        self.readers = sessionmaker(self.read_engine, expire_on_commit=False)
         self.audit = audit
         self.duplicate_policy = duplicate_policy
         # Serialises index transactions in this process: no lock waits inside SQLite, and no
         # get-or-create races on patient/study/series rows.
         # (shared with the assembler, which flips the same rows to 'complete')
         self._index_lock = index_lock or threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage")
 
     # ------------------------------------------------------------------------------------
     def store(self, rx: Received) -> StoreResult:
+        # The file is written and fsynced on a pool thread while this one hashes and checks the
+        # dataset (hashing and fsync release the GIL): the sender waits for the longer of the
+        # two, not their sum. An invalid or duplicate instance's file is simply discarded.
+        staging = self._pool.submit(self.files.stage, rx.meta, rx.dataset)
         try:
+            digest = hashlib.sha256(rx.dataset).hexdigest()
             attrs = self._validate(rx)
-            return self._store_valid(rx, attrs)
-        except _Refusal as r:
-            return self._refuse(rx, r.status, r.reason, r.attrs)
-        except DiskFull as e:
+            staged = staging.result()
+        except BaseException as e:
+            self._discard_when_done(staging)
+            if isinstance(e, _Refusal):
+                return self._refuse(rx, e.status, e.reason, e.attrs)
+            return self._failed(rx, e)
+        try:
+            return self._index_staged(rx, attrs, staged, digest)
+        except Exception as e:
+            self.files.discard(staged)
+            return self._failed(rx, e)
+
+    def _failed(self, rx: Received, e: BaseException) -> StoreResult:
+        if isinstance(e, DiskFull):
             return self._refuse(rx, Status.OUT_OF_RESOURCES, f"disk: {e.strerror}")
-        except Exception as e:  # index down, I/O error: never crash the association
-            log.exception("storing %s failed", rx.sop_instance_uid)
-            return self._refuse(rx, Status.OUT_OF_RESOURCES, f"internal error: {e}"[:200])
+        if not isinstance(e, Exception):
+            raise e  # KeyboardInterrupt and friends
+        # index down, I/O error: never crash the association; the sender may retry later
+        log.error("storing %s failed: %s", rx.sop_instance_uid, e, exc_info=e)
+        return self._refuse(rx, Status.OUT_OF_RESOURCES, f"internal error: {e}"[:200])
+
+    def _discard_when_done(self, staging: Future[Staged]) -> None:
+        # if staging itself failed there is nothing on disk to remove
+        with contextlib.suppress(BaseException):
+            self.files.discard(staging.result())
 
     def _validate(self, rx: Received) -> IndexAttributes:
         try:
@@ -137,53 +184,77 @@ class InstanceStore:
                            f"{rx.sop_instance_uid}", attrs)
         return attrs
 
-    def _existing(self, sop_uid: str) -> tuple[int, str, str] | None:
-        with self.sessions() as s:
-            row = s.execute(
-                select(Instance.id, Instance.sha256, Instance.path)
-                .where(Instance.sop_instance_uid == sop_uid)
-            ).first()
-        return None if row is None else (row[0], row[1], row[2])
-
-    def _store_valid(self, rx: Received, attrs: IndexAttributes) -> StoreResult:
-        existing = self._existing(attrs.sop_instance_uid)
-        if existing is not None:
-            digest = hashlib.sha256(rx.dataset).hexdigest()
-            if digest == existing[1]:
-                self._touch(attrs)
-                return self._ok(rx, attrs, "duplicate", "identical instance already stored")
-            if self.duplicate_policy == "reject":
-                raise _Refusal(Status.DUPLICATE_REFUSED,
-                               "SOP Instance UID already stored with other content", attrs)
-            if self.duplicate_policy == "keep-first":
-                self._audit_conflict(rx, attrs, "kept the first copy")
-                return self._ok(rx, attrs, "kept-first",
-                                "other content under an existing SOP Instance UID: kept first")
-
-        staged = self.files.stage(rx.meta, rx.dataset)
+    def _index_staged(self, rx: Received, attrs: IndexAttributes, staged: Staged,
+                      digest: str) -> StoreResult:
+        """One transaction decides: new, identical duplicate, or conflicting duplicate."""
         try:
             with self._index_lock, self.sessions() as s, s.begin():
-                if existing is not None:  # policy: replace
-                    self._replace(s, existing[0], attrs, staged)
+                existing = s.connection().execute(
+                    _EXISTING, {"sop": attrs.sop_instance_uid}).first()
+                if existing is None:
+                    self._index(s, rx, attrs, staged, digest)
+                    outcome = "stored"
+                elif existing.sha256 == digest:
+                    self._touch(s, attrs)
+                    outcome = "duplicate"
+                elif self.duplicate_policy == "replace":
+                    self._replace(s, existing.id, staged, digest)
+                    outcome = "replaced"
                 else:
-                    self._index(s, rx, attrs, staged)
+                    outcome = self.duplicate_policy  # keep-first | reject
         except IntegrityError:
             # another association indexed the same SOP Instance UID a moment ago
+            return self._index_staged(rx, attrs, staged, digest)
+        if outcome in ("stored", "replaced"):
+            self.files.publish(staged)
+        else:
             self.files.discard(staged)
-            return self._store_valid(rx, attrs)
-        except BaseException:
-            self.files.discard(staged)
-            raise
-        self.files.publish(staged)
-        if existing is not None:
-            self.files.remove(existing[2])
+        if outcome == "stored":
+            return self._ok(attrs, outcome, "", staged.size)
+        if outcome == "duplicate":
+            return self._ok(attrs, outcome, "identical instance already stored")
+        if outcome == "reject":
+            return self._refuse(rx, Status.DUPLICATE_REFUSED,
+                                "SOP Instance UID already stored with other content", attrs)
+        if outcome == "replaced":
+            assert existing is not None
+            self.files.remove(existing.path)
             self._audit_conflict(rx, attrs, "replaced the stored copy")
-            return self._ok(rx, attrs, "replaced", "", staged.size)
-        return self._ok(rx, attrs, "stored", "", staged.size)
+            return self._ok(attrs, outcome, "", staged.size)
+        self._audit_conflict(rx, attrs, "kept the first copy")
+        return self._ok(attrs, "kept-first",
+                        "other content under an existing SOP Instance UID: kept first")
 
     # ------------------------------------------------------------------------------------
-    def _index(self, s: Session, rx: Received, attrs: IndexAttributes, staged: Staged) -> None:
+    def _index(self, s: Session, rx: Received, attrs: IndexAttributes, staged: Staged,
+               digest: str) -> None:
+        """Index one new instance. Hot path (study and series known and still receiving): four
+        indexed statements in SQL Core; otherwise :meth:`_open_rows` creates or re-opens rows."""
         now = utcnow()
+        c = s.connection()
+        # FOR UPDATE (PostgreSQL): the assembler may be completing this study right now
+        study = c.execute(_STUDY, {"uid": attrs.study_uid}).first()
+        series = c.execute(_SERIES, {"uid": attrs.series_uid}).first() if study else None
+        if (study is not None and series is not None and study.state == "receiving"
+                and series.state == "receiving"):
+            study_id, series_id, revision = study.id, series.id, study.revision
+            c.execute(_BUMP_STUDY, {"row": study_id, "now": now})
+            c.execute(_BUMP_SERIES, {"row": series_id, "now": now})
+        else:
+            study_id, series_id, revision = self._open_rows(s, attrs, now)
+        c.execute(_INSERT_INSTANCE, {
+            "sop_instance_uid": attrs.sop_instance_uid, "sop_class_uid": rx.sop_class_uid,
+            "series_fk": series_id, "study_fk": study_id,
+            "instance_number": attrs.instance_number, "transfer_syntax_uid": rx.transfer_syntax,
+            "size": staged.size, "sha256": digest, "path": staged.rel_path,
+            "study_revision": revision, "association_fk": rx.association_id, "received_at": now})
+        if rx.association_id is not None:
+            c.execute(_BUMP_ASSOCIATION, {"row": rx.association_id, "size": staged.size})
+
+    def _open_rows(self, s: Session, attrs: IndexAttributes, now: datetime
+                   ) -> tuple[int, int, int]:
+        """Create patient/study/series rows as needed, or re-open a complete study or series as
+        a new revision (a late instance is kept, never dropped). Returns (study, series, rev)."""
         patient = s.execute(
             select(Patient).where(Patient.patient_id == attrs.patient_id,
                                   Patient.issuer == attrs.issuer)
@@ -194,7 +265,6 @@ class InstanceStore:
                               sex=attrs.sex)
             s.add(patient)
             s.flush()
-        # FOR UPDATE (PostgreSQL): the assembler may be completing this study right now
         study = s.execute(select(Study).where(Study.study_uid == attrs.study_uid)
                           .with_for_update()).scalar_one_or_none()
         if study is None:
@@ -208,7 +278,6 @@ class InstanceStore:
             s.add(study)
             s.flush()
         elif study.state == "complete":
-            # A late instance: keep it, and open a new revision of the study.
             study.state = "receiving"
             study.revision += 1
             study.completed_at = None
@@ -231,37 +300,23 @@ class InstanceStore:
         study.last_received_at = now
         series.num_instances += 1
         series.last_received_at = now
-        s.add(Instance(sop_instance_uid=attrs.sop_instance_uid, sop_class_uid=rx.sop_class_uid,
-                       series_fk=series.id, study_fk=study.id,
-                       instance_number=attrs.instance_number,
-                       transfer_syntax_uid=rx.transfer_syntax, size=staged.size,
-                       sha256=staged.sha256, path=staged.rel_path,
-                       study_revision=study.revision, association_fk=rx.association_id,
-                       received_at=now))
-        if rx.association_id is not None:
-            s.execute(update(Association).where(Association.id == rx.association_id).values(
-                instances_received=Association.instances_received + 1,
-                bytes_received=Association.bytes_received + staged.size))
         s.flush()
+        return study.id, series.id, study.revision
 
-    def _touch(self, attrs: IndexAttributes) -> None:
+    def _touch(self, s: Session, attrs: IndexAttributes) -> None:
         """A re-sent instance is activity: a study still receiving must not complete under a
         sender that is re-sending it. A complete study is not re-opened (nothing new arrived)."""
         now = utcnow()
-        with self._index_lock, self.sessions() as s, s.begin():
-            s.execute(update(Study).where(Study.study_uid == attrs.study_uid,
-                                          Study.state == "receiving")
-                      .values(last_received_at=now))
-            s.execute(update(Series).where(Series.series_uid == attrs.series_uid,
-                                           Series.state == "receiving")
-                      .values(last_received_at=now))
+        s.execute(update(Study).where(Study.study_uid == attrs.study_uid,
+                                      Study.state == "receiving").values(last_received_at=now))
+        s.execute(update(Series).where(Series.series_uid == attrs.series_uid,
+                                       Series.state == "receiving").values(last_received_at=now))
 
-    def _replace(self, s: Session, instance_id: int, attrs: IndexAttributes,
-                 staged: Staged) -> None:
+    def _replace(self, s: Session, instance_id: int, staged: Staged, digest: str) -> None:
         inst = s.get_one(Instance, instance_id)
         now = utcnow()
         inst.path, inst.sha256, inst.size, inst.received_at = (
-            staged.rel_path, staged.sha256, staged.size, now)
+            staged.rel_path, digest, staged.size, now)
         study = s.get_one(Study, inst.study_fk)
         series = s.get_one(Series, inst.series_fk)
         for row in (study, series):
@@ -273,7 +328,7 @@ class InstanceStore:
         inst.study_revision = study.revision
 
     # ------------------------------------------------------------------------------------
-    def _ok(self, rx: Received, attrs: IndexAttributes, outcome: str, reason: str,
+    def _ok(self, attrs: IndexAttributes, outcome: str, reason: str,
             size: int = 0) -> StoreResult:
         return StoreResult(Status.SUCCESS, outcome, reason, attrs.sop_instance_uid,
                            attrs.study_uid, attrs.series_uid, size)
@@ -306,12 +361,14 @@ class InstanceStore:
         return StoreResult(status, "refused", reason, rx.sop_instance_uid,
                            attrs.study_uid if attrs else "", attrs.series_uid if attrs else "")
 
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
     # ------------------------------------------------------------------------------------
     def sweep(self) -> tuple[int, int]:
         """Start-up recovery of tmp/ (see :mod:`dicomnode.store.files`)."""
-        def indexed(name: str) -> str | None:
-            with self.sessions() as s:
-                return s.execute(select(Instance.path).where(
-                    Instance.path == f"objects/{name[:2]}/{name[2:4]}/{name}.dcm")
-                ).scalar_one_or_none()
+        def indexed(rel_path: str) -> str | None:
+            with self.readers() as s:
+                return s.execute(select(Instance.path).where(Instance.path == rel_path)
+                                 ).scalar_one_or_none()
         return self.files.sweep(indexed)
