@@ -246,3 +246,43 @@ def test_concurrent_associations(node, tmp_path) -> None:  # type: ignore[no-unt
     senders = {e["source_aet"] for e in node.audit("instances-received")}
     assert senders == {f"SENDER{k}" for k in range(7)}
     assert os.listdir(node.storage / "tmp") == []
+
+
+def test_open_association_holds_completion_back(node, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Quiet for longer than quiet_seconds, but the sender's association is still open."""
+    from tests.helpers import verbatim_scu
+
+    study = pydicom.uid.generate_uid()
+    files = []
+    for i in range(2):
+        f = tmp_path / f"{i}.dcm"
+        with_new_uids(get_testdata_file("CT_small.dcm"), f, study_uid=study)
+        files.append(f)
+    ae = verbatim_scu("SLOWSCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    for f in files:
+        assert assoc.send_c_store(f).Status == 0
+    import time
+
+    time.sleep(3.0)  # three quiet periods
+    assert node.completions() == []
+    assoc.release()
+    wait_until(lambda: node.completions(), what="completion after release")
+    assert node.completions()[0]["num_instances"] == 2
+
+
+def test_busy_node_rejects_and_audits(node_factory) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import verbatim_scu
+
+    node = node_factory(node={"max_associations": 1}).start()
+    ae = verbatim_scu("FIRST")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    first = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert first.is_established
+    second = echoscu(node.port, aet="SECOND")
+    assert second.returncode != 0
+    first.release()
+    [rej] = node.audit("association-rejected")
+    assert rej["source_aet"] == "SECOND" and "max_associations" in rej["detail"]["reason"]
+    assert echoscu(node.port).returncode == 0  # capacity back once the first one is gone

@@ -338,3 +338,17 @@ def test_audit_verify_catches_tampering(node, attack: str) -> None:  # type: ign
     assert bad.returncode == 1
     assert "BROKEN" in bad.stderr and expect in bad.stderr, bad.stderr
 
+
+
+def test_bare_tcp_connects_do_not_hold_association_slots(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """Load-balancer health checks and port scans connect and close without an A-ASSOCIATE-RQ;
+    pynetdicom alone would hold each slot for acse_timeout (30 s)."""
+    node = node_factory(node={"max_associations": 2}).start()
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", node.port)):
+            pass
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert echoscu(node.port).returncode == 0
+    assert time.monotonic() - t0 < 5
+    assert node.audit("association-rejected") == []

@@ -193,8 +193,15 @@ class Receiver:
         self._finish(event.assoc, "aborted")
 
     def _on_conn_close(self, event: Any) -> None:
+        assoc = event.assoc
+        if (assoc.is_acceptor and not assoc.is_established
+                and getattr(assoc.requestor, "primitive", None) is None):
+            # A bare TCP connection (health check, port scan) closed before any A-ASSOCIATE-RQ.
+            # pynetdicom would keep its thread, and a max_associations slot, until
+            # acse_timeout; a None on the DUL queue is its own "timed out" signal: end it now.
+            assoc.dul.to_user_queue.put(None)
         # a peer that just drops the TCP connection: make sure the row is closed
-        self._finish(event.assoc, "aborted")
+        self._finish(assoc, "aborted")
         with self._stats_lock:
             self._stats.pop(id(event.assoc), None)
 
