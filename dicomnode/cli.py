@@ -60,6 +60,9 @@ def serve(config: ConfigOpt = None) -> None:
     configure_logging(settings.logging.level)
     try:
         node = Node(settings)
+    except ConfigError as e:  # routes checked against the installed plugins
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
     except OSError as e:
         err.print(f"[red]error:[/red] cannot start: {e}")
         raise typer.Exit(1) from None
@@ -255,6 +258,57 @@ def db_current(config: ConfigOpt = None) -> None:
     from dicomnode.database import current_revision
 
     console.print(str(current_revision(_settings(config).database_url)))
+
+
+@app.command()
+def plugins(as_json: JsonOpt = False) -> None:
+    """Installed plugins (entry-point group dicomnode.plugins): version, needs, problems."""
+    from dicomnode.run.registry import discover
+
+    rows: list[dict[str, Any]] = []
+    for name, info in sorted(discover().items()):
+        cls = info.cls
+        rows.append({
+            "name": name, "distribution": info.distribution, "entry_point": info.entry_point,
+            "ok": info.ok, "error": info.error,
+            "version": cls.version if cls else None,
+            "api_version": cls.api_version if cls else None,
+            "gpu": str(cls.needs.gpu) if cls else None,
+            "memory_mb": cls.needs.memory_mb if cls else None,
+            "timeout_seconds": cls.needs.timeout_seconds if cls else None,
+            "modalities": list(cls.accepts.modalities) if cls else None,
+            "description": cls.description if cls else "",
+            "params": cls.params_model.model_json_schema() if cls else None,
+        })
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        console.print("no plugins installed (entry-point group dicomnode.plugins)")
+        return
+    table = Table("name", "version", "api", "gpu", "memory", "accepts", "distribution", "status")
+    for r in rows:
+        table.add_row(r["name"], r["version"] or "", str(r["api_version"] or ""),
+                      r["gpu"] or "", f"{r['memory_mb']} MB" if r["memory_mb"] else "",
+                      ",".join(r["modalities"] or []) or "any", r["distribution"],
+                      "[green]ok[/green]" if r["ok"] else f"[red]{r['error']}[/red]")
+    console.print(table)
+
+
+@app.command()
+def check(config: ConfigOpt = None) -> None:
+    """Validate the configuration and its routes against the installed plugins; exit 2 if bad."""
+    from dicomnode.route import compile_routes
+    from dicomnode.run.registry import discover
+
+    settings = _settings(config)
+    try:
+        rules = compile_routes(settings, discover())
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"configuration ok: {len(settings.destinations)} destination(s), "
+                  f"{len(rules)} route(s)")
 
 
 @app.command()

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 CONFIG_ENV = "DICOMNODE_CONFIG"
@@ -98,6 +105,69 @@ class AssembleConfig(_Section):
     poll_seconds: float = Field(0.5, gt=0, le=60)
 
 
+class DestinationConfig(_Section):
+    """A DICOM peer results are sent to (C-STORE SCU), with its own retry policy."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_aet: str | None = None  # default node.ae_title
+    max_retries: int = Field(5, ge=0)
+    retry_delay_seconds: float = Field(10.0, gt=0)
+    retry_multiplier: float = Field(2.0, ge=1)
+    retry_max_delay_seconds: float = Field(600.0, gt=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+
+    @field_validator("ae_title", "calling_aet")
+    @classmethod
+    def _ae(cls, v: str | None) -> str | None:
+        return None if v is None else _check_ae(v)
+
+
+class StepConfig(_Section):
+    plugin: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+MatchValue = str | int | float | list[str | int | float] | dict[str, str]
+ROUTE_SPECIAL_KEYS = {"CallingAETitle"}
+
+
+class RouteConfig(_Section):
+    """A rule: which completed studies/series go through which pipeline to which destinations.
+
+    ``match`` maps a DICOM keyword (or ``CallingAETitle``) to a value, a list of values (any of),
+    or ``{regex: "..."}`` (searched). A multi-valued attribute matches if any value does. All
+    keys must match. At study level a study matches when any of its series does; those series
+    are the pipeline's inputs.
+    """
+
+    name: str = Field(min_length=1)
+    level: Literal["study", "series"] | None = None  # default: assemble.level
+    match: dict[str, MatchValue] = Field(default_factory=dict)
+    pipeline: list[StepConfig] = Field(min_length=1)
+    send_to: list[str] = Field(default_factory=list)
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, v: dict[str, MatchValue]) -> dict[str, MatchValue]:
+        from pydicom.datadict import keyword_dict
+
+        for key, value in v.items():
+            if key not in keyword_dict and key not in ROUTE_SPECIAL_KEYS:
+                close = difflib.get_close_matches(key, list(keyword_dict), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"{key!r} is not a DICOM keyword{hint}")
+            if isinstance(value, dict):
+                if set(value) != {"regex"}:
+                    raise ValueError(f"{key}: a mapping must be {{regex: '...'}}")
+                try:
+                    re.compile(value["regex"])
+                except re.error as e:
+                    raise ValueError(f"{key}: bad regex {value['regex']!r}: {e}") from None
+        return v
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -126,6 +196,21 @@ class Settings(BaseSettings):
     access: AccessConfig = Field(default_factory=AccessConfig)
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    routes: list[RouteConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _routes_refer_to_known_destinations(self) -> Settings:
+        names = [r.name for r in self.routes]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"routes: name {dup!r} is used twice")
+        for i, route in enumerate(self.routes):
+            for j, dest in enumerate(route.send_to):
+                if dest not in self.destinations:
+                    known = ", ".join(sorted(self.destinations)) or "none defined"
+                    raise ValueError(f"routes.{i}.send_to.{j}: unknown destination {dest!r} "
+                                     f"(destinations: {known})")
+        return self
 
     @classmethod
     def settings_customise_sources(

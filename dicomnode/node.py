@@ -23,6 +23,8 @@ from dicomnode.audit import AuditLog, EventKind
 from dicomnode.config import Settings
 from dicomnode.database import make_engine, make_sessionmaker, upgrade
 from dicomnode.receive.scp import Receiver, finish_association
+from dicomnode.route import compile_routes
+from dicomnode.run.registry import discover
 from dicomnode.schema import Association, utcnow
 from dicomnode.store import FileStore, InstanceStore
 
@@ -41,6 +43,9 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_at = utcnow()
+        # a broken route is a start-up error, not a surprise when the first study arrives;
+        # executing routes (jobs, runners, sending) is the next stage to be built
+        self.rules = compile_routes(settings, discover()) if settings.routes else []
         self._stopped = threading.Event()
         upgrade(settings.database_url)
         self.engine = make_engine(settings.database_url, settings.database.echo)

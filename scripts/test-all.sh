@@ -13,7 +13,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q -e '.[test]'
+# built-in plugins are their own distributions, registered by entry point
+for plugin in plugins/*/pyproject.toml; do
+  python3 -m pip install -q -e "$(dirname "$plugin")"
+done
 
-echo "== ruff"; python3 -m ruff check dicomnode tests bench
-echo "== mypy"; python3 -m mypy dicomnode
+echo "== ruff"; python3 -m ruff check dicomnode plugins tests bench
+echo "== mypy"; python3 -m mypy dicomnode plugins/*/src
 echo "== pytest"; python3 -m pytest -q -p no:cacheprovider "$@"

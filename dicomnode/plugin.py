@@ -1,0 +1,354 @@
+"""THE public plugin API of dicomnode (``API_VERSION`` 1). Everything a plugin author touches.
+
+A plugin says *what it found or made*, never how to encode it as DICOM: the node's package stage
+turns :class:`Outputs` into conformant objects (derived series, TID 1500 SR, SEG, Encapsulated
+STL, KOS) with correct references, UIDs and provenance. That keeps plugins small and keeps every
+result conformant whoever wrote the plugin.
+
+A plugin is a subclass of :class:`Plugin` registered under the entry-point group
+``dicomnode.plugins``::
+
+    # pyproject.toml of the plugin's own distribution
+    [project.entry-points."dicomnode.plugins"]
+    threshold = "my_pkg.plugin:Threshold"
+
+See ``docs/plugins.md`` for a complete worked example. Values here are immutable and check
+themselves on construction, so a mistake fails inside the plugin that made it, with a message
+that names the field, not later in packaging.
+
+Nothing in this module assumes one process: plugins get everything through ``inputs`` and
+``ctx`` and must not keep state between runs (a job may run on another worker after a retry).
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+API_VERSION = 1
+"""Bumped on any incompatible change. The node loads plugins whose ``api_version`` it supports."""
+SUPPORTED_API_VERSIONS = frozenset({1})
+ENTRY_POINT_GROUP = "dicomnode.plugins"
+
+
+class PluginError(Exception):
+    """Raise this from ``run`` for a clear, expected failure (bad input for this plugin): the
+    job fails with your message as the reason and is not retried."""
+
+
+class NotApplicable(PluginError):
+    """Raise when the input is not for this plugin (e.g. MR sent to a CT detector). The job ends
+    as ``not-applicable`` with your reason; nothing is sent."""
+
+
+def to_numpy(array: Any) -> np.ndarray:
+    """A NumPy copy of a NumPy or CuPy array (outputs may be either; this is for plugins that
+    need host-side work, e.g. scikit-image, on a GPU-computed result)."""
+    get = getattr(array, "get", None)  # cupy.ndarray.get() copies to the host
+    return np.asarray(get() if callable(get) else array)
+
+
+# --- what a plugin declares -------------------------------------------------------------------
+
+class GPU(StrEnum):
+    NO = "no"  # CPU only
+    PREFERRED = "preferred"  # uses a GPU when one is free, else runs on CPU (same code path)
+    REQUIRED = "required"  # will not run without one
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Resources a run needs; the runner schedules by these (one job per GPU slot)."""
+
+    gpu: GPU = GPU.NO
+    memory_mb: int = 2048
+    timeout_seconds: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.memory_mb <= 0 or self.timeout_seconds <= 0:
+            raise ValueError("Needs.memory_mb and Needs.timeout_seconds must be positive")
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """Which series a plugin takes. Empty tuples mean "any"."""
+
+    modalities: tuple[str, ...] = ()
+    sop_class_uids: tuple[str, ...] = ()
+    min_instances: int = 1
+
+    def check(self, modality: str, sop_class_uid: str, num_instances: int) -> str | None:
+        """None if accepted, else the reason (shown in the job record)."""
+        if self.modalities and modality not in self.modalities:
+            return f"modality {modality!r} not in {list(self.modalities)}"
+        if self.sop_class_uids and sop_class_uid not in self.sop_class_uids:
+            return f"SOP class {sop_class_uid} not accepted"
+        if num_instances < self.min_instances:
+            return f"{num_instances} instance(s), needs at least {self.min_instances}"
+        return None
+
+
+class Params(BaseModel):
+    """Base for a plugin's parameters: unknown keys are errors (caught when the config loads)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- what a plugin receives -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where voxels are, in the patient coordinate system (LPS, millimetres; PS3.3 C.7.6.2).
+
+    Arrays are indexed ``[slice, row, column]``. ``origin`` is the centre of voxel [0, 0, 0];
+    ``row_direction`` is the direction of increasing column index (DICOM's first orientation
+    vector), ``column_direction`` of increasing row index, ``slice_direction`` of increasing
+    slice index; ``spacing`` is (slice, row, column) in mm.
+    """
+
+    origin: tuple[float, float, float]
+    row_direction: tuple[float, float, float]
+    column_direction: tuple[float, float, float]
+    slice_direction: tuple[float, float, float]
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    frame_of_reference_uid: str
+
+    def __post_init__(self) -> None:
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"Geometry.spacing must be positive, got {self.spacing}")
+        if any(n <= 0 for n in self.shape):
+            raise ValueError(f"Geometry.shape must be positive, got {self.shape}")
+        for name in ("row_direction", "column_direction", "slice_direction"):
+            v = np.asarray(getattr(self, name), dtype=float)
+            if not np.isclose(np.linalg.norm(v), 1.0, atol=1e-4):
+                raise ValueError(f"Geometry.{name} must be a unit vector, got {tuple(v)}")
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4×4 matrix mapping (slice, row, column, 1) indices to LPS mm."""
+        a = np.eye(4)
+        a[:3, 0] = np.asarray(self.slice_direction) * self.spacing[0]
+        a[:3, 1] = np.asarray(self.column_direction) * self.spacing[1]
+        a[:3, 2] = np.asarray(self.row_direction) * self.spacing[2]
+        a[:3, 3] = self.origin
+        return a
+
+    def to_patient(self, index: Sequence[float]) -> tuple[float, float, float]:
+        """(slice, row, column) index, fractional allowed → LPS mm."""
+        p = self.affine @ np.array([*index, 1.0])
+        return (float(p[0]), float(p[1]), float(p[2]))
+
+
+@dataclass(frozen=True)
+class SeriesInput:
+    """One input series, slices sorted along ``geometry.slice_direction``."""
+
+    series_uid: str
+    modality: str
+    description: str
+    sop_class_uid: str
+    sop_instance_uids: tuple[str, ...]  # in slice order
+    geometry: Geometry
+    datasets: tuple[Any, ...]  # pydicom Datasets (headers; pixel data loaded on demand)
+    _pixels: Any = field(default=None, repr=False, compare=False)
+
+    def pixels(self, xp: Any = np) -> Any:
+        """Pixel data in physical units (HU for CT: RescaleSlope/Intercept applied), float32,
+        shape ``geometry.shape``, as an ``xp`` array (NumPy, or CuPy on a GPU)."""
+        data = self._pixels() if callable(self._pixels) else self._pixels
+        if data is None:
+            raise PluginError(f"series {self.series_uid} has no pixel data")
+        return xp.asarray(data, dtype=xp.float32)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    study_uid: str
+    series: tuple[SeriesInput, ...]
+    patient: dict[str, str]  # PatientID, PatientName, … as text (for logs; outputs copy it)
+
+    @property
+    def primary(self) -> SeriesInput:
+        """The first (for most plugins: the only) series the route selected."""
+        if not self.series:
+            raise NotApplicable("no input series")
+        return self.series[0]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the node lends a run: array module, device, scratch space, logger."""
+
+    job_id: str
+    xp: Any  # numpy, or cupy when the job holds a GPU slot
+    device: str  # "cpu" or "cuda:N"
+    work_dir: Path
+    log: logging.Logger
+
+
+# --- what a plugin returns --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Code:
+    """A coded concept (PS3.3 8.8): e.g. ``Code("118565006", "SCT", "Volume")``."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+    def __post_init__(self) -> None:
+        if not (self.value and self.scheme and self.meaning):
+            raise ValueError("Code needs value, scheme designator and meaning")
+
+
+@dataclass(frozen=True)
+class ImageVolume:
+    """A new image series (→ derived series: MPR, MIP, reconstruction…)."""
+
+    array: Any  # [slice, row, column], physical units (HU for CT)
+    geometry: Geometry
+    series_description: str
+    derivation: str  # DerivationDescription, e.g. "coronal MPR, 3 mm"
+    source_series_uid: str
+    original: bool = False  # True only for reconstructions from raw data (ORIGINAL\PRIMARY)
+    window: tuple[float, float] | None = None  # (center, width)
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(n) for n in getattr(self.array, "shape", ()))
+        if shape != self.geometry.shape:
+            raise ValueError(f"ImageVolume.array shape {shape} != geometry.shape "
+                             f"{self.geometry.shape}")
+        if not self.series_description:
+            raise ValueError("ImageVolume.series_description is required")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A number with a unit (UCUM), e.g. ``Measurement(Code("118565006","SCT","Volume"),
+    12.5, "ml")``."""
+
+    name: Code
+    value: float
+    unit: str
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.value):
+            raise ValueError(f"Measurement {self.name.meaning!r} is not finite: {self.value}")
+
+
+@dataclass(frozen=True)
+class Segment:
+    number: int  # value in the label map
+    label: str
+    category: Code
+    type: Code
+
+    def __post_init__(self) -> None:
+        if self.number < 1:
+            raise ValueError("Segment.number starts at 1 (0 is background)")
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """A segmentation (→ SEG): integer labels on a grid, 0 = background."""
+
+    array: Any  # [slice, row, column] integers
+    geometry: Geometry
+    segments: tuple[Segment, ...]
+    source_series_uid: str
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(n) for n in getattr(self.array, "shape", ()))
+        if shape != self.geometry.shape:
+            raise ValueError(f"LabelMap.array shape {shape} != geometry.shape "
+                             f"{self.geometry.shape}")
+        numbers = [s.number for s in self.segments]
+        if len(set(numbers)) != len(numbers) or not numbers:
+            raise ValueError("LabelMap.segments must be non-empty with distinct numbers")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something found (→ one TID 1500 measurement group): what, where, how big, how sure."""
+
+    finding: Code
+    measurements: tuple[Measurement, ...] = ()
+    location: tuple[float, float, float] | None = None  # LPS mm
+    segment: int | None = None  # number of the Segment in ``Outputs.label_maps[0]`` if any
+    confidence: float | None = None  # 0..1
+    source_series_uid: str = ""
+
+    def __post_init__(self) -> None:
+        if self.confidence is not None and not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"Finding.confidence must be within 0..1, got {self.confidence}")
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """A surface (→ Encapsulated STL), vertices in LPS mm."""
+
+    vertices: Any  # (N, 3) float
+    faces: Any  # (M, 3) int, counter-clockwise seen from outside
+    name: str
+    frame_of_reference_uid: str
+
+    def __post_init__(self) -> None:
+        v, f = np.asarray(self.vertices), np.asarray(self.faces)
+        if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3:
+            raise ValueError("Mesh.vertices and Mesh.faces must be (N, 3) arrays")
+        if f.size and (f.min() < 0 or f.max() >= len(v)):
+            raise ValueError("Mesh.faces index outside vertices")
+
+
+@dataclass(frozen=True)
+class KeyImages:
+    """Images a radiologist should look at first (→ KOS)."""
+
+    sop_instance_uids: tuple[str, ...]
+    title: Code = Code("113000", "DCM", "Of Interest")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    volumes: tuple[ImageVolume, ...] = ()
+    findings: tuple[Finding, ...] = ()
+    label_maps: tuple[LabelMap, ...] = ()
+    meshes: tuple[Mesh, ...] = ()
+    key_images: tuple[KeyImages, ...] = ()
+    summary: str = ""  # one line for the job record and logs
+
+    @property
+    def empty(self) -> bool:
+        return not (self.volumes or self.findings or self.label_maps or self.meshes
+                    or self.key_images)
+
+
+# --- the plugin itself ------------------------------------------------------------------------
+
+P = TypeVar("P", bound=Params)
+
+
+class Plugin(ABC, Generic[P]):
+    """Subclass as ``Plugin[MyParams]``, set the class attributes, implement :meth:`run`."""
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    api_version: ClassVar[int] = API_VERSION
+    description: ClassVar[str] = ""
+    params_model: ClassVar[type[Params]] = Params
+    needs: ClassVar[Needs] = Needs()
+    accepts: ClassVar[Accepts] = Accepts()
+
+    @abstractmethod
+    def run(self, inputs: Inputs, params: P, ctx: Context) -> Outputs:
+        """Do the work. Raise :class:`NotApplicable` or :class:`PluginError` for expected
+        refusals; any other exception fails the job (and it may be retried)."""

@@ -1,0 +1,1 @@
+"""Run stage: plugin discovery now; jobs (SQL state machine) and runners come next."""

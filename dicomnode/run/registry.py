@@ -1,0 +1,65 @@
+"""Find installed plugins through the ``dicomnode.plugins`` entry-point group.
+
+A broken plugin (import error, wrong base class, unsupported api_version, name mismatch) is
+reported with its reason and left out; it never takes the node down with it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from dataclasses import dataclass
+from typing import Any
+
+from dicomnode.plugin import ENTRY_POINT_GROUP, SUPPORTED_API_VERSIONS, Params, Plugin
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str
+    entry_point: str
+    cls: type[Plugin[Any]] | None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.cls is not None and not self.error
+
+
+def _check(name: str, obj: object) -> str:
+    if not (isinstance(obj, type) and issubclass(obj, Plugin)):
+        return "not a subclass of dicomnode.plugin.Plugin"
+    for attr in ("name", "version"):
+        if not isinstance(getattr(obj, attr, None), str) or not getattr(obj, attr):
+            return f"class attribute {attr!r} missing"
+    if obj.name != name:
+        return f"entry point is named {name!r} but the plugin calls itself {obj.name!r}"
+    if obj.api_version not in SUPPORTED_API_VERSIONS:
+        return (f"api_version {obj.api_version} not supported (this node supports "
+                f"{sorted(SUPPORTED_API_VERSIONS)})")
+    if not (isinstance(obj.params_model, type) and issubclass(obj.params_model, Params)):
+        return "params_model must subclass dicomnode.plugin.Params"
+    if getattr(obj.run, "__isabstractmethod__", False):
+        return "run() is not implemented"
+    return ""
+
+
+def discover(group: str = ENTRY_POINT_GROUP) -> dict[str, PluginInfo]:
+    """All plugins registered in ``group``, working or not, by name."""
+    found: dict[str, PluginInfo] = {}
+    for ep in md.entry_points(group=group):
+        dist = ep.dist.name if ep.dist is not None else "?"
+        if ep.name in found:
+            found[ep.name] = PluginInfo(ep.name, dist, ep.value, None,
+                                        f"name also registered by {found[ep.name].distribution}")
+            continue
+        try:
+            obj = ep.load()
+        except Exception as e:  # a third-party import can fail in any way
+            found[ep.name] = PluginInfo(ep.name, dist, ep.value, None,
+                                        f"cannot import: {type(e).__name__}: {e}")
+            continue
+        error = _check(ep.name, obj)
+        cls = obj if not error and isinstance(obj, type) and issubclass(obj, Plugin) else None
+        found[ep.name] = PluginInfo(ep.name, dist, ep.value, cls, error)
+    return found

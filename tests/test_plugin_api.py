@@ -1,0 +1,232 @@
+"""The public plugin API, plugin discovery, and route rules (checked at start, matched later)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dicomnode.config import ConfigError, load_settings
+from dicomnode.plugin import (
+    Code,
+    Context,
+    Finding,
+    Geometry,
+    ImageVolume,
+    Inputs,
+    LabelMap,
+    Mesh,
+    Segment,
+    SeriesInput,
+)
+from dicomnode.route import compile_routes, select_series
+from dicomnode.run.registry import discover
+
+AXIAL = dict(row_direction=(1.0, 0.0, 0.0), column_direction=(0.0, 1.0, 0.0),
+             slice_direction=(0.0, 0.0, 1.0), frame_of_reference_uid="1.2.3")
+
+
+def geometry(shape: tuple[int, int, int] = (20, 30, 40),
+             spacing: tuple[float, float, float] = (2.0, 0.5, 0.75)) -> Geometry:
+    return Geometry(origin=(-10.0, -20.0, 30.0), spacing=spacing, shape=shape, **AXIAL)
+
+
+# --- API values ------------------------------------------------------------------------------
+
+def test_geometry_maps_indices_to_patient_mm() -> None:
+    g = geometry()
+    assert g.to_patient([0, 0, 0]) == (-10.0, -20.0, 30.0)
+    # slice index moves along slice_direction by spacing[0]; row along column_direction by
+    # spacing[1]; column along row_direction by spacing[2]
+    assert g.to_patient([1, 2, 4]) == pytest.approx((-10 + 4 * 0.75, -20 + 2 * 0.5, 30 + 2.0))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(spacing=(0.0, 1.0, 1.0)), "spacing"),
+    (dict(shape=(0, 1, 1)), "shape"),
+    (dict(row_direction=(1.0, 1.0, 0.0)), "unit vector"),
+])
+def test_geometry_refuses_nonsense(bad: dict, match: str) -> None:  # type: ignore[type-arg]
+    kw = dict(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), shape=(2, 2, 2), **AXIAL)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        Geometry(**kw)  # type: ignore[arg-type]
+
+
+def test_outputs_refuse_inconsistent_values() -> None:
+    g = geometry((2, 3, 4))
+    code = Code("85756007", "SCT", "Tissue")
+    with pytest.raises(ValueError, match="shape"):
+        ImageVolume(np.zeros((2, 3, 5)), g, "MPR", "test", "1.2")
+    with pytest.raises(ValueError, match="shape"):
+        LabelMap(np.zeros((1, 3, 4)), g, (Segment(1, "x", code, code),), "1.2")
+    with pytest.raises(ValueError, match="distinct"):
+        LabelMap(np.zeros((2, 3, 4)), g, (Segment(1, "a", code, code),
+                                          Segment(1, "b", code, code)), "1.2")
+    with pytest.raises(ValueError, match="background"):
+        Segment(0, "x", code, code)
+    with pytest.raises(ValueError, match="confidence"):
+        Finding(code, confidence=1.5)
+    with pytest.raises(ValueError, match="outside"):
+        Mesh(np.zeros((3, 3)), np.array([[0, 1, 3]]), "m", "1.2.3")
+    with pytest.raises(ValueError, match="scheme"):
+        Code("1", "", "x")
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+def _fake_dist(root: Path, name: str, module: str, source: str, entry: str) -> None:
+    (root / f"{module}.py").write_text(textwrap.dedent(source))
+    info = root / f"{name}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[dicomnode.plugins]\n{entry}\n")
+
+
+def test_discovery_reports_broken_plugins_without_failing(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_dist(tmp_path, "broken-import", "broken_import", "raise ImportError('no cuda')",
+               "crashes = broken_import:X")
+    _fake_dist(tmp_path, "not-a-plugin", "not_a_plugin", "class X: pass", "plain = not_a_plugin:X")
+    _fake_dist(tmp_path, "misnamed", "misnamed", """
+        from dicomnode.plugin import Plugin, Outputs
+        class X(Plugin):
+            name, version = "other", "1"
+            def run(self, inputs, params, ctx): return Outputs()
+        class Future(Plugin):
+            name, version, api_version = "future", "1", 99
+            def run(self, inputs, params, ctx): return Outputs()
+        """, "misnamed = misnamed:X\nfuture = misnamed:Future")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = discover()
+    assert found["threshold"].ok  # the installed example plugin
+    assert "cannot import: ImportError: no cuda" in found["crashes"].error
+    assert "not a subclass" in found["plain"].error
+    assert "calls itself 'other'" in found["misnamed"].error
+    assert "api_version 99 not supported" in found["future"].error
+    assert not any(found[n].ok for n in ("crashes", "plain", "misnamed", "future"))
+
+
+def test_plugins_cli_lists_the_example() -> None:
+    r = subprocess.run([sys.executable, "-m", "dicomnode", "plugins", "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    [row] = [p for p in json.loads(r.stdout) if p["name"] == "threshold"]
+    assert row["ok"] and row["version"] == "1.0.0" and row["gpu"] == "preferred"
+    assert row["params"]["properties"]["hu_min"]["default"] == 300.0
+
+
+# --- the worked example plugin on synthetic data --------------------------------------------
+
+def test_example_threshold_plugin_measures_a_known_volume(tmp_path: Path) -> None:
+    from dicomnode_example_threshold import Threshold, ThresholdParams
+
+    g = geometry((20, 30, 40), spacing=(2.0, 0.5, 0.75))
+    hu = np.full(g.shape, -1000.0, dtype=np.float32)
+    hu[5:15, 10:20, 8:28] = 700.0  # 10 × 10 × 20 voxels of "bone"
+    series = SeriesInput("1.2.3.4", "CT", "synthetic", "1.2.840.10008.5.1.4.1.1.2",
+                         tuple(f"1.2.3.4.{i}" for i in range(20)), g, (), hu)
+    ctx = Context("job-1", np, "cpu", tmp_path, logging.getLogger("test"))
+    out = Threshold().run(Inputs("1.2.3", (series,), {}), ThresholdParams(hu_min=300), ctx)
+    [finding] = out.findings
+    [volume] = finding.measurements
+    assert volume.unit == "ml"
+    assert volume.value == pytest.approx(10 * 10 * 20 * 2.0 * 0.5 * 0.75 / 1000)  # 1.5 mL
+    assert finding.location == pytest.approx(g.to_patient([9.5, 14.5, 17.5]))
+    [labels] = out.label_maps
+    assert int(labels.array.sum()) == 2000 and labels.array.dtype == np.uint8
+    empty = Threshold().run(Inputs("1.2.3", (series,), {}), ThresholdParams(hu_min=3000), ctx)
+    assert empty.empty and "no voxel" in empty.summary
+
+
+# --- routes ----------------------------------------------------------------------------------
+
+def _config(tmp_path: Path, routes: list, destinations: dict | None = None) -> Path:  # type: ignore[type-arg]
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({
+        "destinations": destinations if destinations is not None else {
+            "pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}},
+        "routes": routes}))
+    return f
+
+
+def test_routes_compile_against_installed_plugins(tmp_path: Path) -> None:
+    f = _config(tmp_path, [{"name": "ct-bone", "match": {"Modality": "CT"},
+                            "pipeline": [{"plugin": "threshold", "params": {"hu_min": 250}}],
+                            "send_to": ["pacs"]}])
+    [rule] = compile_routes(load_settings(f), discover())
+    assert rule.level == "study" and rule.send_to == ("pacs",)
+    assert rule.steps[0].params.hu_min == 250  # type: ignore[attr-defined]
+
+
+def test_every_route_problem_is_named_by_key(tmp_path: Path) -> None:
+    f = _config(tmp_path, [
+        {"name": "a", "pipeline": [{"plugin": "threshold", "params": {"hu_mni": 1}},
+                                   {"plugin": "threshold", "params": {"hu_min": "high"}},
+                                   {"plugin": "reformat"}]},
+    ])
+    with pytest.raises(ConfigError) as e:
+        compile_routes(load_settings(f), discover())
+    msg = str(e.value)
+    assert "routes.0.pipeline.0.params.hu_mni: unknown parameter" in msg
+    assert "routes.0.pipeline.1.params.hu_min:" in msg
+    assert "routes.0.pipeline.2.plugin: 'reformat' is not installed" in msg
+
+
+@pytest.mark.parametrize("routes,destinations,match", [
+    ([{"name": "a", "pipeline": [{"plugin": "threshold"}], "send_to": ["archive"]}], None,
+     "routes.0.send_to.0: unknown destination 'archive'"),
+    ([{"name": "a", "match": {"Modalty": "CT"}, "pipeline": [{"plugin": "threshold"}]}], None,
+     "did you mean 'Modality'"),
+    ([{"name": "a", "match": {"SeriesDescription": {"regex": "(["}},
+       "pipeline": [{"plugin": "threshold"}]}], None, "bad regex"),
+    ([{"name": "a", "pipeline": []}], None, "routes.0.pipeline"),
+    ([{"name": "a", "pipeline": [{"plugin": "x"}]}, {"name": "a", "pipeline": [{"plugin": "x"}]}],
+     None, "name 'a' is used twice"),
+])
+def test_malformed_routes_are_config_errors(tmp_path: Path, routes: list, destinations: dict,  # type: ignore[type-arg]
+                                            match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_settings(_config(tmp_path, routes, destinations))
+
+
+def test_serve_and_check_refuse_a_broken_route_at_start(tmp_path: Path) -> None:
+    f = _config(tmp_path, [{"name": "a", "pipeline": [{"plugin": "threshold",
+                                                       "params": {"hu_mni": 1}}]}])
+    for cmd in (["check"], ["serve"]):
+        r = subprocess.run([sys.executable, "-m", "dicomnode", *cmd, "--config", str(f)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, (cmd, r.stdout, r.stderr)
+        assert "routes.0.pipeline.0.params.hu_mni" in r.stderr
+    good = _config(tmp_path, [{"name": "a", "pipeline": [{"plugin": "threshold"}]}])
+    ok = subprocess.run([sys.executable, "-m", "dicomnode", "check", "--config", str(good)],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "1 route(s)" in ok.stdout
+
+
+def test_matching_semantics(tmp_path: Path) -> None:
+    f = _config(tmp_path, [{
+        "name": "chest-ct", "level": "study",
+        "match": {"Modality": ["CT", "PT"], "SeriesDescription": {"regex": "(?i)chest"},
+                  "ImageType": "AXIAL", "CallingAETitle": "CT_SCANNER"},
+        "pipeline": [{"plugin": "threshold"}]}])
+    [rule] = compile_routes(load_settings(f), discover())
+    base = {"Modality": "CT", "SeriesDescription": "Thorax CHEST 1mm",
+            "ImageType": ["ORIGINAL", "PRIMARY", "AXIAL"], "CallingAETitle": "CT_SCANNER"}
+    assert rule.matches(base)
+    assert not rule.matches({**base, "Modality": "MR"})
+    assert not rule.matches({**base, "SeriesDescription": "Head"})
+    assert not rule.matches({**base, "ImageType": ["DERIVED", "SECONDARY"]})
+    assert not rule.matches({**base, "CallingAETitle": "OTHER"})
+    assert not rule.matches({k: v for k, v in base.items() if k != "Modality"})
+    study = [{**base, "SeriesDescription": "scout"}, base, {**base, "Modality": "SR"}]
+    assert select_series(rule, study) == [1]
+    assert select_series(rule, study[:1]) == []
