@@ -34,10 +34,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicomnode.simulate import write_ct_series
 
 DCMTK = Path("/usr/bin")
 ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
@@ -64,43 +63,9 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> 
 
 
 def generate_study(out: Path, n: int, size: int = 512) -> list[Path]:
-    """A synthetic CT series: ellipse phantom in HU plus noise, one file per slice."""
-    out.mkdir(parents=True, exist_ok=True)
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
-    yy, xx = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
-    body = (xx / 0.85) ** 2 + (yy / 0.65) ** 2 < 1
-    rng = np.random.default_rng(7)
-    files = []
-    for i in range(n):
-        hu = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, (size, size))
-        hu[((xx - 0.3) ** 2 + (yy + 0.1) ** 2) < 0.01 * (1 + np.sin(i / 20))] = 700  # "bone"
-        pixels = np.clip(hu + 1024, 0, 4095).astype(np.uint16)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = out / f"ct{i:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
-            "Bench^Synthetic", "BENCH001", "19700101", "O")
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261121", "080000", "", "1"
-        ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = (
-            "", "CT", 1, i + 1)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [-250.0, -250.0, -i * 1.0]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing, ds.SliceThickness = [0.9765625, 0.9765625], 1.0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.KVP, ds.PatientPosition = 120, "HFS"
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
+    """A synthetic CT series (dicomnode.simulate's ellipse phantom), one file per slice."""
+    return write_ct_series(out, n=n, size=size, series_description="BENCH SYNTHETIC CT",
+                           patient_id="BENCH001")
 
 
 # --- receivers -----------------------------------------------------------------------------

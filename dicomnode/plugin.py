@@ -344,6 +344,11 @@ class Plugin(ABC, Generic[P]):
     version: ClassVar[str]
     api_version: ClassVar[int] = API_VERSION
     description: ClassVar[str] = ""
+    #: CID 7162 Algorithm Family, recorded in every SEG and SR the plugin's results become,
+    #: e.g. Code("123110", "DCM", "Artificial Intelligence"),
+    #: Code("123105", "DCM", "Histogram Analysis"), Code("123104", "DCM",
+    #: "Morphological Operations").
+    algorithm_family: ClassVar[Code | None] = None
     params_model: ClassVar[type[Params]] = Params
     needs: ClassVar[Needs] = Needs()
     accepts: ClassVar[Accepts] = Accepts()

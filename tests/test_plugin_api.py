@@ -95,14 +95,18 @@ def test_discovery_reports_broken_plugins_without_failing(tmp_path: Path,
                "crashes = broken_import:X")
     _fake_dist(tmp_path, "not-a-plugin", "not_a_plugin", "class X: pass", "plain = not_a_plugin:X")
     _fake_dist(tmp_path, "misnamed", "misnamed", """
-        from dicomnode.plugin import Plugin, Outputs
+        from dicomnode.plugin import Code, Plugin, Outputs
+        FAMILY = Code("123110", "DCM", "Artificial Intelligence")
         class X(Plugin):
-            name, version = "other", "1"
+            name, version, algorithm_family = "other", "1", FAMILY
             def run(self, inputs, params, ctx): return Outputs()
         class Future(Plugin):
-            name, version, api_version = "future", "1", 99
+            name, version, api_version, algorithm_family = "future", "1", 99, FAMILY
             def run(self, inputs, params, ctx): return Outputs()
-        """, "misnamed = misnamed:X\nfuture = misnamed:Future")
+        class Anonymous(Plugin):
+            name, version = "anonymous", "1"
+            def run(self, inputs, params, ctx): return Outputs()
+        """, "misnamed = misnamed:X\nfuture = misnamed:Future\nanonymous = misnamed:Anonymous")
     monkeypatch.syspath_prepend(str(tmp_path))
     found = discover()
     assert found["threshold"].ok  # the installed example plugin
@@ -110,6 +114,7 @@ def test_discovery_reports_broken_plugins_without_failing(tmp_path: Path,
     assert "not a subclass" in found["plain"].error
     assert "calls itself 'other'" in found["misnamed"].error
     assert "api_version 99 not supported" in found["future"].error
+    assert "algorithm_family" in found["anonymous"].error
     assert not any(found[n].ok for n in ("crashes", "plain", "misnamed", "future"))
 
 

@@ -10,7 +10,7 @@ import importlib.metadata as md
 from dataclasses import dataclass
 from typing import Any
 
-from dicomnode.plugin import ENTRY_POINT_GROUP, SUPPORTED_API_VERSIONS, Params, Plugin
+from dicomnode.plugin import ENTRY_POINT_GROUP, SUPPORTED_API_VERSIONS, Code, Params, Plugin
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ def _check(name: str, obj: object) -> str:
             return f"class attribute {attr!r} missing"
     if obj.name != name:
         return f"entry point is named {name!r} but the plugin calls itself {obj.name!r}"
+    if not isinstance(getattr(obj, "algorithm_family", None), Code):
+        return "class attribute 'algorithm_family' (a Code from CID 7162) missing"
     if obj.api_version not in SUPPORTED_API_VERSIONS:
         return (f"api_version {obj.api_version} not supported (this node supports "
                 f"{sorted(SUPPORTED_API_VERSIONS)})")

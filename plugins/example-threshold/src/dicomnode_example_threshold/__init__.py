@@ -34,6 +34,7 @@ class Threshold(Plugin[ThresholdParams]):
     name = "threshold"
     version = "1.0.0"
     description = "Voxels within [hu_min, hu_max] HU as one segment, with its volume in mL."
+    algorithm_family = Code("123105", "DCM", "Histogram Analysis")
     params_model = ThresholdParams
     needs = Needs(gpu=GPU.PREFERRED, memory_mb=1024, timeout_seconds=120)
     accepts = Accepts(modalities=("CT",), min_instances=2)

@@ -1,0 +1,132 @@
+"""ImageVolume → a derived image series (classic single-frame CT Image Storage).
+
+Classic CT (not Enhanced CT) because every PACS and viewer displays it. Patient and study come
+from the source; the series is new; Frame of Reference is kept when the output lies in the
+source's patient space (it always does: plugins give geometry in the source's LPS). Per PS3.3
+C.7.6.1.1.2 a post-processed image is ``DERIVED\\SECONDARY``; a reconstruction from raw data is
+``ORIGINAL\\PRIMARY``. ``SourceImageSequence`` points at the source instances with purpose
+(121322, DCM, "Source image for image processing operation").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from dicomnode.package.provenance import MANUFACTURER, Provenance, output_uid
+from dicomnode.plugin import ImageVolume, PluginError, to_numpy
+
+# Patient, General Study and Patient Study attributes copied from the source (Type 1/2 kept).
+PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
+                 "PatientSex", "PatientAge", "PatientWeight", "PatientSize", "EthnicGroup",
+                 "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
+                 "StudyID", "AccessionNumber", "StudyDescription", "SpecificCharacterSet")
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                       "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                       "AccessionNumber")
+
+
+def copy_patient_study(source: Any, ds: Dataset) -> None:
+    for kw in PATIENT_STUDY:
+        if kw in source:
+            setattr(ds, kw, source.data_element(kw).value)
+    for kw in TYPE2_PATIENT_STUDY:
+        if kw not in ds:
+            setattr(ds, kw, "")
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    c = Dataset()
+    c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, scheme, meaning
+    return c
+
+
+def _to_stored(hu: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """int16 stored values with rescale slope/intercept (slope 1 when the range allows)."""
+    finite = hu[np.isfinite(hu)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    slope = 1.0 if (lo >= -32768 and hi <= 32767) else max(hi - lo, 1.0) / 65000.0
+    intercept = 0.0 if slope == 1.0 else lo + 32768 * slope
+    stored = np.clip(np.rint((np.nan_to_num(hu, nan=lo) - intercept) / slope), -32768, 32767)
+    return stored.astype(np.int16), slope, intercept
+
+
+def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
+                       series_number: int, index: int = 0) -> list[Dataset]:
+    """One Part 10-ready CT dataset per slice of ``volume``."""
+    if not sources:
+        raise PluginError("a derived series needs its source images")
+    src = sources[0]
+    if str(src.get("Modality", "")) != "CT":
+        raise PluginError(f"derived series from {src.get('Modality')} are not supported yet "
+                          "(CT only)")
+    g = volume.geometry
+    stored, slope, intercept = _to_stored(to_numpy(volume.array).astype(np.float64))
+    series_uid = output_uid(prov.job_id, "series", index)
+    when = prov.when
+    refs = []
+    for s in sources:
+        r = Dataset()
+        r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID = s.SOPClassUID, s.SOPInstanceUID
+        r.PurposeOfReferenceCodeSequence = [
+            _code_item("121322", "DCM", "Source image for image processing operation")]
+        refs.append(r)
+    equipment = prov.contributing_equipment(volume.derivation)
+    out = []
+    for k in range(g.shape[0]):
+        ds = Dataset()
+        copy_patient_study(src, ds)
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = output_uid(prov.job_id, "series", index, "slice", k)
+        ds.Modality = "CT"
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = series_number
+        ds.SeriesDescription = volume.series_description[:64]
+        if "PatientPosition" in src:
+            ds.PatientPosition = src.PatientPosition
+        # Type 2C: dciodvfy cannot know whether the body part is paired, so it is always sent
+        # (the source's value, or empty = unknown)
+        ds.Laterality = src.get("Laterality", "")
+        if "ImageLaterality" in src:
+            ds.ImageLaterality = src.ImageLaterality
+        ds.FrameOfReferenceUID = g.frame_of_reference_uid or src.FrameOfReferenceUID
+        ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
+        ds.Manufacturer = MANUFACTURER
+        ds.SoftwareVersions = prov.software_versions
+        ds.InstanceNumber = k + 1
+        ds.ContentDate, ds.ContentTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+        ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
+        ds.ImageType = (["ORIGINAL", "PRIMARY", "AXIAL"] if volume.original
+                        else ["DERIVED", "SECONDARY", "AXIAL"])
+        if not volume.original:
+            ds.DerivationDescription = volume.derivation[:1024]
+            ds.SourceImageSequence = refs
+        ds.ContributingEquipmentSequence = [equipment]
+        ds.ImagePositionPatient = [round(v, 6) for v in g.to_patient([k, 0, 0])]
+        ds.ImageOrientationPatient = [round(v, 8) for v in (*g.row_direction,
+                                                             *g.column_direction)]
+        ds.PixelSpacing = [g.spacing[1], g.spacing[2]]
+        ds.SliceThickness = g.spacing[0]
+        ds.SpacingBetweenSlices = g.spacing[0]
+        ds.SliceLocation = round(float(np.dot(g.to_patient([k, 0, 0]), g.slice_direction)), 6)
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = g.shape[1], g.shape[2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, slope, "HU"
+        ds.KVP = src.get("KVP", "")
+        ds.AcquisitionNumber = src.get("AcquisitionNumber", "")
+        if volume.window is not None:
+            ds.WindowCenter, ds.WindowWidth = volume.window
+        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out.append(ds)
+    return out

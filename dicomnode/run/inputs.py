@@ -1,0 +1,79 @@
+"""Build a plugin's :class:`~dicomnode.plugin.SeriesInput` from the stored datasets of a series.
+
+Slices are sorted along the slice normal (not by InstanceNumber, which scanners get wrong);
+inconsistent geometry is refused with a reason a radiologist or physicist can act on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dicomnode.plugin import Geometry, NotApplicable, PluginError, SeriesInput
+
+_TOL_MM = 1e-3
+
+
+def _floats(ds: Any, keyword: str, n: int) -> np.ndarray:
+    value = ds.get(keyword)
+    if value is None or len(value) != n:
+        raise NotApplicable(f"{keyword} missing or malformed in instance {ds.SOPInstanceUID}")
+    return np.asarray([float(v) for v in value])
+
+
+def series_input(datasets: Sequence[Any], load_pixels: bool = True) -> SeriesInput:
+    """Sort, check and describe one single-frame image series."""
+    if not datasets:
+        raise NotApplicable("empty series")
+    first = datasets[0]
+    iop = _floats(first, "ImageOrientationPatient", 6)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    for ds in datasets[1:]:
+        if not np.allclose(_floats(ds, "ImageOrientationPatient", 6), iop, atol=1e-4):
+            raise PluginError("slices have different orientations (mixed series?)")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise PluginError("slices have different matrix sizes (mixed series?)")
+    ordered = sorted(datasets, key=lambda d: float(_floats(d, "ImagePositionPatient", 3) @ normal))
+    positions = np.array([_floats(d, "ImagePositionPatient", 3) for d in ordered])
+    spacing_rc = _floats(first, "PixelSpacing", 2)
+    if len(ordered) > 1:
+        steps = np.diff(positions @ normal)
+        if np.any(steps < _TOL_MM):
+            raise PluginError("two slices at the same position (duplicate or mixed series)")
+        slice_spacing = float(np.median(steps))
+        if np.max(np.abs(steps - slice_spacing)) > max(0.01 * slice_spacing, 0.01):
+            raise PluginError(f"uneven slice spacing ({steps.min():.3f}–{steps.max():.3f} mm)")
+        # slices must stack along the normal (no gantry tilt shear in this version)
+        lateral = (positions - positions[0]) - np.outer(positions @ normal - positions[0] @ normal,
+                                                        normal)
+        if np.max(np.abs(lateral)) > 0.01:
+            raise PluginError("slices are sheared (gantry tilt): not supported yet")
+    else:
+        slice_spacing = float(first.get("SliceThickness") or 1.0)
+    geometry = Geometry(
+        origin=tuple(float(x) for x in positions[0]),  # type: ignore[arg-type]
+        row_direction=tuple(float(x) for x in row_dir),  # type: ignore[arg-type]
+        column_direction=tuple(float(x) for x in col_dir),  # type: ignore[arg-type]
+        slice_direction=tuple(float(x) for x in normal),  # type: ignore[arg-type]
+        spacing=(slice_spacing, float(spacing_rc[0]), float(spacing_rc[1])),
+        shape=(len(ordered), int(first.Rows), int(first.Columns)),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+    )
+
+    def pixels() -> np.ndarray:
+        out = np.empty(geometry.shape, dtype=np.float32)
+        for k, ds in enumerate(ordered):
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            out[k] = ds.pixel_array.astype(np.float32) * slope + intercept
+        return out
+
+    return SeriesInput(
+        series_uid=str(first.SeriesInstanceUID), modality=str(first.get("Modality", "")),
+        description=str(first.get("SeriesDescription", "")),
+        sop_class_uid=str(first.SOPClassUID),
+        sop_instance_uids=tuple(str(d.SOPInstanceUID) for d in ordered), geometry=geometry,
+        datasets=tuple(ordered), _pixels=pixels if load_pixels else None)

@@ -1,0 +1,196 @@
+"""Plugin outputs → DICOM: every object passes dciodvfy with zero errors (SR also dsrdump -Ee)
+and reads back, with highdicom and pydicom, to the values that were written."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from dicomnode.package import Provenance, output_uid
+from dicomnode.package.seg import label_map_to_seg
+from dicomnode.package.series import image_volume_to_ct
+from dicomnode.package.sr import findings_to_sr
+from dicomnode.plugin import (
+    Code,
+    Context,
+    Finding,
+    ImageVolume,
+    Inputs,
+    LabelMap,
+    Measurement,
+    NotApplicable,
+    PluginError,
+    Segment,
+)
+from dicomnode.run.inputs import series_input
+from dicomnode.simulate import write_ct_series
+from tests.validators import dciodvfy_errors, dsrdump_errors
+
+VOLUME = Code("118565006", "SCT", "Volume")
+DIAMETER = Code("81827009", "SCT", "Diameter")
+NODULE = Code("27925004", "SCT", "Nodule")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    d = tmp_path_factory.mktemp("src")
+    files = write_ct_series(d, n=8, size=48, slice_mm=2.5)
+    datasets = [pydicom.dcmread(f) for f in files]
+    random.Random(3).shuffle(datasets)  # arrival order is not slice order
+    return series_input(datasets)
+
+
+@pytest.fixture
+def prov() -> Provenance:
+    return Provenance("job-42", "threshold", "1.0.0",
+                      algorithm_family=("123105", "DCM", "Histogram Analysis"))
+
+
+def save_all(datasets: list, d: Path) -> list[Path]:  # type: ignore[type-arg]
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, ds in enumerate(datasets):
+        p = d / f"{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def test_series_input_sorts_and_describes(source) -> None:  # type: ignore[no-untyped-def]
+    g = source.geometry
+    assert g.shape == (8, 48, 48) and g.spacing == pytest.approx((2.5, 0.9765625, 0.9765625))
+    z = [float(ds.ImagePositionPatient[2]) for ds in source.datasets]
+    assert z == sorted(z)  # along the slice normal (+z), whatever the arrival order
+    hu = source.pixels()
+    assert hu.dtype == np.float32 and hu.shape == g.shape
+    assert hu.min() < -900 and hu.max() > 600  # air and "bone", in HU
+
+
+def test_series_input_refuses_bad_geometry(tmp_path: Path) -> None:
+    files = write_ct_series(tmp_path / "a", n=4, size=16)
+    ds = [pydicom.dcmread(f) for f in files]
+    ds[1].ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    with pytest.raises(PluginError, match="orientations"):
+        series_input(ds)
+    ds = [pydicom.dcmread(f) for f in files]
+    ds[2].ImagePositionPatient = [ds[2].ImagePositionPatient[0], ds[2].ImagePositionPatient[1],
+                                  -2.7]
+    with pytest.raises(PluginError, match="uneven slice spacing"):
+        series_input(ds)
+    ds = [pydicom.dcmread(f) for f in files]
+    del ds[0].PixelSpacing
+    with pytest.raises(NotApplicable, match="PixelSpacing"):
+        series_input(ds)
+
+
+def test_derived_ct_series_is_valid_and_round_trips(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    hu = np.clip(source.pixels(), -200, 2000)
+    vol = ImageVolume(hu, source.geometry, "SOFT TISSUE CLIP", "HU clipped to -200..2000",
+                      source.series_uid, window=(40, 400))
+    out = image_volume_to_ct(vol, source.datasets, prov, series_number=101)
+    paths = save_all(out, tmp_path)
+    for p in paths:
+        assert dciodvfy_errors(p) == [], p
+    back = series_input([pydicom.dcmread(p) for p in paths])
+    assert back.geometry.shape == source.geometry.shape
+    assert back.geometry.origin == pytest.approx(source.geometry.origin)
+    assert back.geometry.spacing == pytest.approx(source.geometry.spacing)
+    assert np.abs(back.pixels() - hu).max() <= 0.5  # HU survive the int16 + rescale
+    first = pydicom.dcmread(paths[0])
+    assert first.StudyInstanceUID == source.datasets[0].StudyInstanceUID
+    assert first.PatientID == source.datasets[0].PatientID
+    assert first.SeriesInstanceUID != source.series_uid
+    assert first.ImageType[:2] == ["DERIVED", "SECONDARY"]
+    refs = {r.ReferencedSOPInstanceUID for r in first.SourceImageSequence}
+    assert refs == set(source.sop_instance_uids)
+    eq = first.ContributingEquipmentSequence[0]
+    assert "threshold 1.0.0" in eq.SoftwareVersions
+    # a re-run of the same job makes the same UIDs; another job other UIDs
+    again = image_volume_to_ct(vol, source.datasets, prov, series_number=101)
+    assert [d.SOPInstanceUID for d in again] == [d.SOPInstanceUID for d in out]
+    other = image_volume_to_ct(vol, source.datasets, Provenance("job-43", "threshold", "1"), 101)
+    assert other[0].SOPInstanceUID != out[0].SOPInstanceUID
+    assert output_uid("job-42", "series", 0) == out[0].SeriesInstanceUID
+
+
+def _plugin_outputs(source, tmp_path):  # type: ignore[no-untyped-def]
+    from dicomnode_example_threshold import Threshold, ThresholdParams
+
+    ctx = Context("job-42", np, "cpu", tmp_path, logging.getLogger("test"))
+    return Threshold().run(Inputs("1.2", (source,), {}), ThresholdParams(hu_min=300), ctx)
+
+
+def test_seg_and_sr_from_a_plugin_are_valid_and_read_back(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = _plugin_outputs(source, tmp_path)
+    [lm] = out.label_maps
+    seg = label_map_to_seg(lm, source.datasets, source.geometry, prov, series_number=201)
+    seg.save_as(tmp_path / "seg.dcm")
+    assert dciodvfy_errors(tmp_path / "seg.dcm") == []
+    seg_back = hd.seg.segread(tmp_path / "seg.dcm")
+    assert seg_back.number_of_segments == 1
+    mask = seg_back.get_volume().array if hasattr(seg_back, "get_volume") else None
+    assert mask is not None and int(mask.sum()) == int(np.asarray(lm.array).sum())
+    algo = seg_back.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algo.AlgorithmName, algo.AlgorithmVersion) == ("threshold", "1.0.0")
+
+    sr = findings_to_sr(out.findings, source.datasets, seg, prov, series_number=202)
+    sr.save_as(tmp_path / "sr.dcm")
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    assert dsrdump_errors(tmp_path / "sr.dcm") == []
+    back = hd.sr.srread(tmp_path / "sr.dcm")
+    [group] = back.content.get_volumetric_roi_measurement_groups()
+    [m] = group.get_measurements(name=pydicom.sr.coding.Code(*VOLUME.__dict__.values()))
+    assert m.value == pytest.approx(out.findings[0].measurements[0].value, rel=1e-6)
+    assert m.unit.value == "ml"
+    modifiers = {item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+                 for item in m[0].ContentSequence if item.ValueType == "TEXT"}
+    assert modifiers == {"Algorithm Name": "threshold", "Algorithm Version": "1.0.0"}
+    assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
+    assert group.referenced_segment.referenced_segment_numbers == [1]
+    assert group.finding_type.meaning == "Tissue"
+    evidence = {r.ReferencedSOPInstanceUID for s in back.CurrentRequestedProcedureEvidenceSequence
+                for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert seg.SOPInstanceUID in evidence and set(source.sop_instance_uids) <= evidence
+
+
+def test_sr_with_point_and_plain_findings(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    g = source.geometry
+    findings = [
+        Finding(NODULE, (Measurement(DIAMETER, 6.5, "mm"),), location=g.to_patient([3, 20, 20]),
+                confidence=0.9),
+        Finding(NODULE, (Measurement(VOLUME, 0.14, "ml"),)),
+    ]
+    sr = findings_to_sr(findings, source.datasets, None, prov, series_number=203)
+    sr.save_as(tmp_path / "sr2.dcm")
+    assert dciodvfy_errors(tmp_path / "sr2.dcm") == []
+    assert dsrdump_errors(tmp_path / "sr2.dcm") == []
+    back = hd.sr.srread(tmp_path / "sr2.dcm")
+    [planar] = back.content.get_planar_roi_measurement_groups()
+    [diameter] = planar.get_measurements()
+    assert diameter.value == pytest.approx(6.5) and diameter.unit.value == "mm"
+    assert np.allclose(planar.roi.value, [g.to_patient([3, 20, 20])])
+
+
+def test_package_refuses_what_it_cannot_do_right(source, prov) -> None:  # type: ignore[no-untyped-def]
+    tissue = Code("85756007", "SCT", "Tissue")
+    g = source.geometry
+    from dataclasses import replace
+
+    shifted = replace(g, origin=(g.origin[0] + 5, g.origin[1], g.origin[2]))
+    lm = LabelMap(np.zeros(g.shape, np.uint8), shifted, (Segment(1, "x", tissue, tissue),),
+                  source.series_uid)
+    with pytest.raises(PluginError, match="not on the source series grid"):
+        label_map_to_seg(lm, source.datasets, g, prov, 1)
+    bad = np.zeros(g.shape, np.uint8)
+    bad[0, 0, 0] = 7
+    with pytest.raises(PluginError, match=r"values \[7\]"):
+        label_map_to_seg(LabelMap(bad, g, (Segment(1, "x", tissue, tissue),), "1"),
+                         source.datasets, g, prov, 1)
+    with pytest.raises(PluginError, match="no label map"):
+        findings_to_sr([Finding(tissue, segment=1)], source.datasets, None, prov, 1)
