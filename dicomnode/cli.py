@@ -260,6 +260,76 @@ def db_current(config: ConfigOpt = None) -> None:
     console.print(str(current_revision(_settings(config).database_url)))
 
 
+jobs_app = typer.Typer(help="Pipeline jobs, their deliveries and dead letters.",
+                       invoke_without_command=True)
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.callback()
+def jobs_list(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False,
+              limit: Annotated[int, typer.Option(help="Newest this many.")] = 100) -> None:
+    """List jobs (state, attempts, reason) with their deliveries; dead letters stand out."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from sqlalchemy import select
+
+    from dicomnode.schema import Delivery, Job
+
+    settings = _settings(config)
+    with _sessions(settings)() as s:
+        jobs = s.execute(select(Job).order_by(Job.id.desc()).limit(limit)).scalars().all()
+        deliveries = s.execute(select(Delivery).where(Delivery.job_fk.in_([j.id for j in jobs]))
+                               ).scalars().all()
+        data = [{
+            "id": j.id, "uid": j.uid, "route": j.route, "study_uid": j.study_uid,
+            "revision": j.revision, "state": j.state, "attempts": j.attempts,
+            "max_attempts": j.max_attempts, "reason": j.reason, "summary": j.summary,
+            "results": json.loads(j.results), "created_at": j.created_at,
+            "started_at": j.started_at, "finished_at": j.finished_at,
+            "deliveries": [{"id": d.id, "destination": d.destination, "state": d.state,
+                            "attempts": d.attempts, "next_attempt_at": d.next_attempt_at,
+                            "last_error": d.last_error, "sent_at": d.sent_at}
+                           for d in deliveries if d.job_fk == j.id],
+        } for j in jobs]
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("job", "route", "study", "state", "tries", "deliveries", "reason / summary")
+    for j in data:
+        dl = ", ".join(f"{d['destination']}: {d['state']}" for d in j["deliveries"])
+        color = {"succeeded": "green", "dead": "red", "failed": "red"}.get(j["state"], "yellow")
+        table.add_row(str(j["id"]), j["route"], j["study_uid"][-24:],
+                      f"[{color}]{j['state']}[/{color}]", f"{j['attempts']}/{j['max_attempts']}",
+                      dl, (j["reason"] or j["summary"])[:80])
+    console.print(table)
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, config: ConfigOpt = None) -> None:
+    """Re-queue job ID: its dead deliveries are sent again; a failed or dead job runs again."""
+    from sqlalchemy import update
+
+    from dicomnode.schema import Delivery, Job, utcnow
+
+    settings = _settings(config)
+    from dicomnode.database import make_engine, make_sessionmaker
+
+    with make_sessionmaker(make_engine(settings.database_url))() as s, s.begin():
+        job = s.get(Job, job_id)
+        if job is None:
+            err.print(f"[red]error:[/red] no job {job_id}")
+            raise typer.Exit(1)
+        n = s.execute(update(Delivery).where(Delivery.job_fk == job_id,
+                                             Delivery.state == "dead")
+                      .values(state="pending", attempts=0, next_attempt_at=utcnow(),
+                              last_error="")).rowcount  # type: ignore[attr-defined]
+        requeued = job.state in ("failed", "dead")
+        if requeued:
+            job.state, job.attempts, job.reason = "queued", 0, "retried by admin"
+    console.print(f"job {job_id}: {n} dead deliver{'y' if n == 1 else 'ies'} re-queued"
+                  + ("; job queued to run again" if requeued else ""))
+
+
 @app.command()
 def plugins(as_json: JsonOpt = False) -> None:
     """Installed plugins (entry-point group dicomnode.plugins): version, needs, problems."""

@@ -168,6 +168,15 @@ class RouteConfig(_Section):
         return v
 
 
+class RunnerConfig(_Section):
+    """The embedded runner: each job runs in its own spawned process."""
+
+    processes: int = Field(2, ge=1, le=64)  # jobs at once
+    gpu_slots: int = Field(0, ge=0, le=16)  # jobs holding a GPU at once (one per GPU)
+    max_attempts: int = Field(3, ge=1, le=20)  # failed jobs are retried until this, then dead
+    poll_seconds: float = Field(0.5, gt=0, le=60)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -196,6 +205,7 @@ class Settings(BaseSettings):
     access: AccessConfig = Field(default_factory=AccessConfig)
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
 
@@ -205,6 +215,10 @@ class Settings(BaseSettings):
         for dup in sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"routes: name {dup!r} is used twice")
         for i, route in enumerate(self.routes):
+            if route.level is not None and route.level != self.assemble.level:
+                raise ValueError(
+                    f"routes.{i}.level: {route.level!r}, but completions are emitted at "
+                    f"assemble.level {self.assemble.level!r}: set one or the other")
             for j, dest in enumerate(route.send_to):
                 if dest not in self.destinations:
                     known = ", ".join(sorted(self.destinations)) or "none defined"

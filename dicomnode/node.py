@@ -24,8 +24,11 @@ from dicomnode.config import Settings
 from dicomnode.database import make_engine, make_sessionmaker, upgrade
 from dicomnode.receive.scp import Receiver, finish_association
 from dicomnode.route import compile_routes
+from dicomnode.route.router import Router
 from dicomnode.run.registry import discover
+from dicomnode.run.runner import EmbeddedRunner
 from dicomnode.schema import Association, utcnow
+from dicomnode.send.sender import Sender
 from dicomnode.store import FileStore, InstanceStore
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,13 @@ class Node:
                                    poll_seconds=settings.assemble.poll_seconds,
                                    index_lock=self.index_lock, started_at=self.started_at)
         self.receiver = Receiver(settings, self.store, self.sessions, self.audit)
+        self.sender = Sender(settings, self.sessions, self.audit)
+        self.runner = EmbeddedRunner(settings, self.sessions, self.audit,
+                                     on_success=self.sender.wake)
+        self.router = Router(self.sessions, self.audit, self.rules, self.files.root,
+                             max_attempts=settings.runner.max_attempts,
+                             poll_seconds=settings.assemble.poll_seconds,
+                             submit=self.runner.submit)
 
     def _recover(self) -> dict[str, int]:
         forward, deleted = self.store.sweep()
@@ -75,8 +85,9 @@ class Node:
         if forward or deleted:
             self.audit.record(EventKind.INSTANCES_SWEPT, rolled_forward=forward,
                               removed_partial=deleted)
+        requeued = self.runner.recover()
         return {"rolled_forward": forward, "removed_partial": deleted,
-                "interrupted_associations": len(stale)}
+                "interrupted_associations": len(stale), "requeued_jobs": requeued}
 
     def start(self) -> None:
         recovered = self._recover()
@@ -86,6 +97,9 @@ class Node:
                           port=n.port, database=self.engine.url.get_backend_name(),
                           storage=str(self.files.root), recovered=recovered)
         self.assembler.start()
+        self.router.start()
+        self.runner.start()
+        self.sender.start()
         self.receiver.start()
 
     def stop(self, reason: str = "requested") -> None:
@@ -95,6 +109,9 @@ class Node:
         log.info("stopping (%s): finishing in-flight instances", reason)
         self.receiver.stop(self.settings.node.shutdown_grace_seconds)
         self.assembler.stop()
+        self.router.stop()
+        self.runner.stop()
+        self.sender.stop()
         self.store.close()
         self.audit.record(EventKind.APPLICATION_STOP, source_aet=self.settings.node.ae_title,
                           source_host=socket.gethostname(), reason=reason, pid=os.getpid())

@@ -215,3 +215,58 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class Job(Base):
+    """One pipeline run for one completed study/series revision and one route.
+
+    queued → running → succeeded | failed | not-applicable; failed → queued (retry) until
+    ``attempts`` reaches ``max_attempts``, then dead. ``uid`` seeds every output UID, so a re-run
+    re-creates the same SOP Instance UIDs.
+    """
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uid: Mapped[str] = mapped_column(String(64), unique=True)
+    route: Mapped[str] = mapped_column(String(64), index=True)
+    level: Mapped[str] = mapped_column(String(8))
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    series_uids: Mapped[str] = mapped_column(Text)  # JSON list: the inputs
+    pipeline: Mapped[str] = mapped_column(Text)  # JSON: [{plugin, params}]
+    send_to: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of destinations
+    completion_fk: Mapped[int | None] = mapped_column(ForeignKey("completions.id"),
+                                                      nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    summary: Mapped[str] = mapped_column(Text, default="")
+    results: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of result files
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    __table_args__ = (
+        # one job per route per completion: the router can never queue the same work twice
+        UniqueConstraint("completion_fk", "route", name="uq_jobs_completion_route"),
+    )
+
+
+class Delivery(Base):
+    """Sending one job's results to one destination, with its own retry schedule.
+
+    pending → sent | (retry: pending with a later ``next_attempt_at``) | dead (dead letter).
+    """
+
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_fk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    last_status: Mapped[str] = mapped_column(String(64), default="")
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    __table_args__ = (UniqueConstraint("job_fk", "destination", name="uq_deliveries_job_dest"),)

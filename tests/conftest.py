@@ -51,8 +51,8 @@ def node_factory(tmp_path: Path, db_url: str) -> Iterator[object]:
     """Make (and always clean up) node processes sharing one database and storage folder."""
     made: list[NodeProc] = []
 
-    def make(**overrides: dict[str, object]) -> NodeProc:
-        n = NodeProc(tmp_path / "node", db_url, overrides=dict(overrides))
+    def make(env: dict[str, str] | None = None, **overrides: object) -> NodeProc:
+        n = NodeProc(tmp_path / "node", db_url, overrides=dict(overrides), env=env or {})
         if made:
             n.port = made[-1].port  # a restart keeps the address senders know
         made.append(n)

@@ -119,6 +119,7 @@ class NodeProc:
     db_url: str
     port: int = field(default_factory=free_port)
     overrides: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -139,7 +140,10 @@ class NodeProc:
             "logging": {"level": "INFO"},
         }
         for section, values in self.overrides.items():
-            cfg.setdefault(section, {}).update(values)
+            if isinstance(values, dict) and isinstance(cfg.get(section), dict):
+                cfg[section].update(values)
+            else:
+                cfg[section] = values  # e.g. routes: a list
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(cfg))
 
@@ -148,7 +152,8 @@ class NodeProc:
         log = open(self.workdir / "node.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicomnode", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+            env={**os.environ, **self.env})
         if wait:
             wait_until(self._ready, timeout=60, interval=0.1, what="node to accept C-ECHO")
         return self
@@ -179,7 +184,8 @@ class NodeProc:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         p = subprocess.run([sys.executable, "-m", "dicomnode", *args, "--config",
-                            str(self.config_path)], capture_output=True, text=True, timeout=120)
+                            str(self.config_path)], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, **self.env})
         if check and p.returncode != 0:
             raise AssertionError(f"dicomnode {' '.join(args)} failed ({p.returncode}):\n"
                                  f"{p.stdout}\n{p.stderr}")
@@ -202,6 +208,9 @@ class NodeProc:
         if event:
             args += ["--event", event]
         return json.loads(self.cli(*args).stdout)  # type: ignore[no-any-return]
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return json.loads(self.cli("jobs", "--json").stdout)  # type: ignore[no-any-return]
 
     def completions(self) -> list[dict[str, Any]]:
         from sqlalchemy import create_engine, text

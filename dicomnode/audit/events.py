@@ -38,6 +38,11 @@ class EventKind(Enum):
     STUDY_COMPLETED = ("study-completed", "DN0001", "Study Completed", "E")
     SERIES_COMPLETED = ("series-completed", "DN0002", "Series Completed", "E")
     INSTANCES_SWEPT = ("instances-swept", "110100", "Application Activity", "E")
+    ROUTE_MATCHED = ("route-matched", "DN0003", "Routed", "E")
+    NO_ROUTE = ("no-route", "DN0004", "Not Routed", "E")
+    JOB_FINISHED = ("job-finished", "DN0005", "Job Finished", "E")
+    RESULTS_SENT = ("results-sent", "110106", "Export", "R")
+    SEND_FAILED = ("send-failed", "110106", "Export", "R")
 
     @property
     def type_name(self) -> str:

@@ -1,0 +1,185 @@
+"""Run one job in a child process: load inputs, run the pipeline, package, write results.
+
+The child never changes the job's state: it writes ``outcome.json`` (state, reason, results)
+and exits; the parent (:mod:`dicomnode.run.runner`) is the only writer of job state, so a child
+that crashes, hangs or is killed can never leave a half-updated job. Result files are written
+durably (tmp → fsync → rename) before the outcome says so; a retry overwrites them with the same
+content and UIDs (UIDs derive from the job).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from sqlalchemy import select
+
+from dicomnode.config import Settings
+from dicomnode.database import make_engine, make_sessionmaker
+from dicomnode.package import Provenance
+from dicomnode.package.seg import label_map_to_seg
+from dicomnode.package.series import image_volume_to_ct
+from dicomnode.package.sr import findings_to_sr
+from dicomnode.plugin import (
+    Context,
+    Inputs,
+    NotApplicable,
+    Outputs,
+    PluginError,
+    SeriesInput,
+)
+from dicomnode.run.inputs import series_input
+from dicomnode.run.registry import discover
+from dicomnode.schema import Instance, Job, Series
+
+log = logging.getLogger("dicomnode.job")
+
+
+def _write_durably(ds: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    ds.save_as(tmp, enforce_file_format=True)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _load_inputs(settings: Settings, job: Job, sessions: Any) -> Inputs:
+    uids = json.loads(job.series_uids)
+    series: list[SeriesInput] = []
+    patient: dict[str, str] = {}
+    with sessions() as s:
+        for uid in uids:
+            paths = s.execute(select(Instance.path).join(Series, Instance.series_fk == Series.id)
+                              .where(Series.series_uid == uid)
+                              .where(Instance.study_revision <= job.revision)).scalars().all()
+            datasets = [pydicom.dcmread(settings.storage.path / p) for p in paths]
+            series.append(series_input(datasets))
+            first = datasets[0]
+            patient = {k: str(first.get(k, "")) for k in ("PatientID", "PatientName",
+                                                          "PatientBirthDate", "PatientSex")}
+    return Inputs(job.study_uid, tuple(series), patient)
+
+
+def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
+             out_dir: Path) -> list[str]:
+    by_uid = {s.series_uid: s for s in inputs.series}
+    written: list[str] = []
+    base = 9000 + 10 * step  # series numbers of results: 9000, 9010, … per pipeline step
+
+    def source_of(uid: str) -> SeriesInput:
+        if uid not in by_uid:
+            raise PluginError(f"output refers to series {uid} which was not an input")
+        return by_uid[uid]
+
+    for i, vol in enumerate(outputs.volumes):
+        src = source_of(vol.source_series_uid)
+        for k, ds in enumerate(image_volume_to_ct(vol, src.datasets, prov, base + i, i)):
+            p = out_dir / f"step{step}" / f"volume{i}" / f"{k:05d}.dcm"
+            _write_durably(ds, p)
+            written.append(str(p))
+    seg = None
+    for i, lm in enumerate(outputs.label_maps):
+        src = source_of(lm.source_series_uid)
+        made = label_map_to_seg(lm, src.datasets, src.geometry, prov, base + 5 + i, i)
+        seg = seg or made
+        p = out_dir / f"step{step}" / f"seg{i}.dcm"
+        _write_durably(made, p)
+        written.append(str(p))
+    if outputs.findings:
+        sources = [d for s in inputs.series for d in s.datasets]
+        sr = findings_to_sr(outputs.findings, sources, seg, prov, base + 8)
+        p = out_dir / f"step{step}" / "sr.dcm"
+        _write_durably(sr, p)
+        written.append(str(p))
+    if outputs.meshes or outputs.key_images:
+        raise PluginError("meshes (STL) and key images (KOS) cannot be packaged yet")
+    return written
+
+
+def run_job(settings: Settings, job_id: int, outcome_path: Path) -> dict[str, Any]:
+    """Execute the job and return (and write) its outcome. Never raises."""
+    engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine, readonly=True)
+    outcome: dict[str, Any]
+    try:
+        with sessions() as s:
+            job = s.get_one(Job, job_id)
+        plugins = discover()
+        inputs = _load_inputs(settings, job, sessions)
+        results: list[str] = []
+        summaries: list[str] = []
+        out_dir = settings.storage.path / "results" / job.uid
+        for step, spec in enumerate(json.loads(job.pipeline)):
+            info = plugins.get(spec["plugin"])
+            if info is None or info.cls is None:
+                raise PluginError(f"plugin {spec['plugin']!r} is not installed or broken")
+            cls = info.cls
+            for si in inputs.series:
+                why = cls.accepts.check(si.modality, si.sop_class_uid, len(si.sop_instance_uids))
+                if why:
+                    raise NotApplicable(f"{cls.name}: {why}")
+            params = cls.params_model.model_validate(spec.get("params", {}))
+            work = out_dir / "work" / f"step{step}"
+            work.mkdir(parents=True, exist_ok=True)
+            plugin_log = logging.getLogger(f"dicomnode.plugin.{cls.name}")
+            ctx = Context(job.uid, np, "cpu", work, plugin_log)
+            outputs = cls().run(inputs, params, ctx)
+            if not isinstance(outputs, Outputs):
+                raise PluginError(f"{cls.name} returned {type(outputs).__name__}, not Outputs")
+            family = cls.algorithm_family
+            assert family is not None
+            prov = Provenance(f"{job.uid}/{step}", cls.name, cls.version,
+                              algorithm_family=(family.value, family.scheme, family.meaning),
+                              node_ae_title=settings.node.ae_title)
+            results += _package(outputs, inputs, prov, step, out_dir)
+            summaries.append(f"{cls.name}: {outputs.summary or 'done'}")
+        outcome = {"state": "succeeded", "results": results, "summary": "; ".join(summaries)}
+    except NotApplicable as e:
+        outcome = {"state": "not-applicable", "reason": str(e)}
+    except (PluginError, ValueError) as e:
+        # expected refusals and invalid outputs (API values check themselves): not retried
+        outcome = {"state": "failed", "retry": False, "reason": f"{type(e).__name__}: {e}"}
+    except Exception as e:
+        outcome = {"state": "failed", "retry": True, "reason": f"{type(e).__name__}: {e}",
+                   "traceback": traceback.format_exc()[-4000:]}
+    finally:
+        engine.dispose()
+    tmp = outcome_path.with_suffix(".part")
+    tmp.write_text(json.dumps(outcome))
+    os.replace(tmp, outcome_path)
+    return outcome
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this job process if the node dies (a SIGKILLed node must not leave
+    orphan jobs running; the restarted node re-runs them)."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        log.warning("could not set PR_SET_PDEATHSIG; an orphaned job may outlive the node")
+
+
+def child_main(settings_json: str, job_id: int, outcome_path: str) -> None:
+    """Entry point of the spawned job process."""
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module
+    settings = Settings.model_validate_json(settings_json)
+    run_job(settings, job_id, Path(outcome_path))

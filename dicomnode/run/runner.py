@@ -1,0 +1,176 @@
+"""The embedded runner: jobs from SQL, each in its own spawned process, with a timeout.
+
+The interface the rest of the node uses is ``submit(job_id)``: a Celery runner (several machines)
+will implement the same, and nothing here assumes one process (all state is in SQL; the
+runner process is only the one writer of job state transitions). After a crash, jobs left
+``running`` are queued again; a job's deliveries are created in the same transaction as its
+success, so each finished job's results are sent once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.audit import AuditLog, EventKind, Outcome
+from dicomnode.config import Settings
+from dicomnode.run.execute import child_main
+from dicomnode.run.registry import discover
+from dicomnode.schema import Delivery, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Running:
+    job_id: int
+    uid: str
+    process: Any
+    outcome: Path
+    deadline: float
+
+
+class EmbeddedRunner:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session],
+                 audit: AuditLog, on_success: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self._on_success = on_success or (lambda: None)
+        self.sessions = sessions
+        self.audit = audit
+        self._ctx = multiprocessing.get_context("spawn")  # CUDA and threads are not fork-safe
+        self._running: dict[int, _Running] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._settings_json = settings.model_dump_json()
+
+    # -- interface -------------------------------------------------------------------------
+    def submit(self, job_id: int) -> None:
+        """The job row exists and is queued; run it when a slot is free."""
+        self._wake.set()
+
+    def recover(self) -> int:
+        """Jobs a crash left running are queued again (their attempt is counted)."""
+        with self.sessions() as s, s.begin():
+            n = s.execute(update(Job).where(Job.state == "running")
+                          .values(state="queued", reason="node restarted while running")
+                          ).rowcount  # type: ignore[attr-defined]
+        return int(n)
+
+    # -- loop ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=grace_seconds + 5)
+        for r in list(self._running.values()):  # left running: requeued at next start
+            r.process.terminate()
+            r.process.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reap()
+                self._claim()
+            except Exception:
+                log.exception("runner pass failed; retrying")
+            self._wake.wait(self.settings.runner.poll_seconds)
+            self._wake.clear()
+
+    def _timeout_for(self, pipeline: list[dict[str, Any]]) -> float:
+        plugins = discover()
+        total = 0.0
+        for step in pipeline:
+            info = plugins.get(step["plugin"])
+            total += info.cls.needs.timeout_seconds if info and info.cls else 600.0
+        return total + 30.0  # process start and packaging
+
+    def _claim(self) -> None:
+        while len(self._running) < self.settings.runner.processes:
+            with self.sessions() as s, s.begin():
+                job = s.execute(select(Job).where(Job.state == "queued").order_by(Job.id)
+                                .limit(1).with_for_update(skip_locked=True)).scalar_one_or_none()
+                if job is None:
+                    return
+                job.state = "running"
+                job.attempts += 1
+                job.started_at = utcnow()
+                job_id, uid, pipeline = job.id, job.uid, json.loads(job.pipeline)
+            outcome = self.settings.storage.path / "results" / uid / "outcome.json"
+            outcome.parent.mkdir(parents=True, exist_ok=True)
+            outcome.unlink(missing_ok=True)
+            p = self._ctx.Process(target=child_main, name=f"job-{job_id}",
+                                  args=(self._settings_json, job_id, str(outcome)))
+            p.start()
+            self._running[job_id] = _Running(job_id, uid, p, outcome,
+                                             time.monotonic() + self._timeout_for(pipeline))
+            log.info("job %d started (pid %d)", job_id, p.pid)
+
+    def _reap(self) -> None:
+        for r in list(self._running.values()):
+            if r.process.is_alive():
+                if time.monotonic() > r.deadline:
+                    r.process.terminate()
+                    r.process.join(5)
+                    if r.process.is_alive():
+                        r.process.kill()
+                        r.process.join(5)
+                    self._finish(r, {"state": "failed", "retry": True,
+                                     "reason": "timed out (plugin needs.timeout_seconds)"})
+                continue
+            r.process.join()
+            try:
+                outcome = json.loads(r.outcome.read_text())
+            except (OSError, ValueError):
+                outcome = {"state": "failed", "retry": True,
+                           "reason": f"job process died (exit code {r.process.exitcode})"}
+            self._finish(r, outcome)
+
+    def _finish(self, r: _Running, outcome: dict[str, Any]) -> None:
+        del self._running[r.job_id]
+        state = outcome["state"]
+        with self.sessions() as s, s.begin():
+            job = s.get_one(Job, r.job_id)
+            job.finished_at = utcnow()
+            job.reason = str(outcome.get("reason", ""))[:4000]
+            if state == "succeeded":
+                job.state = "succeeded"
+                job.results = json.dumps(outcome.get("results", []))
+                job.summary = str(outcome.get("summary", ""))[:4000]
+                for dest in json.loads(job.send_to):
+                    s.add(Delivery(job_fk=job.id, destination=dest, state="pending",
+                                   attempts=0, next_attempt_at=utcnow(), created_at=utcnow()))
+            elif state == "not-applicable":
+                job.state = "not-applicable"
+            elif outcome.get("retry") and job.attempts < job.max_attempts:
+                job.state = "queued"  # retried on the next pass
+            else:
+                job.state = "dead" if outcome.get("retry") else "failed"
+            took = (job.finished_at - job.started_at).total_seconds() if job.started_at else 0
+            self.audit.record(
+                EventKind.JOB_FINISHED,
+                Outcome.SUCCESS if job.state in ("succeeded", "not-applicable")
+                else Outcome.MINOR_FAILURE if job.state == "queued" else Outcome.SERIOUS_FAILURE,
+                session=s, job_id=job.id, job_uid=job.uid, route=job.route,
+                study_uid=job.study_uid, state=job.state, attempt=job.attempts,
+                seconds=round(took, 3), reason=job.reason[:500],
+                results=len(json.loads(job.results)), summary=job.summary[:500])
+        log.info("job %d %s%s", r.job_id, state,
+                 f": {outcome.get('reason')}" if outcome.get("reason") else "")
+        if state == "succeeded":
+            self._on_success()
+        self._wake.set()

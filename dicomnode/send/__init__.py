@@ -1,0 +1,1 @@
+"""Send stage: results to destinations (C-STORE SCU) with retries and dead letters."""

@@ -1,0 +1,279 @@
+"""End to end with real peers: dcmtk storescu → node → route → plugin job → SEG + SR → Orthanc
+(the Debian package, started per test). Failures: destinations down, plugins that raise, hang
+or return nonsense, the node killed mid-job."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import psutil
+import pydicom
+import pytest
+
+from dicomnode.simulate import write_ct_series
+from tests.helpers import (
+    IN_CI,
+    dcmtk,
+    dcmtk_env,
+    echoscu,
+    free_port,
+    storescu,
+    wait_until,
+)
+from tests.validators import dciodvfy_errors, dsrdump_errors
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+class Orthanc:
+    def __init__(self, work: Path) -> None:
+        self.port, self.http = free_port(), free_port()
+        work.mkdir(parents=True, exist_ok=True)
+        cfg = work / "orthanc.json"
+        cfg.write_text(json.dumps({
+            "Name": "pacs", "StorageDirectory": str(work / "storage"),
+            "IndexDirectory": str(work / "index"), "DicomAet": "ORTHANC",
+            "DicomPort": self.port, "HttpPort": self.http, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": []}))
+        self.proc = subprocess.Popen([ORTHANC, str(cfg)], env=dcmtk_env(),
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(work / "orthanc.log", "wb"))  # noqa: SIM115
+        wait_until(self._up, timeout=30, what="Orthanc REST")
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=5) as r:
+            body = r.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def series(self) -> list[dict[str, Any]]:
+        return self.get("/series?expand")  # type: ignore[no-any-return]
+
+    def instance_file(self, instance_id: str, dst: Path) -> Path:
+        dst.write_bytes(self.get(f"/instances/{instance_id}/file"))
+        return dst
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if not Path(ORTHANC).exists():
+        if IN_CI:
+            raise AssertionError("Orthanc (Debian package orthanc) must be installed in CI")
+        pytest.skip("Orthanc not installed (apt-get install orthanc)")
+    o = Orthanc(tmp_path / "orthanc")
+    yield o
+    o.stop()
+
+
+def pipeline_config(orthanc: Orthanc, routes: list[dict[str, Any]],
+                    extra_destinations: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
+                                  "port": orthanc.port}, **(extra_destinations or {})},
+        "routes": routes,
+        "runner": {"processes": 2, "max_attempts": 2, "poll_seconds": 0.2},
+    }
+
+
+CT_THRESHOLD = {"name": "ct-threshold", "match": {"Modality": "CT"},
+                "pipeline": [{"plugin": "threshold", "params": {"hu_min": 300}}],
+                "send_to": ["pacs"]}
+
+
+def make_node(node_factory, cfg: dict[str, Any], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return node_factory(env=env, **cfg).start()
+
+
+def ct_study(tmp_path: Path, n: int = 10) -> tuple[list[Path], np.ndarray]:
+    files = write_ct_series(tmp_path / "ct", n=n, size=64)
+    hu = np.stack([pydicom.dcmread(f).pixel_array.astype(np.float32) - 1024 for f in files])
+    return files, hu
+
+
+def wait_jobs(node, pred, what: str, timeout: float = 90) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    return wait_until(lambda: (lambda js: js if pred(js) else None)(node.jobs()),  # type: ignore[no-any-return]
+                      timeout=timeout, interval=0.5, what=what)
+
+
+def test_storescu_to_orthanc_seg_and_sr(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    node = make_node(node_factory, pipeline_config(orthanc, [CT_THRESHOLD]))
+    files, hu = ct_study(tmp_path)
+    storescu(node.port, files, aet="CT_SCANNER")
+    wait_until(lambda: len(orthanc.series()) == 2, timeout=60, what="SEG and SR in Orthanc")
+    by_modality = {s["MainDicomTags"]["Modality"]: s for s in orthanc.series()}
+    assert set(by_modality) == {"SEG", "SR"}
+    seg_path = orthanc.instance_file(by_modality["SEG"]["Instances"][0], tmp_path / "seg.dcm")
+    sr_path = orthanc.instance_file(by_modality["SR"]["Instances"][0], tmp_path / "sr.dcm")
+    assert dciodvfy_errors(seg_path) == [] and dciodvfy_errors(sr_path) == []
+    assert dsrdump_errors(sr_path) == []
+    # the values written are the values of the data: volume of voxels >= 300 HU
+    spacing = 1.0 * 0.9765625 * 0.9765625
+    expected_ml = float((hu >= 300).sum()) * spacing / 1000
+    sr = hd.sr.srread(sr_path)
+    [group] = sr.content.get_volumetric_roi_measurement_groups()
+    [volume] = group.get_measurements()
+    assert volume.value == pytest.approx(expected_ml, rel=1e-4)
+    seg = hd.seg.segread(seg_path)
+    assert int(seg.get_volume().array.sum()) == int((hu >= 300).sum())
+    assert seg.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
+    [job] = node.jobs()
+    assert job["state"] == "succeeded" and job["deliveries"][0]["state"] == "sent"
+    types = [e["event_type"] for e in node.audit()]
+    for t in ("study-completed", "route-matched", "job-finished", "results-sent"):
+        assert t in types, t
+    assert node.cli("audit", "verify").returncode == 0
+
+
+def test_destination_down_retries_then_dead_letter_then_retry(node_factory, orthanc,  # type: ignore[no-untyped-def]
+                                                              tmp_path: Path) -> None:
+    down_port = free_port()
+    route = {**CT_THRESHOLD, "send_to": ["pacs", "backup"]}
+    node = make_node(node_factory, pipeline_config(orthanc, [route], {"backup": {
+        "ae_title": "BACKUP", "host": "127.0.0.1", "port": down_port, "max_retries": 2,
+        "retry_delay_seconds": 0.3, "retry_multiplier": 2, "timeout_seconds": 5}}))
+    files, _ = ct_study(tmp_path)
+    t0 = time.monotonic()
+    storescu(node.port, files)
+    wait_until(lambda: len(orthanc.series()) == 2, timeout=60, what="results in Orthanc")
+    on_time = time.monotonic() - t0
+    [job] = wait_jobs(node, lambda js: js and {d["state"] for d in js[0]["deliveries"]}
+                      == {"sent", "dead"}, "backup to become a dead letter")
+    dead = next(d for d in job["deliveries"] if d["destination"] == "backup")
+    assert dead["attempts"] == 3 and "no association" in dead["last_error"]
+    assert on_time < 30  # the dead destination did not hold the working one back
+    failures = [e for e in node.audit("send-failed") if e["detail"]["destination"] == "backup"]
+    assert [e["detail"]["state"] for e in failures] == ["pending", "pending", "dead"]
+    # the backup comes up; the admin re-queues the dead letter
+    out = tmp_path / "backup"
+    out.mkdir()
+    scp = subprocess.Popen([dcmtk("storescp"), "-aet", "BACKUP", "-od", str(out), "+xa",
+                            str(down_port)], env=dcmtk_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: echoscu(down_port, aec="BACKUP").returncode == 0, what="storescp")
+        assert "1 dead delivery re-queued" in node.cli("jobs", "retry", str(job["id"])).stdout
+        wait_until(lambda: len(list(out.iterdir())) == 2, timeout=30, what="backup delivery")
+        assert len(orthanc.series()) == 2  # nothing sent twice to the PACS that had it
+    finally:
+        scp.terminate()
+        scp.wait(10)
+
+
+BAD_PLUGINS = '''
+import time
+from dicomnode.plugin import Code, Needs, Outputs, Plugin
+FAMILY = Code("123110", "DCM", "Artificial Intelligence")
+
+class Raises(Plugin):
+    name, version, algorithm_family = "raises", "0.1", FAMILY
+    def run(self, inputs, params, ctx):
+        raise RuntimeError("model weights missing")
+
+class Hangs(Plugin):
+    name, version, algorithm_family = "hangs", "0.1", FAMILY
+    needs = Needs(timeout_seconds=2)
+    def run(self, inputs, params, ctx):
+        time.sleep(3600)
+
+class Nonsense(Plugin):
+    name, version, algorithm_family = "nonsense", "0.1", FAMILY
+    def run(self, inputs, params, ctx):
+        return "a string, not Outputs"
+
+class Slow(Plugin):
+    name, version, algorithm_family = "slow", "0.1", FAMILY
+    def run(self, inputs, params, ctx):
+        time.sleep(6)
+        from dicomnode_example_threshold import Threshold, ThresholdParams
+        return Threshold().run(inputs, ThresholdParams(), ctx)
+'''
+
+
+@pytest.fixture
+def bad_plugins(tmp_path: Path) -> dict[str, str]:
+    root = tmp_path / "badplugins"
+    root.mkdir()
+    (root / "bad_plugins.py").write_text(textwrap.dedent(BAD_PLUGINS))
+    info = root / "bad_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bad-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[dicomnode.plugins]\nraises = bad_plugins:Raises\nhangs = bad_plugins:Hangs\n"
+        "nonsense = bad_plugins:Nonsense\nslow = bad_plugins:Slow\n")
+    return {"PYTHONPATH": str(root)}
+
+
+def test_plugins_that_raise_hang_or_return_nonsense(node_factory, orthanc, bad_plugins,  # type: ignore[no-untyped-def]
+                                                    tmp_path: Path) -> None:
+    routes = [{"name": n, "match": {"Modality": "CT"}, "pipeline": [{"plugin": n}],
+               "send_to": ["pacs"]} for n in ("raises", "hangs", "nonsense")]
+    node = make_node(node_factory, pipeline_config(orthanc, routes), env=bad_plugins)
+    files, _ = ct_study(tmp_path)
+    storescu(node.port, files)
+    jobs = wait_jobs(node, lambda js: len(js) == 3 and all(
+        j["state"] in ("dead", "failed") for j in js), "three failed jobs", timeout=120)
+    by_route = {j["route"]: j for j in jobs}
+    assert by_route["raises"]["state"] == "dead" and by_route["raises"]["attempts"] == 2
+    assert "RuntimeError: model weights missing" in by_route["raises"]["reason"]
+    assert by_route["hangs"]["state"] == "dead" and "timed out" in by_route["hangs"]["reason"]
+    assert by_route["nonsense"]["state"] == "failed"  # not retried: it will not get better
+    assert by_route["nonsense"]["attempts"] == 1
+    assert "returned str, not Outputs" in by_route["nonsense"]["reason"]
+    assert all(j["deliveries"] == [] for j in jobs)
+    assert orthanc.series() == []  # nothing sent
+    assert echoscu(node.port).returncode == 0  # node unharmed
+    storescu(node.port, write_ct_series(tmp_path / "more", n=4, size=32))  # still ingests
+
+
+def test_node_killed_mid_job_finishes_after_restart_once(node_factory, orthanc, bad_plugins,  # type: ignore[no-untyped-def]
+                                                         tmp_path: Path) -> None:
+    route = {"name": "slow", "match": {"Modality": "CT"}, "pipeline": [{"plugin": "slow"}],
+             "send_to": ["pacs"]}
+    cfg = pipeline_config(orthanc, [route])
+    node = make_node(node_factory, cfg, env=bad_plugins)
+    files, _ = ct_study(tmp_path)
+    storescu(node.port, files)
+    wait_jobs(node, lambda js: js and js[0]["state"] == "running", "job running")
+    running = psutil.Process(node.proc.pid).children()
+    node.kill()  # SIGKILL mid-job
+    # the job process must not outlive the node (PR_SET_PDEATHSIG)
+    wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in running),
+               timeout=10, what="orphaned job process to die")
+    node2 = make_node(node_factory, cfg, env=bad_plugins)
+    [job] = wait_jobs(node2, lambda js: js and js[0]["deliveries"]
+                      and js[0]["deliveries"][0]["state"] == "sent", "job done and sent",
+                      timeout=120)
+    assert job["attempts"] >= 2
+    time.sleep(2)
+    modalities = sorted(s["MainDicomTags"]["Modality"] for s in orthanc.series())
+    assert modalities == ["SEG", "SR"]
+    assert orthanc.get("/statistics")["CountInstances"] == 2  # each result exactly once
+
+
+def test_study_matching_no_route_is_audited(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    route = {**CT_THRESHOLD, "match": {"Modality": "MR"}}
+    node = make_node(node_factory, pipeline_config(orthanc, [route]))
+    files, _ = ct_study(tmp_path, n=4)
+    storescu(node.port, files)
+    [event] = wait_until(lambda: node.audit("no-route"), what="no-route audit")
+    assert event["detail"]["modalities"] == ["CT"]
+    assert node.jobs() == []
