@@ -277,3 +277,38 @@ def test_study_matching_no_route_is_audited(node_factory, orthanc, tmp_path: Pat
     [event] = wait_until(lambda: node.audit("no-route"), what="no-route audit")
     assert event["detail"]["modalities"] == ["CT"]
     assert node.jobs() == []
+
+
+def test_issue_example_config_reformat_and_surface_into_orthanc(node_factory, orthanc,  # type: ignore[no-untyped-def]
+                                                                tmp_path: Path) -> None:
+    """The configuration shape from the pipelines issue, verbatim: every kind of object lands
+    in Orthanc and passes dciodvfy (SR also dsrdump)."""
+    route = {"name": "ct-3d", "match": {"Modality": "CT"},
+             "pipeline": [{"plugin": "reformat"},
+                          {"plugin": "surface", "params": {"hu_min": 300}}],
+             "send_to": ["pacs"]}
+    node = make_node(node_factory, pipeline_config(orthanc, [route]))
+    files, hu = ct_study(tmp_path, n=16)
+    storescu(node.port, files)
+    # reformat: coronal + sagittal series; surface: SEG, SR, STL
+    wait_until(lambda: len(orthanc.series()) == 5, timeout=90, what="5 result series")
+    series = orthanc.series()
+    kinds = sorted((s["MainDicomTags"]["Modality"], s["MainDicomTags"].get("SeriesDescription",
+                                                                          "")) for s in series)
+    assert [k[0] for k in kinds] == ["CT", "CT", "M3D", "SEG", "SR"]
+    assert {k[1] for k in kinds if k[0] == "CT"} == {"CORONAL MPR 2mm", "SAGITTAL MPR 2mm"}
+    for s in series:
+        ids = s["Instances"] if s["MainDicomTags"]["Modality"] != "CT" else s["Instances"][:2]
+        for i, inst in enumerate(ids):
+            p = orthanc.instance_file(inst, tmp_path / f"{s['ID']}_{i}.dcm")
+            assert dciodvfy_errors(p) == [], (s["MainDicomTags"], p)
+            if s["MainDicomTags"]["Modality"] == "SR":
+                assert dsrdump_errors(p) == []
+                sr = hd.sr.srread(p)
+                [group] = sr.content.get_volumetric_roi_measurement_groups()
+                values = {m.name.meaning: m.value for m in group.get_measurements()}
+                expected_ml = float((hu >= 300).sum()) * 1.0 * 0.9765625**2 / 1000
+                assert values["Volume"] == pytest.approx(expected_ml, rel=1e-3)
+                assert values["Area"] > 0
+    [job] = node.jobs()
+    assert job["state"] == "succeeded" and "reformat" in job["summary"]

@@ -76,6 +76,8 @@ def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Proven
             _code_item("121322", "DCM", "Source image for image processing operation")]
         refs.append(r)
     equipment = prov.contributing_equipment(volume.derivation)
+    # Image Type value 3 (PS3.3 C.8.2.1.1.1): AXIAL for transverse slices, REFORMATTED otherwise
+    plane_term = "AXIAL" if abs(g.slice_direction[2]) > 0.99 else "REFORMATTED"
     out = []
     for k in range(g.shape[0]):
         ds = Dataset()
@@ -101,7 +103,7 @@ def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Proven
         ds.ContentDate, ds.ContentTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
         ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
         ds.ImageType = (["ORIGINAL", "PRIMARY", "AXIAL"] if volume.original
-                        else ["DERIVED", "SECONDARY", "AXIAL"])
+                        else ["DERIVED", "SECONDARY", plane_term])
         if not volume.original:
             ds.DerivationDescription = volume.derivation[:1024]
             ds.SourceImageSequence = refs

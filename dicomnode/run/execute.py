@@ -29,6 +29,7 @@ from dicomnode.package import Provenance
 from dicomnode.package.seg import label_map_to_seg
 from dicomnode.package.series import image_volume_to_ct
 from dicomnode.package.sr import findings_to_sr
+from dicomnode.package.stl import mesh_to_stl
 from dicomnode.plugin import (
     Context,
     Inputs,
@@ -104,8 +105,14 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
         p = out_dir / f"step{step}" / "sr.dcm"
         _write_durably(sr, p)
         written.append(str(p))
-    if outputs.meshes or outputs.key_images:
-        raise PluginError("meshes (STL) and key images (KOS) cannot be packaged yet")
+    for i, mesh in enumerate(outputs.meshes):
+        sources = [d for s in inputs.series for d in s.datasets]
+        stl = mesh_to_stl(mesh, sources, prov, base + 9, i)
+        p = out_dir / f"step{step}" / f"mesh{i}.dcm"
+        _write_durably(stl, p)
+        written.append(str(p))
+    if outputs.key_images:
+        raise PluginError("key images (KOS) cannot be packaged yet")
     return written
 
 
