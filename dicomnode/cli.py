@@ -330,6 +330,29 @@ def jobs_retry(job_id: int, config: ConfigOpt = None) -> None:
                   + ("; job queued to run again" if requeued else ""))
 
 
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, config: ConfigOpt = None) -> None:
+    """Cancel job ID: a queued job never runs; a running one is stopped (nothing is sent)."""
+    from dicomnode.database import make_engine, make_sessionmaker
+    from dicomnode.schema import Job, utcnow
+
+    settings = _settings(config)
+    with make_sessionmaker(make_engine(settings.database_url))() as s, s.begin():
+        job = s.get(Job, job_id)
+        if job is None:
+            err.print(f"[red]error:[/red] no job {job_id}")
+            raise typer.Exit(1)
+        if job.state == "queued":
+            job.state, job.reason, job.finished_at = "cancelled", "cancelled by admin", utcnow()
+        elif job.state == "running":
+            job.state = "cancelling"  # the runner stops the process and finishes it
+        else:
+            err.print(f"job {job_id} is {job.state}: nothing to cancel")
+            raise typer.Exit(1)
+        state = job.state
+    console.print(f"job {job_id}: {state}")
+
+
 @app.command()
 def plugins(as_json: JsonOpt = False) -> None:
     """Installed plugins (entry-point group dicomnode.plugins): version, needs, problems."""

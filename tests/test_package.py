@@ -194,3 +194,22 @@ def test_package_refuses_what_it_cannot_do_right(source, prov) -> None:  # type:
                          source.datasets, g, prov, 1)
     with pytest.raises(PluginError, match="no label map"):
         findings_to_sr([Finding(tissue, segment=1)], source.datasets, None, prov, 1)
+
+
+def test_key_images_become_a_valid_kos(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from dicomnode.package.kos import key_images_to_kos
+    from dicomnode.plugin import KeyImages
+
+    keys = KeyImages(source.sop_instance_uids[2:4])
+    kos = key_images_to_kos(keys, source.datasets, prov, series_number=207)
+    kos.save_as(tmp_path / "kos.dcm")
+    assert dciodvfy_errors(tmp_path / "kos.dcm") == []
+    assert dsrdump_errors(tmp_path / "kos.dcm") == []
+    back = pydicom.dcmread(tmp_path / "kos.dcm")
+    assert back.Modality == "KO"
+    assert back.ConceptNameCodeSequence[0].CodeValue == "113000"  # Of Interest
+    refs = {r.ReferencedSOPInstanceUID for s in back.CurrentRequestedProcedureEvidenceSequence
+            for se in s.ReferencedSeriesSequence for r in se.ReferencedSOPSequence}
+    assert refs == set(source.sop_instance_uids[2:4])
+    with pytest.raises(PluginError, match="must be input instances"):
+        key_images_to_kos(KeyImages(("1.2.3.999",)), source.datasets, prov, 207)

@@ -312,3 +312,26 @@ def test_issue_example_config_reformat_and_surface_into_orthanc(node_factory, or
                 assert values["Area"] > 0
     [job] = node.jobs()
     assert job["state"] == "succeeded" and "reformat" in job["summary"]
+
+
+def test_cancel_running_and_queued_jobs(node_factory, orthanc, bad_plugins,  # type: ignore[no-untyped-def]
+                                        tmp_path: Path) -> None:
+    routes = [{"name": n, "match": {"Modality": "CT"}, "pipeline": [{"plugin": "slow"}],
+               "send_to": ["pacs"]} for n in ("first", "second")]
+    cfg = pipeline_config(orthanc, routes)
+    cfg["runner"]["processes"] = 1  # the second job waits in the queue
+    node = make_node(node_factory, cfg, env=bad_plugins)
+    files, _ = ct_study(tmp_path, n=4)
+    storescu(node.port, files)
+    jobs = wait_jobs(node, lambda js: len(js) == 2 and any(j["state"] == "running"
+                                                           for j in js), "one job running")
+    running = next(j for j in jobs if j["state"] == "running")
+    queued = next(j for j in jobs if j["state"] == "queued")
+    assert "queued" not in node.cli("jobs", "cancel", str(queued["id"])).stdout
+    assert "cancelling" in node.cli("jobs", "cancel", str(running["id"])).stdout
+    final = wait_jobs(node, lambda js: all(j["state"] == "cancelled" for j in js),
+                      "both cancelled", timeout=30)
+    assert all(j["deliveries"] == [] for j in final)
+    time.sleep(1)
+    assert orthanc.series() == []
+    assert node.cli("jobs", "cancel", str(running["id"]), check=False).returncode == 1

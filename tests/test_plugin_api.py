@@ -235,3 +235,31 @@ def test_matching_semantics(tmp_path: Path) -> None:
     study = [{**base, "SeriesDescription": "scout"}, base, {**base, "Modality": "SR"}]
     assert select_series(rule, study) == [1]
     assert select_series(rule, study[:1]) == []
+
+
+def test_gpu_required_plugin_needs_gpu_slots(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_dist(tmp_path, "gpu-only", "gpu_only", """
+        from dicomnode.plugin import Code, GPU, Needs, Outputs, Plugin
+        class G(Plugin):
+            name, version = "gpu-only", "1"
+            algorithm_family = Code("123110", "DCM", "Artificial Intelligence")
+            needs = Needs(gpu=GPU.REQUIRED)
+            def run(self, inputs, params, ctx): return Outputs()
+        """, "gpu-only = gpu_only:G")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    routes = [{"name": "a", "pipeline": [{"plugin": "gpu-only"}]}]
+    with pytest.raises(ConfigError, match=r"requires a GPU but runner\.gpu_slots is 0"):
+        compile_routes(load_settings(_config(tmp_path, routes)), discover())
+    f = tmp_path / "with_gpu.yaml"
+    f.write_text(yaml.safe_dump({"runner": {"gpu_slots": 1}, "routes": routes}))
+    assert len(compile_routes(load_settings(f), discover())) == 1
+
+
+def test_array_module_falls_back_to_numpy_without_a_usable_gpu(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.run.execute import array_module
+
+    assert array_module(None) == (np, "cpu")
+    monkeypatch.setitem(sys.modules, "cupy", None)  # "not installed"
+    assert array_module(0) == (np, "cpu")

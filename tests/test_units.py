@@ -199,3 +199,15 @@ def test_index_attributes_match_pydicom_in_every_character_set() -> None:
     meta = _read_file_meta_info(fp)
     assert fp.tell() == len(h) and meta.SendingApplicationEntityTitle == "CT1"
     assert meta.FileMetaInformationGroupLength == len(h) - 128 - 4 - 12
+
+
+@pytest.mark.parametrize("status,verdict", [
+    (0x0000, "ok"), (0x0001, "ok"), (0xB000, "ok"), (0xB007, "ok"),  # success, warnings
+    (0xA700, "retry"), (0xA702, "retry"),  # out of resources: try again later
+    (0xA900, "permanent"), (0xC000, "permanent"), (0xC211, "permanent"),  # wrong data
+    (0x0122, "permanent"),  # SOP class not supported
+])
+def test_send_status_classification(status: int, verdict: str) -> None:
+    from dicomnode.send.sender import classify
+
+    assert classify(status) == verdict

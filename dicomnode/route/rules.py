@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dicomnode.config import ConfigError, RouteConfig, Settings
-from dicomnode.plugin import Params
+from dicomnode.plugin import GPU, Params
 from dicomnode.run.registry import PluginInfo
 
 Predicate = Callable[[Any], bool]
@@ -82,6 +82,9 @@ def compile_routes(settings: Settings, plugins: Mapping[str, PluginInfo]) -> lis
             if not info.ok or info.cls is None:
                 problems.append(f"{where}.plugin: {step.plugin!r} is broken: {info.error}")
                 continue
+            if info.cls.needs.gpu == GPU.REQUIRED and settings.runner.gpu_slots == 0:
+                problems.append(f"{where}.plugin: {step.plugin!r} requires a GPU but "
+                                "runner.gpu_slots is 0")
             try:
                 steps.append(Step(step.plugin, info.cls.params_model.model_validate(step.params)))
             except ValidationError as e:

@@ -26,11 +26,13 @@ from sqlalchemy import select
 from dicomnode.config import Settings
 from dicomnode.database import make_engine, make_sessionmaker
 from dicomnode.package import Provenance
+from dicomnode.package.kos import key_images_to_kos
 from dicomnode.package.seg import label_map_to_seg
 from dicomnode.package.series import image_volume_to_ct
 from dicomnode.package.sr import findings_to_sr
 from dicomnode.package.stl import mesh_to_stl
 from dicomnode.plugin import (
+    GPU,
     Context,
     Inputs,
     NotApplicable,
@@ -111,12 +113,36 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
         p = out_dir / f"step{step}" / f"mesh{i}.dcm"
         _write_durably(stl, p)
         written.append(str(p))
-    if outputs.key_images:
-        raise PluginError("key images (KOS) cannot be packaged yet")
+    for i, keys in enumerate(outputs.key_images):
+        sources = [d for s in inputs.series for d in s.datasets]
+        kos = key_images_to_kos(keys, sources, prov, base + 7, i)
+        p = out_dir / f"step{step}" / f"kos{i}.dcm"
+        _write_durably(kos, p)
+        written.append(str(p))
     return written
 
 
-def run_job(settings: Settings, job_id: int, outcome_path: Path) -> dict[str, Any]:
+def array_module(gpu_index: int | None) -> tuple[Any, str]:
+    """(xp, device): CuPy on the job's GPU slot when it has one and CuPy works, else NumPy.
+
+    CUDA is imported here, in the spawned job process, never in the node (prefork and CUDA do
+    not mix); the slot is pinned with CUDA_VISIBLE_DEVICES before the import.
+    """
+    if gpu_index is None:
+        return np, "cpu"
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy, f"cuda:{gpu_index}"
+    except Exception as e:  # no CuPy, no driver, no device
+        log.warning("GPU slot %d unusable (%s): running on the CPU", gpu_index, e)
+        return np, "cpu"
+
+
+def run_job(settings: Settings, job_id: int, outcome_path: Path,
+            gpu_index: int | None = None) -> dict[str, Any]:
     """Execute the job and return (and write) its outcome. Never raises."""
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine, readonly=True)
@@ -125,6 +151,7 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path) -> dict[str, An
         with sessions() as s:
             job = s.get_one(Job, job_id)
         plugins = discover()
+        xp, device = array_module(gpu_index)
         inputs = _load_inputs(settings, job, sessions)
         results: list[str] = []
         summaries: list[str] = []
@@ -142,7 +169,11 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path) -> dict[str, An
             work = out_dir / "work" / f"step{step}"
             work.mkdir(parents=True, exist_ok=True)
             plugin_log = logging.getLogger(f"dicomnode.plugin.{cls.name}")
-            ctx = Context(job.uid, np, "cpu", work, plugin_log)
+            if cls.needs.gpu == GPU.REQUIRED and device == "cpu":
+                raise PluginError(f"{cls.name} requires a GPU and this job has none")
+            use_gpu = device != "cpu" and cls.needs.gpu != GPU.NO
+            ctx = Context(job.uid, xp if use_gpu else np, device if use_gpu else "cpu", work,
+                          plugin_log)
             outputs = cls().run(inputs, params, ctx)
             if not isinstance(outputs, Outputs):
                 raise PluginError(f"{cls.name} returned {type(outputs).__name__}, not Outputs")
@@ -182,11 +213,12 @@ def _die_with_parent() -> None:
         log.warning("could not set PR_SET_PDEATHSIG; an orphaned job may outlive the node")
 
 
-def child_main(settings_json: str, job_id: int, outcome_path: str) -> None:
+def child_main(settings_json: str, job_id: int, outcome_path: str,
+               gpu_index: int | None = None) -> None:
     """Entry point of the spawned job process."""
     _die_with_parent()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module
     settings = Settings.model_validate_json(settings_json)
-    run_job(settings, job_id, Path(outcome_path))
+    run_job(settings, job_id, Path(outcome_path), gpu_index)

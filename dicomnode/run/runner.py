@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
+from dicomnode.plugin import GPU
 from dicomnode.run.execute import child_main
 from dicomnode.run.registry import discover
 from dicomnode.schema import Delivery, Job, utcnow
@@ -38,6 +39,7 @@ class _Running:
     process: Any
     outcome: Path
     deadline: float
+    gpu: int | None = None
 
 
 class EmbeddedRunner:
@@ -91,36 +93,70 @@ class EmbeddedRunner:
             self._wake.wait(self.settings.runner.poll_seconds)
             self._wake.clear()
 
-    def _timeout_for(self, pipeline: list[dict[str, Any]]) -> float:
+    def _needs(self, pipeline: list[dict[str, Any]]) -> tuple[float, GPU]:
+        """(timeout, GPU need) of a pipeline: timeouts add up, the strongest GPU need wins."""
         plugins = discover()
-        total = 0.0
+        total, gpu = 0.0, GPU.NO
+        order = [GPU.NO, GPU.PREFERRED, GPU.REQUIRED]
         for step in pipeline:
             info = plugins.get(step["plugin"])
-            total += info.cls.needs.timeout_seconds if info and info.cls else 600.0
-        return total + 30.0  # process start and packaging
+            needs = info.cls.needs if info and info.cls else None
+            total += needs.timeout_seconds if needs else 600.0
+            if needs and order.index(needs.gpu) > order.index(gpu):
+                gpu = needs.gpu
+        return total + 30.0, gpu  # + process start and packaging
+
+    def _free_gpu(self) -> int | None:
+        used = {r.gpu for r in self._running.values() if r.gpu is not None}
+        return next((k for k in range(self.settings.runner.gpu_slots) if k not in used), None)
 
     def _claim(self) -> None:
         while len(self._running) < self.settings.runner.processes:
             with self.sessions() as s, s.begin():
-                job = s.execute(select(Job).where(Job.state == "queued").order_by(Job.id)
-                                .limit(1).with_for_update(skip_locked=True)).scalar_one_or_none()
+                candidates = s.execute(select(Job).where(Job.state == "queued")
+                                       .order_by(Job.id).limit(20)
+                                       .with_for_update(skip_locked=True)).scalars().all()
+                job, gpu_index, timeout = None, None, 0.0
+                for cand in candidates:
+                    timeout, need = self._needs(json.loads(cand.pipeline))
+                    gpu_index = self._free_gpu() if need != GPU.NO else None
+                    if need == GPU.REQUIRED and gpu_index is None:
+                        continue  # waits for a GPU slot; CPU jobs behind it may go first
+                    job = cand
+                    break
                 if job is None:
                     return
                 job.state = "running"
                 job.attempts += 1
                 job.started_at = utcnow()
-                job_id, uid, pipeline = job.id, job.uid, json.loads(job.pipeline)
+                job_id, uid = job.id, job.uid
             outcome = self.settings.storage.path / "results" / uid / "outcome.json"
             outcome.parent.mkdir(parents=True, exist_ok=True)
             outcome.unlink(missing_ok=True)
             p = self._ctx.Process(target=child_main, name=f"job-{job_id}",
-                                  args=(self._settings_json, job_id, str(outcome)))
+                                  args=(self._settings_json, job_id, str(outcome), gpu_index))
             p.start()
             self._running[job_id] = _Running(job_id, uid, p, outcome,
-                                             time.monotonic() + self._timeout_for(pipeline))
-            log.info("job %d started (pid %d)", job_id, p.pid)
+                                             time.monotonic() + timeout, gpu_index)
+            log.info("job %d started (pid %d%s)", job_id, p.pid,
+                     f", GPU slot {gpu_index}" if gpu_index is not None else "")
+
+    def _cancelled(self) -> set[int]:
+        if not self._running:
+            return set()
+        with self.sessions() as s:
+            return set(s.execute(select(Job.id).where(Job.id.in_(list(self._running)),
+                                                      Job.state == "cancelling")).scalars())
 
     def _reap(self) -> None:
+        for job_id in self._cancelled():
+            r = self._running[job_id]
+            r.process.terminate()
+            r.process.join(5)
+            if r.process.is_alive():
+                r.process.kill()
+                r.process.join(5)
+            self._finish(r, {"state": "cancelled", "reason": "cancelled by admin"})
         for r in list(self._running.values()):
             if r.process.is_alive():
                 if time.monotonic() > r.deadline:
@@ -154,8 +190,8 @@ class EmbeddedRunner:
                 for dest in json.loads(job.send_to):
                     s.add(Delivery(job_fk=job.id, destination=dest, state="pending",
                                    attempts=0, next_attempt_at=utcnow(), created_at=utcnow()))
-            elif state == "not-applicable":
-                job.state = "not-applicable"
+            elif state in ("not-applicable", "cancelled"):
+                job.state = state
             elif outcome.get("retry") and job.attempts < job.max_attempts:
                 job.state = "queued"  # retried on the next pass
             else:
@@ -163,7 +199,7 @@ class EmbeddedRunner:
             took = (job.finished_at - job.started_at).total_seconds() if job.started_at else 0
             self.audit.record(
                 EventKind.JOB_FINISHED,
-                Outcome.SUCCESS if job.state in ("succeeded", "not-applicable")
+                Outcome.SUCCESS if job.state in ("succeeded", "not-applicable", "cancelled")
                 else Outcome.MINOR_FAILURE if job.state == "queued" else Outcome.SERIOUS_FAILURE,
                 session=s, job_id=job.id, job_uid=job.uid, route=job.route,
                 study_uid=job.study_uid, state=job.state, attempt=job.attempts,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -124,6 +125,7 @@ class DestinationWorker:
             return False
         delivery_id, results, job_uid, job_id, study_uid = row
         files = [Path(p) for p in json.loads(results)]
+        t0 = time.monotonic()
         try:
             n = send_files(self.dest, self.calling_aet, files) if files else 0
         except SendError as e:
@@ -138,7 +140,8 @@ class DestinationWorker:
             self.audit.record(EventKind.RESULTS_SENT, session=s, source_aet=self.calling_aet,
                               dest_aet=self.dest.ae_title, destination=self.name,
                               host=f"{self.dest.host}:{self.dest.port}", job_id=job_id,
-                              job_uid=job_uid, study_uid=study_uid, instances=n)
+                              job_uid=job_uid, study_uid=study_uid, instances=n,
+                              seconds=round(time.monotonic() - t0, 3))
         log.info("job %d: %d object(s) sent to %s", job_id, n, self.name)
         return True
 
