@@ -1,4 +1,5 @@
-"""pynetdicom 3.0.4 patches: a PDU length guard, and reactors that wait on events, not sleeps.
+"""pynetdicom 3.0.4 patches: a PDU length guard, reactors that wait on events, not sleeps, and
+TCP_NODELAY on association sockets.
 
 1. Never let a peer decide how much memory we allocate.
 
@@ -35,6 +36,7 @@ import contextlib
 import logging
 import os
 import select
+import socket
 import struct
 import threading
 import time
@@ -219,6 +221,29 @@ def _receive_primitive(self: Any, primitive: Any) -> None:
     wake.set()
 
 
+# --- 4. TCP_NODELAY on every association socket ---------------------------------------------
+
+_original_socket_init = AssociationSocket.__init__
+_original_create_socket = AssociationSocket._create_socket
+
+
+def _nodelay(sock: Any) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _socket_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _original_socket_init(self, *args, **kwargs)
+    if self.socket is not None:
+        _nodelay(self.socket)  # accepted (SCP) sockets
+
+
+def _create_socket(self: Any, *args: Any, **kwargs: Any) -> Any:
+    sock = _original_create_socket(self, *args, **kwargs)
+    _nodelay(sock)  # outgoing (SCU) sockets: a C-STORE is a command PDU then data PDUs, and
+    return sock     # with Nagle the data waits ~40 ms for the peer's delayed ACK
+
+
 def install() -> None:
     """Patch pynetdicom once; raise if the installed version is not the one this was written for."""
     if getattr(DULServiceProvider, "_dicomnode_guarded", False):
@@ -233,5 +258,7 @@ def install() -> None:
     setattr(DULServiceProvider, "__init__", _dul_init)  # noqa: B010
     setattr(AssociationSocket, "ready", property(_ready))  # noqa: B010
     setattr(DIMSEServiceProvider, "receive_primitive", _receive_primitive)  # noqa: B010
+    setattr(AssociationSocket, "__init__", _socket_init)  # noqa: B010
+    setattr(AssociationSocket, "_create_socket", _create_socket)  # noqa: B010
     setattr(pynetdicom.association, "time", _AssociationTime())  # noqa: B010
     setattr(DULServiceProvider, "_dicomnode_guarded", True)  # noqa: B010

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,12 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
     try:
         with sessions() as s:
             job = s.get_one(Job, job_id)
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
         plugins = discover()
         xp, device = array_module(gpu_index)
         inputs = _load_inputs(settings, job, sessions)
+        timings["load"] = time.perf_counter() - t
         results: list[str] = []
         summaries: list[str] = []
         out_dir = settings.storage.path / "results" / job.uid
@@ -174,7 +178,9 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
             use_gpu = device != "cpu" and cls.needs.gpu != GPU.NO
             ctx = Context(job.uid, xp if use_gpu else np, device if use_gpu else "cpu", work,
                           plugin_log)
+            t = time.perf_counter()
             outputs = cls().run(inputs, params, ctx)
+            timings[f"plugin:{cls.name}"] = time.perf_counter() - t
             if not isinstance(outputs, Outputs):
                 raise PluginError(f"{cls.name} returned {type(outputs).__name__}, not Outputs")
             family = cls.algorithm_family
@@ -182,9 +188,12 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
             prov = Provenance(f"{job.uid}/{step}", cls.name, cls.version,
                               algorithm_family=(family.value, family.scheme, family.meaning),
                               node_ae_title=settings.node.ae_title)
+            t = time.perf_counter()
             results += _package(outputs, inputs, prov, step, out_dir)
+            timings["package"] = timings.get("package", 0.0) + time.perf_counter() - t
             summaries.append(f"{cls.name}: {outputs.summary or 'done'}")
-        outcome = {"state": "succeeded", "results": results, "summary": "; ".join(summaries)}
+        outcome = {"state": "succeeded", "results": results, "summary": "; ".join(summaries),
+                   "timings": {k: round(v, 3) for k, v in timings.items()}}
     except NotApplicable as e:
         outcome = {"state": "not-applicable", "reason": str(e)}
     except (PluginError, ValueError) as e:

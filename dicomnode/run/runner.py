@@ -204,7 +204,8 @@ class EmbeddedRunner:
                 session=s, job_id=job.id, job_uid=job.uid, route=job.route,
                 study_uid=job.study_uid, state=job.state, attempt=job.attempts,
                 seconds=round(took, 3), reason=job.reason[:500],
-                results=len(json.loads(job.results)), summary=job.summary[:500])
+                results=len(json.loads(job.results)), summary=job.summary[:500],
+                timings=outcome.get("timings", {}))
         log.info("job %d %s%s", r.job_id, state,
                  f": {outcome.get('reason')}" if outcome.get("reason") else "")
         if state == "succeeded":

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import DestinationConfig, Settings
+from dicomnode.receive import dul_patches
 from dicomnode.schema import Delivery, Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def classify(status: int) -> str:
 
 def send_files(dest: DestinationConfig, calling_aet: str, files: list[Path]) -> int:
     """C-STORE every file over one association; raise SendError on the first failure."""
+    dul_patches.install()  # TCP_NODELAY, PDU guard: the same transport fixes as the SCP
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
     contexts: dict[str, set[str]] = {}
