@@ -213,3 +213,14 @@ def test_key_images_become_a_valid_kos(source, prov, tmp_path: Path) -> None:  #
     assert refs == set(source.sop_instance_uids[2:4])
     with pytest.raises(PluginError, match="must be input instances"):
         key_images_to_kos(KeyImages(("1.2.3.999",)), source.datasets, prov, 207)
+
+
+def test_fast_series_encoding_is_byte_identical_to_pydicom(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from dicomnode.package.series import part10_bytes
+
+    vol = ImageVolume(source.pixels(), source.geometry, "COPY", "identity", source.series_uid)
+    cache: dict = {}  # type: ignore[type-arg]
+    for k, ds in enumerate(image_volume_to_ct(vol, source.datasets, prov, 1)):
+        ds.save_as(tmp_path / f"{k}.dcm", enforce_file_format=True)
+        assert part10_bytes(ds, cache) == (tmp_path / f"{k}.dcm").read_bytes()
+    assert len(cache) == 1  # the shared SourceImageSequence was encoded once

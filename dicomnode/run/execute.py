@@ -29,7 +29,7 @@ from dicomnode.database import make_engine, make_sessionmaker
 from dicomnode.package import Provenance
 from dicomnode.package.kos import key_images_to_kos
 from dicomnode.package.seg import label_map_to_seg
-from dicomnode.package.series import image_volume_to_ct
+from dicomnode.package.series import image_volume_to_ct, part10_bytes
 from dicomnode.package.sr import findings_to_sr
 from dicomnode.package.stl import mesh_to_stl
 from dicomnode.plugin import (
@@ -48,10 +48,14 @@ from dicomnode.schema import Instance, Job, Series
 log = logging.getLogger("dicomnode.job")
 
 
-def _write_durably(ds: Any, path: Path) -> None:
+def _write_durably(ds: Any, path: Path, data: bytes | None = None) -> None:
+    """tmp → fsync → rename (``data``: the encoded file, when the caller made it faster)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".part")
-    ds.save_as(tmp, enforce_file_format=True)
+    if data is None:
+        ds.save_as(tmp, enforce_file_format=True)
+    else:
+        tmp.write_bytes(data)
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -88,11 +92,12 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
             raise PluginError(f"output refers to series {uid} which was not an input")
         return by_uid[uid]
 
+    shared: dict[tuple[str, ...], bytes] = {}
     for i, vol in enumerate(outputs.volumes):
         src = source_of(vol.source_series_uid)
         for k, ds in enumerate(image_volume_to_ct(vol, src.datasets, prov, base + i, i)):
             p = out_dir / f"step{step}" / f"volume{i}" / f"{k:05d}.dcm"
-            _write_durably(ds, p)
+            _write_durably(ds, p, part10_bytes(ds, shared))
             written.append(str(p))
     seg = None
     for i, lm in enumerate(outputs.label_maps):

@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,6 +52,8 @@ def classify(status: int) -> str:
 def send_files(dest: DestinationConfig, calling_aet: str, files: list[Path]) -> int:
     """C-STORE every file over one association; raise SendError on the first failure."""
     dul_patches.install()  # TCP_NODELAY, PDU guard: the same transport fixes as the SCP
+    # stream each file's dataset bytes as stored instead of decoding and re-encoding it
+    _config.STORE_SEND_CHUNKED_DATASET = True
     ae = AE(ae_title=calling_aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
     contexts: dict[str, set[str]] = {}
