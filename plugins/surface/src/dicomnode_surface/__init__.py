@@ -83,18 +83,29 @@ class Surface(Plugin[SurfaceParams]):
         if params.hu_max is not None:
             mask &= hu <= params.hu_max
         mask = to_numpy(mask)
-        labels, n = ndi.label(mask)
+        # work inside the mask's bounding box: labelling and marching cubes cost scales with
+        # the voxels they visit, and a bone or lesion is a small part of a 512² × 300 study
+        box = tuple(np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1)))
+        if any(len(b) == 0 for b in box):
+            return Outputs(summary=f"nothing at or above {params.hu_min} HU")
+        lo = np.array([int(b[0]) for b in box])
+        hi = np.array([int(b[-1]) + 1 for b in box])
+        crop = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        labels, n = ndi.label(crop)
         if n:
-            sizes = ndi.sum(mask, labels, index=np.arange(1, n + 1))
+            sizes = ndi.sum(crop, labels, index=np.arange(1, n + 1))
             keep = np.flatnonzero(sizes >= params.min_component_voxels) + 1
-            mask = np.isin(labels, keep)
-        voxels = int(mask.sum())
+            crop = np.isin(labels, keep)
+        mask = np.zeros_like(mask)
+        mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = crop
+        voxels = int(crop.sum())
         if voxels == 0:
             return Outputs(summary=f"nothing at or above {params.hu_min} HU")
-        mesh = surface_mesh(mask, g.spacing, params.smoothing_iterations, params.target_faces)
-        # (slice, row, col) mm → LPS: origin + a·n + b·col_dir + c·row_dir
+        mesh = surface_mesh(crop, g.spacing, params.smoothing_iterations, params.target_faces)
+        # (slice, row, col) mm of the crop → LPS: origin + (lo + v)·spacing along n, col, row
         axes = np.stack([g.slice_direction, g.column_direction, g.row_direction])
-        vertices = np.asarray(g.origin) + np.asarray(mesh.vertices) @ axes
+        offset = lo * np.asarray(g.spacing)
+        vertices = np.asarray(g.origin) + (np.asarray(mesh.vertices) + offset) @ axes
         faces = np.asarray(mesh.faces)
         # the index → LPS map may mirror; orient by the signed volume (closed mesh) so that
         # normals point outward, as STL readers and 3D printers expect
@@ -102,7 +113,7 @@ class Surface(Plugin[SurfaceParams]):
             faces = faces[:, ::-1]
         ml = voxels * float(np.prod(g.spacing)) / 1000.0
         area = float(mesh.area)
-        centre = g.to_patient([float(c) for c in np.argwhere(mask).mean(axis=0)])
+        centre = g.to_patient([float(c) for c in np.argwhere(crop).mean(axis=0) + lo])
         ctx.log.info("%d voxels, %.2f mL, %d faces, %.0f mm2", voxels, ml, len(faces), area)
         return Outputs(
             meshes=(Mesh(vertices, faces, params.label, g.frame_of_reference_uid),),
