@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -304,25 +306,33 @@ def jobs_list(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = F
     console.print(table)
 
 
-@jobs_app.command("retry")
-def jobs_retry(job_id: int, config: ConfigOpt = None) -> None:
-    """Re-queue job ID: its dead deliveries are sent again; a failed or dead job runs again."""
-    from sqlalchemy import update
-
-    from dicomnode.schema import Delivery, Job, utcnow
+@contextmanager
+def _job_for_update(config: Path | None, job_id: int) -> Iterator[tuple[Any, Any]]:
+    """(session, job) in a write transaction; exit 1 with a message if there is no such job."""
+    from dicomnode.database import make_engine, make_sessionmaker
+    from dicomnode.schema import Job
 
     settings = _settings(config)
-    from dicomnode.database import make_engine, make_sessionmaker
-
     with make_sessionmaker(make_engine(settings.database_url))() as s, s.begin():
         job = s.get(Job, job_id)
         if job is None:
             err.print(f"[red]error:[/red] no job {job_id}")
             raise typer.Exit(1)
+        yield s, job
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: int, config: ConfigOpt = None) -> None:
+    """Re-queue job ID: its dead deliveries are sent again; a failed or dead job runs again."""
+    from sqlalchemy import update
+
+    from dicomnode.schema import Delivery, utcnow
+
+    with _job_for_update(config, job_id) as (s, job):
         n = s.execute(update(Delivery).where(Delivery.job_fk == job_id,
                                              Delivery.state == "dead")
                       .values(state="pending", attempts=0, next_attempt_at=utcnow(),
-                              last_error="")).rowcount  # type: ignore[attr-defined]
+                              last_error="")).rowcount
         requeued = job.state in ("failed", "dead")
         if requeued:
             job.state, job.attempts, job.reason = "queued", 0, "retried by admin"
@@ -333,15 +343,9 @@ def jobs_retry(job_id: int, config: ConfigOpt = None) -> None:
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, config: ConfigOpt = None) -> None:
     """Cancel job ID: a queued job never runs; a running one is stopped (nothing is sent)."""
-    from dicomnode.database import make_engine, make_sessionmaker
-    from dicomnode.schema import Job, utcnow
+    from dicomnode.schema import utcnow
 
-    settings = _settings(config)
-    with make_sessionmaker(make_engine(settings.database_url))() as s, s.begin():
-        job = s.get(Job, job_id)
-        if job is None:
-            err.print(f"[red]error:[/red] no job {job_id}")
-            raise typer.Exit(1)
+    with _job_for_update(config, job_id) as (_s, job):
         if job.state == "queued":
             job.state, job.reason, job.finished_at = "cancelled", "cancelled by admin", utcnow()
         elif job.state == "running":

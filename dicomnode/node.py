@@ -1,9 +1,10 @@
 """The node: wires the stages together and owns start-up recovery and shutdown.
 
-Start: migrate the schema → sweep ``tmp/`` (roll forward or delete) → close associations a crash
-left open (audited as interrupted) → audit application start → assembler → SCP.
+Start: check routes against the installed plugins → migrate the schema → sweep ``tmp/`` (roll
+forward or delete) → close associations a crash left open (audited as interrupted) → requeue
+jobs left running → audit application start → assembler, router, runner, senders → SCP.
 Stop (SIGTERM/SIGINT): stop accepting → let in-flight instances finish → close associations →
-stop the assembler → audit application stop.
+stop assembler, router, runner (running jobs are requeued next start), senders → audit stop.
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_at = utcnow()
-        # a broken route is a start-up error, not a surprise when the first study arrives;
-        # executing routes (jobs, runners, sending) is the next stage to be built
+        # a broken route is a start-up error, not a surprise when the first study arrives
         self.rules = compile_routes(settings, discover()) if settings.routes else []
         self._stopped = threading.Event()
         upgrade(settings.database_url)

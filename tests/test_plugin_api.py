@@ -176,14 +176,14 @@ def test_every_route_problem_is_named_by_key(tmp_path: Path) -> None:
     f = _config(tmp_path, [
         {"name": "a", "pipeline": [{"plugin": "threshold", "params": {"hu_mni": 1}},
                                    {"plugin": "threshold", "params": {"hu_min": "high"}},
-                                   {"plugin": "reformat"}]},
+                                   {"plugin": "no-such-plugin"}]},
     ])
     with pytest.raises(ConfigError) as e:
         compile_routes(load_settings(f), discover())
     msg = str(e.value)
     assert "routes.0.pipeline.0.params.hu_mni: unknown parameter" in msg
     assert "routes.0.pipeline.1.params.hu_min:" in msg
-    assert "routes.0.pipeline.2.plugin: 'reformat' is not installed" in msg
+    assert "routes.0.pipeline.2.plugin: 'no-such-plugin' is not installed" in msg
 
 
 @pytest.mark.parametrize("routes,destinations,match", [

@@ -92,39 +92,30 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
             raise PluginError(f"output refers to series {uid} which was not an input")
         return by_uid[uid]
 
+    def emit(obj: Any, name: str, data: bytes | None = None) -> None:
+        path = out_dir / f"step{step}" / name
+        _write_durably(obj, path, data)
+        written.append(str(path))
+
     shared: dict[tuple[str, ...], bytes] = {}
     for i, vol in enumerate(outputs.volumes):
         src = source_of(vol.source_series_uid)
         for k, ds in enumerate(image_volume_to_ct(vol, src.datasets, prov, base + i, i)):
-            p = out_dir / f"step{step}" / f"volume{i}" / f"{k:05d}.dcm"
-            _write_durably(ds, p, part10_bytes(ds, shared))
-            written.append(str(p))
+            emit(ds, f"volume{i}/{k:05d}.dcm", part10_bytes(ds, shared))
+
+    sources = [d for s in inputs.series for d in s.datasets]
     seg = None
     for i, lm in enumerate(outputs.label_maps):
         src = source_of(lm.source_series_uid)
         made = label_map_to_seg(lm, src.datasets, src.geometry, prov, base + 5 + i, i)
         seg = seg or made
-        p = out_dir / f"step{step}" / f"seg{i}.dcm"
-        _write_durably(made, p)
-        written.append(str(p))
+        emit(made, f"seg{i}.dcm")
     if outputs.findings:
-        sources = [d for s in inputs.series for d in s.datasets]
-        sr = findings_to_sr(outputs.findings, sources, seg, prov, base + 8)
-        p = out_dir / f"step{step}" / "sr.dcm"
-        _write_durably(sr, p)
-        written.append(str(p))
+        emit(findings_to_sr(outputs.findings, sources, seg, prov, base + 8), "sr.dcm")
     for i, mesh in enumerate(outputs.meshes):
-        sources = [d for s in inputs.series for d in s.datasets]
-        stl = mesh_to_stl(mesh, sources, prov, base + 9, i)
-        p = out_dir / f"step{step}" / f"mesh{i}.dcm"
-        _write_durably(stl, p)
-        written.append(str(p))
+        emit(mesh_to_stl(mesh, sources, prov, base + 9, i), f"mesh{i}.dcm")
     for i, keys in enumerate(outputs.key_images):
-        sources = [d for s in inputs.series for d in s.datasets]
-        kos = key_images_to_kos(keys, sources, prov, base + 7, i)
-        p = out_dir / f"step{step}" / f"kos{i}.dcm"
-        _write_durably(kos, p)
-        written.append(str(p))
+        emit(key_images_to_kos(keys, sources, prov, base + 7, i), f"kos{i}.dcm")
     return written
 
 
