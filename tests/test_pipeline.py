@@ -335,3 +335,42 @@ def test_cancel_running_and_queued_jobs(node_factory, orthanc, bad_plugins,  # t
     time.sleep(1)
     assert orthanc.series() == []
     assert node.cli("jobs", "cancel", str(running["id"]), check=False).returncode == 1
+
+
+def test_pydicoms_real_world_ct_sets(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """pydicom's bundled CT sets (real headers, pixels shrunk to 16²), per series: a clean
+    5-slice series is reformatted into valid MPRs; a series with a 200 mm gap and one of two
+    differently oriented slices fail with clear reasons, and nothing is sent for them."""
+    import os
+
+    from pydicom.data import get_testdata_file
+
+    root = Path(os.path.dirname(get_testdata_file("CT_small.dcm"))) / "dicomdirtests"
+    clean = sorted((root / "98892001" / "CT5N").iterdir())
+    gap = sorted((root / "77654033" / "CT2").iterdir())
+    mixed = sorted((root / "98892001" / "CT2N").iterdir())
+    route = {"name": "mpr", "level": "series", "match": {"Modality": "CT"},
+             "pipeline": [{"plugin": "reformat", "params": {"spacing_mm": 1.0}}],
+             "send_to": ["pacs"]}
+    cfg = pipeline_config(orthanc, [route])
+    cfg["assemble"] = {"level": "series"}
+    node = make_node(node_factory, cfg)
+    storescu(node.port, [*clean, *gap, *mixed])
+    jobs = wait_jobs(node, lambda js: len(js) == 3 and all(
+        j["state"] in ("succeeded", "failed", "dead") for j in js)
+        and any(j["deliveries"] and j["deliveries"][0]["state"] == "sent" for j in js),
+        "three finished jobs", timeout=120)
+    reasons = sorted(j["reason"] for j in jobs if j["state"] != "succeeded")
+    assert any("uneven slice spacing" in r for r in reasons), reasons
+    assert any("different orientations" in r for r in reasons), reasons
+    assert all("PluginError" in r for r in reasons)  # clear refusals, not crashes: no retry
+    assert sum(j["state"] == "succeeded" for j in jobs) == 1
+    assert all(j["attempts"] == 1 for j in jobs)
+    series = orthanc.series()
+    assert sorted(s["MainDicomTags"]["SeriesDescription"] for s in series) == [
+        "CORONAL MPR 1mm", "SAGITTAL MPR 1mm"]
+    for s in series:
+        p = orthanc.instance_file(s["Instances"][0], tmp_path / f"{s['ID']}.dcm")
+        assert dciodvfy_errors(p) == []
+        ds = pydicom.dcmread(p)
+        assert ds.StudyInstanceUID == pydicom.dcmread(clean[0]).StudyInstanceUID
