@@ -117,6 +117,7 @@ class DestinationConfig(_Section):
     retry_multiplier: float = Field(2.0, ge=1)
     retry_max_delay_seconds: float = Field(600.0, gt=0)
     timeout_seconds: float = Field(60.0, gt=0)
+    associations: int = Field(2, ge=1, le=16)  # parallel associations for one job's results
 
     @field_validator("ae_title", "calling_aet")
     @classmethod

@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -50,7 +51,24 @@ def classify(status: int) -> str:
 
 
 def send_files(dest: DestinationConfig, calling_aet: str, files: list[Path]) -> int:
-    """C-STORE every file over one association; raise SendError on the first failure."""
+    """C-STORE every file, over ``dest.associations`` associations at once (each waits on the
+    peer's responses, so several overlap that wait); raise SendError on a failure. With more
+    than one failure, a permanent one wins: retrying would not help the batch."""
+    n = max(1, min(dest.associations, len(files)))
+    if n == 1:
+        return _send_batch(dest, calling_aet, files)
+    batches = [files[i::n] for i in range(n)]
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="send") as pool:
+        futures = [pool.submit(_send_batch, dest, calling_aet, b) for b in batches]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        permanent = [e for e in errors if isinstance(e, SendError) and not e.retry]
+        raise (permanent or errors)[0]  # type: ignore[misc]
+    return sum(f.result() for f in futures)
+
+
+def _send_batch(dest: DestinationConfig, calling_aet: str, files: list[Path]) -> int:
+    """C-STORE files over one association; raise SendError on the first failure."""
     dul_patches.install()  # TCP_NODELAY, PDU guard: the same transport fixes as the SCP
     # stream each file's dataset bytes as stored instead of decoding and re-encoding it
     _config.STORE_SEND_CHUNKED_DATASET = True
