@@ -39,7 +39,8 @@ def iso(ts: Any) -> float:
     return float(ts)
 
 
-def run_once(root: Path, files: list[Path], expected_series: int) -> dict[str, float]:
+def run_once(root: Path, files: list[Path], expected_series: int,
+             derived_series: str = "classic") -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="e2e-", dir=root))
     o_port, o_http, n_port = free_port(), free_port(), free_port()
     (work / "orthanc.json").write_text(json.dumps({
@@ -55,6 +56,7 @@ def run_once(root: Path, files: list[Path], expected_series: int) -> dict[str, f
         "storage": {"path": str(work / "data"), "min_free_mb": 100},
         "assemble": {"quiet_seconds": 2, "poll_seconds": 0.1},
         "runner": {"poll_seconds": 0.1},
+        "package": {"derived_series": derived_series},
         "logging": {"level": "WARNING"},
         "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": o_port}},
         "routes": [{"name": "ct-3d", "match": {"Modality": "CT"},
@@ -121,15 +123,19 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--derived-series", choices=["classic", "enhanced"], default="classic",
+                    help="package.derived_series (enhanced: one multi-frame object per plane)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="dicomnode-e2e-"))
     try:
         files = write_ct_series(root / "study", n=args.instances, size=args.size,
                                 series_description="E2E SYNTHETIC CT")
         print(f"study: {args.instances} × {args.size}² synthetic CT; quiet_seconds 2; "
-              f"reformat + surface (hu_min 300) → Orthanc; CPU ({os.cpu_count()} cores)\n")
+              f"reformat + surface (hu_min 300) → Orthanc; derived series "
+              f"{args.derived_series}; CPU ({os.cpu_count()} cores)\n")
         for r in range(args.rounds):
-            parts = run_once(root, files, expected_series=5)
+            parts = run_once(root, files, expected_series=5,
+                             derived_series=args.derived_series)
             print(f"round {r + 1}")
             for k, v in parts.items():
                 print(f"  {k:42s} {v:7.2f} s")

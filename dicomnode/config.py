@@ -169,6 +169,15 @@ class RouteConfig(_Section):
         return v
 
 
+class PackageConfig(_Section):
+    """How results are encoded."""
+
+    # classic: one CT Image Storage object per slice (every PACS and viewer shows it);
+    # enhanced: one Legacy Converted Enhanced CT object per derived series (much faster to
+    # write and send; needs a PACS/viewer that supports multi-frame CT)
+    derived_series: Literal["classic", "enhanced"] = "classic"
+
+
 class RunnerConfig(_Section):
     """The embedded runner: each job runs in its own spawned process."""
 
@@ -207,6 +216,7 @@ class Settings(BaseSettings):
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    package: PackageConfig = Field(default_factory=PackageConfig)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
 

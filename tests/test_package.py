@@ -224,3 +224,37 @@ def test_fast_series_encoding_is_byte_identical_to_pydicom(source, prov, tmp_pat
         ds.save_as(tmp_path / f"{k}.dcm", enforce_file_format=True)
         assert part10_bytes(ds, cache) == (tmp_path / f"{k}.dcm").read_bytes()
     assert len(cache) == 1  # the shared SourceImageSequence was encoded once
+
+
+def test_enhanced_multiframe_derived_series(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """package.derived_series: enhanced — one Legacy Converted Enhanced CT per series, valid,
+    frames at the same positions and values as the classic slices."""
+    from dicomnode.package.series import to_enhanced
+
+    hu = np.clip(source.pixels(), -200, 2000)
+    vol = ImageVolume(hu, source.geometry, "ENH", "clip", source.series_uid)
+    slices = image_volume_to_ct(vol, source.datasets, prov, 101)
+    mf = to_enhanced(slices, source.series_uid, prov, 101)
+    mf.save_as(tmp_path / "mf.dcm")
+    assert dciodvfy_errors(tmp_path / "mf.dcm") == []
+    back = pydicom.dcmread(tmp_path / "mf.dcm")
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.2"  # Legacy Converted Enhanced CT
+    assert int(back.NumberOfFrames) == len(slices)
+    assert list(back.ImageType[:2]) == ["DERIVED", "PRIMARY"]  # enhanced: value 2 enumerated
+    # frame order is the converter's; each frame must match the classic slice at its position
+    positions = [tuple(round(float(v), 3) for v in f.PlanePositionSequence[0].ImagePositionPatient)
+                 for f in back.PerFrameFunctionalGroupsSequence]
+    slice_at = {tuple(round(float(v), 3) for v in s.ImagePositionPatient): k
+                for k, s in enumerate(slices)}
+    assert sorted(positions) == sorted(slice_at)
+    frames = back.pixel_array.astype(np.float32)
+    for f, (pos, group) in enumerate(zip(positions, back.PerFrameFunctionalGroupsSequence,
+                                         strict=True)):
+        shared = back.SharedFunctionalGroupsSequence[0]
+        rescale = (shared if "PixelValueTransformationSequence" in shared else group) \
+            .PixelValueTransformationSequence[0]
+        frame_hu = frames[f] * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
+        assert np.abs(frame_hu - hu[slice_at[pos]]).max() <= 0.5
+    refs = {r.ReferencedSOPInstanceUID for e in back.SourceImageEvidenceSequence
+            for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+    assert refs == set(source.sop_instance_uids)

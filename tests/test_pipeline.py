@@ -374,3 +374,21 @@ def test_pydicoms_real_world_ct_sets(node_factory, orthanc, tmp_path: Path) -> N
         assert dciodvfy_errors(p) == []
         ds = pydicom.dcmread(p)
         assert ds.StudyInstanceUID == pydicom.dcmread(clean[0]).StudyInstanceUID
+
+
+def test_enhanced_derived_series_into_orthanc(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """package.derived_series: enhanced — each MPR arrives in Orthanc as one valid object."""
+    route = {"name": "mpr", "match": {"Modality": "CT"},
+             "pipeline": [{"plugin": "reformat"}], "send_to": ["pacs"]}
+    cfg = pipeline_config(orthanc, [route])
+    cfg["package"] = {"derived_series": "enhanced"}
+    node = make_node(node_factory, cfg)
+    files, _ = ct_study(tmp_path, n=12)
+    storescu(node.port, files)
+    wait_until(lambda: len(orthanc.series()) == 2, timeout=60, what="two MPR series")
+    for s in orthanc.series():
+        [inst] = s["Instances"]  # one multi-frame object per plane
+        p = orthanc.instance_file(inst, tmp_path / f"{s['ID']}.dcm")
+        assert dciodvfy_errors(p) == []
+        assert pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == \
+            "1.2.840.10008.5.1.4.1.1.2.2"

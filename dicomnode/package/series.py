@@ -167,3 +167,41 @@ def part10_bytes(ds: Dataset, cache: dict[tuple[str, ...], bytes]) -> bytes:
     head = _encode(ds[:_SOURCE_IMAGE_SEQUENCE])
     tail = _encode(ds[_SOURCE_IMAGE_SEQUENCE + 1:])
     return meta.getvalue() + head + cache[key] + tail
+
+
+def to_enhanced(classic: Sequence[Dataset], source_series_uid: str, prov: Provenance,
+                series_number: int, index: int = 0) -> Dataset:
+    """The classic slices of one derived series as one multi-frame Legacy Converted Enhanced CT
+    (highdicom): one object per plane instead of one per slice, for PACS that take it.
+
+    highdicom's converter leaves two things to the caller that dciodvfy requires: Laterality
+    (Type 2C, as for the classic slices) and SourceImageEvidenceSequence (the source instances,
+    by series, because the frames are derived). Image Type keeps the converter's
+    DERIVED\\PRIMARY: in the enhanced modules value 2 is enumerated and only PRIMARY is allowed
+    (dciodvfy rejects SECONDARY there).
+    """
+    import highdicom as hd
+
+    first = classic[0]
+    mf = hd.legacy.LegacyConvertedEnhancedCTImage(
+        list(classic), series_instance_uid=output_uid(prov.job_id, "enhanced", index),
+        series_number=series_number,
+        sop_instance_uid=output_uid(prov.job_id, "enhanced", index, "instance"),
+        instance_number=1)
+    mf.Laterality = first.get("Laterality", "")
+    sources = first.get("SourceImageSequence")
+    if sources:
+        refs = []
+        for item in sources:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = item.ReferencedSOPClassUID
+            ref.ReferencedSOPInstanceUID = item.ReferencedSOPInstanceUID
+            refs.append(ref)
+        series = Dataset()
+        series.SeriesInstanceUID = source_series_uid
+        series.ReferencedSOPSequence = refs
+        evidence = Dataset()
+        evidence.StudyInstanceUID = first.StudyInstanceUID
+        evidence.ReferencedSeriesSequence = [series]
+        mf.SourceImageEvidenceSequence = [evidence]
+    return mf

@@ -29,7 +29,7 @@ from dicomnode.database import make_engine, make_sessionmaker
 from dicomnode.package import Provenance
 from dicomnode.package.kos import key_images_to_kos
 from dicomnode.package.seg import label_map_to_seg
-from dicomnode.package.series import image_volume_to_ct, part10_bytes
+from dicomnode.package.series import image_volume_to_ct, part10_bytes, to_enhanced
 from dicomnode.package.sr import findings_to_sr
 from dicomnode.package.stl import mesh_to_stl
 from dicomnode.plugin import (
@@ -82,7 +82,7 @@ def _load_inputs(settings: Settings, job: Job, sessions: Any) -> Inputs:
 
 
 def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
-             out_dir: Path) -> list[str]:
+             out_dir: Path, derived_series: str = "classic") -> list[str]:
     by_uid = {s.series_uid: s for s in inputs.series}
     written: list[str] = []
     base = 9000 + 10 * step  # series numbers of results: 9000, 9010, … per pipeline step
@@ -100,7 +100,11 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
     shared: dict[tuple[str, ...], bytes] = {}
     for i, vol in enumerate(outputs.volumes):
         src = source_of(vol.source_series_uid)
-        for k, ds in enumerate(image_volume_to_ct(vol, src.datasets, prov, base + i, i)):
+        slices = image_volume_to_ct(vol, src.datasets, prov, base + i, i)
+        if derived_series == "enhanced":
+            emit(to_enhanced(slices, src.series_uid, prov, base + i, i), f"volume{i}.dcm")
+            continue
+        for k, ds in enumerate(slices):
             emit(ds, f"volume{i}/{k:05d}.dcm", part10_bytes(ds, shared))
 
     sources = [d for s in inputs.series for d in s.datasets]
@@ -185,7 +189,8 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
                               algorithm_family=(family.value, family.scheme, family.meaning),
                               node_ae_title=settings.node.ae_title)
             t = time.perf_counter()
-            results += _package(outputs, inputs, prov, step, out_dir)
+            results += _package(outputs, inputs, prov, step, out_dir,
+                                settings.package.derived_series)
             timings["package"] = timings.get("package", 0.0) + time.perf_counter() - t
             summaries.append(f"{cls.name}: {outputs.summary or 'done'}")
         outcome = {"state": "succeeded", "results": results, "summary": "; ".join(summaries),
