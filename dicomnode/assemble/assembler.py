@@ -24,6 +24,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind
+from dicomnode.periodic import Periodic
 from dicomnode.schema import Association, Completion, Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,7 @@ class Assembler:
         self.poll_seconds = poll_seconds
         self.index_lock = index_lock or threading.Lock()
         self.started_at = started_at or utcnow()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("assembler", poll_seconds, self.run_once)
 
     # -- one pass --------------------------------------------------------------------------
     def run_once(self, now: datetime | None = None) -> list[Completed]:
@@ -118,17 +118,7 @@ class Assembler:
 
     # -- background thread -----------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="assembler", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.run_once()
-            except Exception:  # a database hiccup must not end completion for good
-                log.exception("assembler pass failed; retrying")
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._periodic.stop()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
+from dicomnode.periodic import Periodic
 from dicomnode.route.rules import Rule, select_series
 from dicomnode.schema import Association, Completion, Instance, Job, Series, Study, utcnow
 
@@ -61,8 +61,7 @@ class Router:
         self.max_attempts = max_attempts
         self.poll_seconds = poll_seconds
         self.submit = submit or (lambda _job_id: None)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._periodic = Periodic("router", poll_seconds, self.run_once)
 
     def run_once(self) -> int:
         with self.sessions() as s:
@@ -118,17 +117,7 @@ class Router:
                  or "no route matched")
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="router", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.run_once()
-            except Exception:
-                log.exception("routing pass failed; retrying")
+        self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._periodic.stop()
