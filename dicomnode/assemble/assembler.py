@@ -55,7 +55,6 @@ class Assembler:
         self.audit = audit
         self.quiet = timedelta(seconds=quiet_seconds)
         self.level = level
-        self.poll_seconds = poll_seconds
         self.index_lock = index_lock or threading.Lock()
         self.started_at = started_at or utcnow()
         self._periodic = Periodic("assembler", poll_seconds, self.run_once)

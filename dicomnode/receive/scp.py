@@ -50,11 +50,10 @@ def storage_sop_classes() -> list[str]:
 
 @dataclass
 class _AssocStats:
+    """What only this process knows about an association; the counts live in SQL."""
+
     row_id: int | None = None
-    stored: int = 0
     duplicates: int = 0
-    refused: int = 0
-    bytes: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
     finished: bool = False
 
@@ -251,7 +250,6 @@ class Receiver:
             if result.outcome in ("duplicate", "kept-first"):
                 st.duplicates += 1
         else:
-            st.refused += 1
             key = f"0x{result.status:04X}"
             st.refusals[key] = st.refusals.get(key, 0) + 1
             rsp.ErrorComment = result.reason[:64]

@@ -59,7 +59,6 @@ class Router:
         self.rules = rules
         self.storage = storage
         self.max_attempts = max_attempts
-        self.poll_seconds = poll_seconds
         self.submit = submit or (lambda _job_id: None)
         self._periodic = Periodic("router", poll_seconds, self.run_once)
 

@@ -1,7 +1,8 @@
 """The store stage: one received instance in, one DICOM status out.
 
-validate (structure, UIDs, SOP class) → dedup by SOP Instance UID → stage the file durably →
-index it in SQL → publish the file → success. Every refusal gets a specific status, an
+stage the file durably (pool thread) ∥ hash and validate (structure, UIDs, SOP class) → one
+index transaction: dedup by SOP Instance UID, then index → publish the file (or discard the
+staged copy of a duplicate) → success. Every refusal gets a specific status, an
 ErrorComment a human can act on, and an audit event.
 """
 
