@@ -23,6 +23,9 @@ audit_app = typer.Typer(no_args_is_help=True, help="Review and verify the audit 
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic migrations).")
 app.add_typer(audit_app, name="audit")
 app.add_typer(db_app, name="db")
+simulate_app = typer.Typer(no_args_is_help=True,
+                           help="Write synthetic studies (labelled synthetic) for tests and demos.")
+app.add_typer(simulate_app, name="simulate")
 
 console = Console()
 err = Console(stderr=True)
@@ -406,6 +409,46 @@ def check(config: ConfigOpt = None) -> None:
         raise typer.Exit(2) from None
     console.print(f"configuration ok: {len(settings.destinations)} destination(s), "
                   f"{len(rules)} route(s)")
+
+
+@simulate_app.command("ct")
+def simulate_ct(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the projection files.")],
+    phantom: Annotated[str, typer.Option(
+        help="shepp-logan (analytic, exact line integrals) or a FILE.npy HU volume (2D or 3D, "
+             "centred on the isocentre).")] = "shepp-logan",
+    geometry: Annotated[str, typer.Option(help="parallel | fan | cone (circular)")] = "fan",
+    views: Annotated[int, typer.Option(min=2, help="Projections over the arc.")] = 720,
+    detector_pixels: Annotated[int, typer.Option(min=2, help="Detector columns.")] = 736,
+    rows: Annotated[int, typer.Option(min=1, help="Detector rows (cone beam: > 1).")] = 1,
+    detector: Annotated[str, typer.Option(help="cylindrical | flat")] = "cylindrical",
+    arc_deg: Annotated[float, typer.Option(
+        help="Scan arc (default: 360; parallel 180). Fan/cone short scans need ≥ 180 + fan "
+             "angle.")] = 360.0,
+    noise_i0: Annotated[float | None, typer.Option(
+        help="Incident photons per detector element (Poisson noise); none: noise-free.")] = None,
+    voxel_mm: Annotated[float, typer.Option(help="Voxel size of a FILE.npy phantom.")] = 0.5,
+    fov_mm: Annotated[float, typer.Option(help="Field the detector covers.")] = 250.0,
+    seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+) -> None:
+    """Simulate a CT scan and write it as DICOM-CT-PD raw data (one file per projection)."""
+    from dicomnode.simulate_ct import simulate_ct as run
+
+    if geometry not in ("parallel", "fan", "cone") or detector not in ("cylindrical", "flat"):
+        err.print("error: --geometry is parallel, fan or cone; --detector cylindrical or flat")
+        raise typer.Exit(2)
+    if phantom != "shepp-logan" and not Path(phantom).is_file():
+        err.print(f"error: phantom {phantom!r} is neither shepp-logan nor a .npy file")
+        raise typer.Exit(2)
+    try:
+        g, _ = run(out, phantom, geometry, views, detector_pixels, rows, detector=detector,
+                   noise_i0=noise_i0, voxel_mm=voxel_mm, arc_deg=arc_deg, seed=seed,
+                   fov_mm=fov_mm)
+    except ValueError as e:
+        err.print(f"error: {e}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {g.views} {g.kind}-beam projections ({g.rows}×{g.columns}, "
+                  f"{g.detector}) to {out}")
 
 
 @app.command()

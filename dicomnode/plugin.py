@@ -84,6 +84,11 @@ class Accepts:
     modalities: tuple[str, ...] = ()
     sop_class_uids: tuple[str, ...] = ()
     min_instances: int = 1
+    #: True for plugins that take raw projection data (e.g. DICOM-CT-PD, see
+    #: :mod:`dicomnode.ctpd`): the series' datasets come in acquisition order (InstanceNumber)
+    #: without the image-plane checks of an image series, and ``SeriesInput.geometry`` is then
+    #: the projection stack (views, detector rows, detector columns), not a patient-space grid.
+    projections: bool = False
 
     def check(self, modality: str, sop_class_uid: str, num_instances: int) -> str | None:
         """None if accepted, else the reason (shown in the job record)."""
@@ -344,7 +349,8 @@ class Plugin(ABC, Generic[P]):
     version: ClassVar[str]
     api_version: ClassVar[int] = API_VERSION
     description: ClassVar[str] = ""
-    #: CID 7162 Algorithm Family, recorded in every SEG and SR the plugin's results become,
+    #: CID 7162 Algorithm Family, recorded in every SEG and SR the plugin's results become
+    #: (required for plugins that return findings or label maps; None for the others),
     #: e.g. Code("123110", "DCM", "Artificial Intelligence"),
     #: Code("123105", "DCM", "Histogram Analysis"), Code("123104", "DCM",
     #: "Morphological Operations").

@@ -33,7 +33,7 @@ class Provenance:
     job_id: str
     plugin_name: str
     plugin_version: str
-    algorithm_family: tuple[str, str, str] = ("123105", "DCM", "Histogram Analysis")
+    algorithm_family: tuple[str, str, str] | None = ("123105", "DCM", "Histogram Analysis")
     node_ae_title: str = "DICOMNODE"
     node_version: str = __version__
     created: datetime | None = None

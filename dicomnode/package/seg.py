@@ -24,6 +24,9 @@ def pd_code(c: Code) -> PydicomCode:
 
 def algorithm(prov: Provenance) -> hd.AlgorithmIdentificationSequence:
     """Which plugin, which version, which family (CID 7162) produced a SEG or measurement."""
+    if prov.algorithm_family is None:
+        raise PluginError(f"{prov.plugin_name} returned a segmentation or measurements but "
+                          "declares no algorithm_family (CID 7162), which SEG and SR require")
     value, scheme, meaning = prov.algorithm_family
     return hd.AlgorithmIdentificationSequence(
         name=prov.plugin_name, version=prov.plugin_version,

@@ -41,7 +41,7 @@ from dicomnode.plugin import (
     PluginError,
     SeriesInput,
 )
-from dicomnode.run.inputs import series_input
+from dicomnode.run.inputs import projection_input, series_input
 from dicomnode.run.registry import discover
 from dicomnode.schema import Instance, Job, Series
 
@@ -64,7 +64,7 @@ def _write_durably(ds: Any, path: Path, data: bytes | None = None) -> None:
     os.replace(tmp, path)
 
 
-def _load_inputs(settings: Settings, job: Job, sessions: Any) -> Inputs:
+def _load_inputs(settings: Settings, job: Job, sessions: Any, projections: bool = False) -> Inputs:
     uids = json.loads(job.series_uids)
     series: list[SeriesInput] = []
     patient: dict[str, str] = {}
@@ -74,7 +74,7 @@ def _load_inputs(settings: Settings, job: Job, sessions: Any) -> Inputs:
                               .where(Series.series_uid == uid)
                               .where(Instance.study_revision <= job.revision)).scalars().all()
             datasets = [pydicom.dcmread(settings.storage.path / p) for p in paths]
-            series.append(series_input(datasets))
+            series.append(projection_input(datasets) if projections else series_input(datasets))
             first = datasets[0]
             patient = {k: str(first.get(k, "")) for k in ("PatientID", "PatientName",
                                                           "PatientBirthDate", "PatientSex")}
@@ -155,12 +155,16 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
         t = time.perf_counter()
         plugins = discover()
         xp, device = array_module(gpu_index)
-        inputs = _load_inputs(settings, job, sessions)
+        pipeline = json.loads(job.pipeline)
+        first = plugins.get(pipeline[0]["plugin"]) if pipeline else None
+        # the first step decides how the series is read (images, or raw projections)
+        projections = bool(first and first.cls and first.cls.accepts.projections)
+        inputs = _load_inputs(settings, job, sessions, projections)
         timings["load"] = time.perf_counter() - t
         results: list[str] = []
         summaries: list[str] = []
         out_dir = settings.storage.path / "results" / job.uid
-        for step, spec in enumerate(json.loads(job.pipeline)):
+        for step, spec in enumerate(pipeline):
             info = plugins.get(spec["plugin"])
             if info is None or info.cls is None:
                 raise PluginError(f"plugin {spec['plugin']!r} is not installed or broken")
@@ -184,9 +188,9 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
             if not isinstance(outputs, Outputs):
                 raise PluginError(f"{cls.name} returned {type(outputs).__name__}, not Outputs")
             family = cls.algorithm_family
-            assert family is not None
             prov = Provenance(f"{job.uid}/{step}", cls.name, cls.version,
-                              algorithm_family=(family.value, family.scheme, family.meaning),
+                              algorithm_family=None if family is None else (
+                                  family.value, family.scheme, family.meaning),
                               node_ae_title=settings.node.ae_title)
             t = time.perf_counter()
             results += _package(outputs, inputs, prov, step, out_dir,

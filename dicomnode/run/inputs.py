@@ -77,3 +77,40 @@ def series_input(datasets: Sequence[Any], load_pixels: bool = True) -> SeriesInp
         sop_class_uid=str(first.SOPClassUID),
         sop_instance_uids=tuple(str(d.SOPInstanceUID) for d in ordered), geometry=geometry,
         datasets=tuple(ordered), _pixels=pixels if load_pixels else None)
+
+
+def projection_input(datasets: Sequence[Any]) -> SeriesInput:
+    """A raw projection series (``Accepts.projections``): datasets in acquisition order, no
+    image-plane checks; the geometry is the projection stack (views, rows, columns) with the
+    detector's pixel pitch where the data give one. Reading the scan geometry is the plugin's
+    job (for DICOM-CT-PD: :func:`dicomnode.ctpd.read_scan`)."""
+    if not datasets:
+        raise NotApplicable("empty series")
+    ordered = sorted(datasets, key=lambda d: int(d.get("InstanceNumber") or 0))
+    first = ordered[0]
+    pitch = first.get("PixelSpacing") or (1.0, 1.0)
+    try:
+        spacing = (1.0, float(pitch[0]), float(pitch[1]))
+    except (TypeError, ValueError, IndexError):
+        spacing = (1.0, 1.0, 1.0)
+    geometry = Geometry(origin=(0.0, 0.0, 0.0), row_direction=(1.0, 0.0, 0.0),
+                        column_direction=(0.0, 1.0, 0.0), slice_direction=(0.0, 0.0, 1.0),
+                        spacing=spacing if min(spacing) > 0 else (1.0, 1.0, 1.0),
+                        shape=(len(ordered), int(first.get("Rows") or 1),
+                               int(first.get("Columns") or 1)),
+                        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")))
+
+    def pixels() -> np.ndarray:
+        out = np.empty(geometry.shape, dtype=np.float32)
+        for k, ds in enumerate(ordered):
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            out[k] = ds.pixel_array.astype(np.float32) * slope + intercept
+        return out
+
+    return SeriesInput(
+        series_uid=str(first.SeriesInstanceUID), modality=str(first.get("Modality", "")),
+        description=str(first.get("SeriesDescription", "")),
+        sop_class_uid=str(first.SOPClassUID),
+        sop_instance_uids=tuple(str(d.SOPInstanceUID) for d in ordered), geometry=geometry,
+        datasets=tuple(ordered), _pixels=pixels)

@@ -34,8 +34,9 @@ def _check(name: str, obj: object) -> str:
             return f"class attribute {attr!r} missing"
     if obj.name != name:
         return f"entry point is named {name!r} but the plugin calls itself {obj.name!r}"
-    if not isinstance(getattr(obj, "algorithm_family", None), Code):
-        return "class attribute 'algorithm_family' (a Code from CID 7162) missing"
+    family = getattr(obj, "algorithm_family", None)
+    if family is not None and not isinstance(family, Code):
+        return "class attribute 'algorithm_family' must be a Code from CID 7162 (or None)"
     if obj.api_version not in SUPPORTED_API_VERSIONS:
         return (f"api_version {obj.api_version} not supported (this node supports "
                 f"{sorted(SUPPORTED_API_VERSIONS)})")
