@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -215,6 +215,13 @@ class Code:
             raise ValueError("Code needs value, scheme designator and meaning")
 
 
+#: CT Image module attributes a plugin may set on its image volume (PS3.3 C.8.2.1).
+CT_ATTRIBUTES = frozenset({
+    "ConvolutionKernel", "ReconstructionDiameter", "DataCollectionDiameter",
+    "DistanceSourceToDetector", "DistanceSourceToPatient", "RotationDirection", "FilterType",
+    "KVP", "XRayTubeCurrent", "Exposure", "GantryDetectorTilt", "TableHeight"})
+
+
 @dataclass(frozen=True)
 class ImageVolume:
     """A new image series (→ derived series: MPR, MIP, reconstruction…)."""
@@ -226,6 +233,9 @@ class ImageVolume:
     source_series_uid: str
     original: bool = False  # True only for reconstructions from raw data (ORIGINAL\PRIMARY)
     window: tuple[float, float] | None = None  # (center, width)
+    #: Extra CT Image attributes by DICOM keyword (only those in ``CT_ATTRIBUTES``), e.g.
+    #: ``{"ConvolutionKernel": "HANN", "ReconstructionDiameter": 250.0}``.
+    attributes: Mapping[str, str | float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         shape = tuple(int(n) for n in getattr(self.array, "shape", ()))
@@ -234,6 +244,10 @@ class ImageVolume:
                              f"{self.geometry.shape}")
         if not self.series_description:
             raise ValueError("ImageVolume.series_description is required")
+        unknown = set(self.attributes) - CT_ATTRIBUTES
+        if unknown:
+            raise ValueError(f"ImageVolume.attributes: {sorted(unknown)} not allowed "
+                             f"(allowed: {sorted(CT_ATTRIBUTES)})")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import IN_CI, NodeProc
+from tests.orthanc import ORTHANC, Orthanc
 
 PG_ADMIN_URL = os.environ.get("DICOMNODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -66,3 +67,14 @@ def node_factory(tmp_path: Path, db_url: str) -> Iterator[object]:
 @pytest.fixture
 def node(node_factory) -> NodeProc:  # type: ignore[no-untyped-def]
     return node_factory().start()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
+    if not Path(ORTHANC).exists():
+        if IN_CI:
+            raise AssertionError("Orthanc (Debian package orthanc) must be installed in CI")
+        pytest.skip("Orthanc not installed (apt-get install orthanc)")
+    o = Orthanc(tmp_path / "orthanc")
+    yield o
+    o.stop()

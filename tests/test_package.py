@@ -189,6 +189,11 @@ def test_package_refuses_what_it_cannot_do_right(source, prov) -> None:  # type:
         label_map_to_seg(lm, source.datasets, g, prov, 1)
     bad = np.zeros(g.shape, np.uint8)
     bad[0, 0, 0] = 7
+    ok = np.zeros(g.shape, np.uint8)
+    ok[0, 0, 0] = 1
+    with pytest.raises(PluginError, match="declares no algorithm_family"):
+        label_map_to_seg(LabelMap(ok, g, (Segment(1, "x", tissue, tissue),), "1"),
+                         source.datasets, g, replace(prov, algorithm_family=None), 1)
     with pytest.raises(PluginError, match=r"values \[7\]"):
         label_map_to_seg(LabelMap(bad, g, (Segment(1, "x", tissue, tissue),), "1"),
                          source.datasets, g, prov, 1)

@@ -4,12 +4,9 @@ or return nonsense, the node killed mid-job."""
 
 from __future__ import annotations
 
-import json
-import shutil
 import subprocess
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,6 @@ import pytest
 
 from dicomnode.simulate import write_ct_series
 from tests.helpers import (
-    IN_CI,
     dcmtk,
     dcmtk_env,
     echoscu,
@@ -29,59 +25,8 @@ from tests.helpers import (
     storescu,
     wait_until,
 )
+from tests.orthanc import Orthanc
 from tests.validators import dciodvfy_errors, dsrdump_errors
-
-ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-
-
-class Orthanc:
-    def __init__(self, work: Path) -> None:
-        self.port, self.http = free_port(), free_port()
-        work.mkdir(parents=True, exist_ok=True)
-        cfg = work / "orthanc.json"
-        cfg.write_text(json.dumps({
-            "Name": "pacs", "StorageDirectory": str(work / "storage"),
-            "IndexDirectory": str(work / "index"), "DicomAet": "ORTHANC",
-            "DicomPort": self.port, "HttpPort": self.http, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": []}))
-        self.proc = subprocess.Popen([ORTHANC, str(cfg)], env=dcmtk_env(),
-                                     stdout=subprocess.DEVNULL,
-                                     stderr=open(work / "orthanc.log", "wb"))  # noqa: SIM115
-        wait_until(self._up, timeout=30, what="Orthanc REST")
-
-    def _up(self) -> bool:
-        try:
-            self.get("/system")
-            return True
-        except OSError:
-            return False
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=5) as r:
-            body = r.read()
-        return json.loads(body) if body[:1] in (b"{", b"[") else body
-
-    def series(self) -> list[dict[str, Any]]:
-        return self.get("/series?expand")  # type: ignore[no-any-return]
-
-    def instance_file(self, instance_id: str, dst: Path) -> Path:
-        dst.write_bytes(self.get(f"/instances/{instance_id}/file"))
-        return dst
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(15)
-
-
-@pytest.fixture
-def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
-    if not Path(ORTHANC).exists():
-        if IN_CI:
-            raise AssertionError("Orthanc (Debian package orthanc) must be installed in CI")
-        pytest.skip("Orthanc not installed (apt-get install orthanc)")
-    o = Orthanc(tmp_path / "orthanc")
-    yield o
-    o.stop()
 
 
 def pipeline_config(orthanc: Orthanc, routes: list[dict[str, Any]],

@@ -103,10 +103,14 @@ def test_discovery_reports_broken_plugins_without_failing(tmp_path: Path,
         class Future(Plugin):
             name, version, api_version, algorithm_family = "future", "1", 99, FAMILY
             def run(self, inputs, params, ctx): return Outputs()
-        class Anonymous(Plugin):
+        class Anonymous(Plugin):  # no family: fine for a plugin that makes images only
             name, version = "anonymous", "1"
             def run(self, inputs, params, ctx): return Outputs()
-        """, "misnamed = misnamed:X\nfuture = misnamed:Future\nanonymous = misnamed:Anonymous")
+        class Uncoded(Plugin):
+            name, version, algorithm_family = "uncoded", "1", "Artificial Intelligence"
+            def run(self, inputs, params, ctx): return Outputs()
+        """, "misnamed = misnamed:X\nfuture = misnamed:Future\nanonymous = misnamed:Anonymous\n"
+        "uncoded = misnamed:Uncoded")
     monkeypatch.syspath_prepend(str(tmp_path))
     found = discover()
     assert found["threshold"].ok  # the installed example plugin
@@ -114,7 +118,8 @@ def test_discovery_reports_broken_plugins_without_failing(tmp_path: Path,
     assert "not a subclass" in found["plain"].error
     assert "calls itself 'other'" in found["misnamed"].error
     assert "api_version 99 not supported" in found["future"].error
-    assert "algorithm_family" in found["anonymous"].error
+    assert found["anonymous"].ok
+    assert "algorithm_family' must be a Code" in found["uncoded"].error
     assert not any(found[n].ok for n in ("crashes", "plain", "misnamed", "future"))
 
 

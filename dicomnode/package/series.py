@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
 
 from dicomnode.package.provenance import MANUFACTURER, Provenance, output_uid
 from dicomnode.plugin import ImageVolume, PluginError, to_numpy
@@ -45,6 +46,11 @@ def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
     c = Dataset()
     c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, scheme, meaning
     return c
+
+
+def _ds(value: float) -> str:
+    """A decimal string that fits DS (≤ 16 characters), as precise as it allows."""
+    return format_number_as_ds(float(value))
 
 
 def _to_stored(hu: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -108,22 +114,26 @@ def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Proven
                         else ["DERIVED", "SECONDARY", plane_term])
         if not volume.original:
             ds.DerivationDescription = volume.derivation[:1024]
-            ds.SourceImageSequence = refs
+        # a reconstruction points at the raw projections it was made from, post-processing
+        # at its source images: both by SourceImageSequence (encoded once, see part10_bytes)
+        ds.SourceImageSequence = refs
         ds.ContributingEquipmentSequence = [equipment]
-        ds.ImagePositionPatient = [round(v, 6) for v in g.to_patient([k, 0, 0])]
+        ds.ImagePositionPatient = [_ds(v) for v in g.to_patient([k, 0, 0])]
         ds.ImageOrientationPatient = [round(v, 8) for v in (*g.row_direction,
                                                              *g.column_direction)]
-        ds.PixelSpacing = [g.spacing[1], g.spacing[2]]
-        ds.SliceThickness = g.spacing[0]
-        ds.SpacingBetweenSlices = g.spacing[0]
-        ds.SliceLocation = round(float(np.dot(g.to_patient([k, 0, 0]), g.slice_direction)), 6)
+        ds.PixelSpacing = [_ds(g.spacing[1]), _ds(g.spacing[2])]
+        ds.SliceThickness = _ds(g.spacing[0])
+        ds.SpacingBetweenSlices = _ds(g.spacing[0])
+        ds.SliceLocation = _ds(float(np.dot(g.to_patient([k, 0, 0]), g.slice_direction)))
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = g.shape[1], g.shape[2]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = intercept, slope, "HU"
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = _ds(intercept), _ds(slope), "HU"
         ds.KVP = src.get("KVP", "")
         ds.AcquisitionNumber = src.get("AcquisitionNumber", "")
+        for keyword, value in volume.attributes.items():
+            setattr(ds, keyword, _ds(value) if isinstance(value, float) else value)
         if volume.window is not None:
             ds.WindowCenter, ds.WindowWidth = volume.window
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()

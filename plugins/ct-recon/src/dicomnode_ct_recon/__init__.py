@@ -129,12 +129,21 @@ class CTRecon(Plugin[CTReconParams]):
             params.algorithm.upper()
         how = (f"{algo} {params.filter}" if params.algorithm in ("fbp", "fdk")
                else f"{algo} {params.iterations or DEFAULT_ITERATIONS[params.algorithm]} it")
+        attributes: dict[str, str | float] = {
+            "ConvolutionKernel": (params.filter if params.algorithm in ("fbp", "fdk")
+                                  else params.algorithm).upper()[:16],
+            "ReconstructionDiameter": round(grid.nx * grid.dx, 3),
+            "DataCollectionDiameter": round(scanned_fov(g), 3)}
+        if g.kind != "parallel":
+            attributes["DistanceSourceToDetector"] = round(g.sdd, 3)
+            attributes["DistanceSourceToPatient"] = round(g.sod, 3)
         volume = ImageVolume(
             array=hu.astype(ctx.xp.float32), geometry=geometry,
             series_description=f"CT recon {how}"[:64],
             derivation=(f"{how} reconstruction from {g.views} {g.kind}-beam projections "
                         f"({g.detector} detector), {grid.dx:.3f} mm pixels"),
-            source_series_uid=src.series_uid, original=True, window=params.window)
+            source_series_uid=src.series_uid, original=True, window=params.window,
+            attributes=attributes)
         return Outputs(volumes=(volume,),
                        summary=f"{how}: {grid.shape[0]}×{grid.ny}×{grid.nx} from "
                                f"{g.views} {g.kind}-beam views")

@@ -1,0 +1,53 @@
+"""Orthanc (the Debian package) as the PACS that receives results: one server per test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import dcmtk_env, free_port, wait_until
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+
+
+class Orthanc:
+    def __init__(self, work: Path) -> None:
+        self.port, self.http = free_port(), free_port()
+        work.mkdir(parents=True, exist_ok=True)
+        cfg = work / "orthanc.json"
+        cfg.write_text(json.dumps({
+            "Name": "pacs", "StorageDirectory": str(work / "storage"),
+            "IndexDirectory": str(work / "index"), "DicomAet": "ORTHANC",
+            "DicomPort": self.port, "HttpPort": self.http, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": []}))
+        self.proc = subprocess.Popen([ORTHANC, str(cfg)], env=dcmtk_env(),
+                                     stdout=subprocess.DEVNULL,
+                                     stderr=open(work / "orthanc.log", "wb"))  # noqa: SIM115
+        wait_until(self._up, timeout=30, what="Orthanc REST")
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except OSError:
+            return False
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=5) as r:
+            body = r.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def series(self) -> list[dict[str, Any]]:
+        return self.get("/series?expand")  # type: ignore[no-any-return]
+
+    def instance_file(self, instance_id: str, dst: Path) -> Path:
+        dst.write_bytes(self.get(f"/instances/{instance_id}/file"))
+        return dst
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
