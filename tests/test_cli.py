@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pydicom
+import pytest
 from pydicom.data import get_testdata_file
 
 from tests.helpers import storescu, with_new_uids
@@ -56,3 +59,34 @@ def test_echo_studies_and_db_commands(node, tmp_path: Path) -> None:  # type: ig
     assert since == []
     bad_since = node.cli("audit", "list", "--since", "yesterday", check=False)
     assert bad_since.returncode == 2 and "ISO 8601" in bad_since.stderr
+
+
+def test_simulate_ct_writes_readable_raw_data(tmp_path: Path) -> None:
+    from dicomnode import ctpd
+
+    def simulate(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dicomnode", "simulate", "ct", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    r = simulate("--out", str(tmp_path / "cone"), "--geometry", "cone", "--views", "24",
+                 "--detector-pixels", "48", "--rows", "8", "--detector", "flat",
+                 "--noise-i0", "1e5")
+    assert r.returncode == 0, r.stderr
+    assert "24 cone-beam projections (8×48, flat)" in r.stdout
+    files = sorted((tmp_path / "cone").glob("*.dcm"))
+    g, sino = ctpd.read_scan([pydicom.dcmread(f) for f in files])
+    assert (g.kind, g.detector, g.views, g.rows, g.columns) == ("cone", "flat", 24, 8, 48)
+    assert sino.max() > 1.0 and g.mu_water == pytest.approx(0.0192)
+    first = pydicom.dcmread(files[0])
+    assert first.PatientName == "Synthetic^Phantom" and first.Modality == "CT"
+    hu = np.zeros((32, 32), np.float32)
+    np.save(tmp_path / "p.npy", hu)
+    assert simulate("--out", str(tmp_path / "npy"), "--phantom", str(tmp_path / "p.npy"),
+                    "--geometry", "parallel", "--views", "10",
+                    "--detector-pixels", "16").returncode == 0
+    bad = simulate("--out", str(tmp_path / "x"), "--geometry", "helix")
+    assert bad.returncode == 2 and "parallel, fan or cone" in bad.stderr
+    bad = simulate("--out", str(tmp_path / "x"), "--phantom", "nope.npy")
+    assert bad.returncode == 2 and "neither shepp-logan" in bad.stderr
+    bad = simulate("--out", str(tmp_path / "x"), "--geometry", "fan", "--rows", "4")
+    assert bad.returncode == 2 and "one detector row" in bad.stderr

@@ -6,7 +6,7 @@ by :mod:`dicomnode.simulate_ct` (exact line integrals; no code shared with the r
 so a projector error cannot cancel itself). Errors are measured in HU against the phantom
 averaged over each pixel (4×4 sub-samples), inside 95 % of the field of view.
 
-The numbers the thresholds guard (noise-free, 128², 8 s of CPU): see docs/ct-recon.md.
+The measured numbers the thresholds guard are in docs/ct-recon.md.
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def test_fbp_accuracy_per_geometry(name: str, noise: float | None) -> None:
         sino = add_noise(sino, noise, seed=1)
     hu = to_hu(fbp(sino, g, grid2d(), "shepp-logan")[0], g.mu_water)
     m = metrics(hu)
-    # noise-free: edge blur of the skull dominates (~45 HU); brain level must be right
-    assert m["rmse"] < (60 if noise is None else 75), m
-    assert m["ssim"] > (0.80 if noise is None else 0.55), m
+    # measured (docs/ct-recon.md): 20–31 HU noise-free, 22–34 noisy; SSIM 0.90–0.96
+    assert m["rmse"] < (40 if noise is None else 45), m
+    assert m["ssim"] > (0.92 if noise is None else 0.88), m
     brain = (TRUTH > 15) & (TRUTH < 25) & MASK
     assert float(np.median(hu[brain])) == pytest.approx(20.0, abs=3.0)  # HU calibration
     r = np.hypot(*np.mgrid[-1:1:N * 1j, -1:1:N * 1j])
@@ -121,7 +121,7 @@ def test_fdk_cone_beam(det: str) -> None:
         brain = (ref > 15) & (ref < 25) & MASK
         assert float(np.median(hu[k][brain])) == pytest.approx(20.0, abs=4.0), (det, zk)
         # FDK is approximate off the central plane (cone-beam artefacts grow with z)
-        assert metrics(hu[k], ref)["rmse"] < (30 if zk == 0 else 60), (det, zk)
+        assert metrics(hu[k], ref)["rmse"] < (30 if zk == 0 else 35), (det, zk)
 
 
 @pytest.mark.parametrize("scan", [("parallel", "flat", 1, 1), ("fan", "cylindrical", 1, 1),
