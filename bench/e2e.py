@@ -39,8 +39,14 @@ def iso(ts: Any) -> float:
     return float(ts)
 
 
+CT_3D = [{"name": "ct-3d", "match": {"Modality": "CT"},
+          "pipeline": [{"plugin": "reformat"}, {"plugin": "surface", "params": {"hu_min": 300}}],
+          "send_to": ["pacs"]}]
+
+
 def run_once(root: Path, files: list[Path], expected_series: int,
-             derived_series: str = "classic") -> dict[str, float]:
+             derived_series: str = "classic", routes: list[dict[str, Any]] | None = None,
+             quiet_seconds: float = 2) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="e2e-", dir=root))
     o_port, o_http, n_port = free_port(), free_port(), free_port()
     (work / "orthanc.json").write_text(json.dumps({
@@ -54,15 +60,12 @@ def run_once(root: Path, files: list[Path], expected_series: int,
     cfg.write_text(yaml.safe_dump({
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": n_port},
         "storage": {"path": str(work / "data"), "min_free_mb": 100},
-        "assemble": {"quiet_seconds": 2, "poll_seconds": 0.1},
+        "assemble": {"quiet_seconds": quiet_seconds, "poll_seconds": 0.1},
         "runner": {"poll_seconds": 0.1},
         "package": {"derived_series": derived_series},
         "logging": {"level": "WARNING"},
         "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": o_port}},
-        "routes": [{"name": "ct-3d", "match": {"Modality": "CT"},
-                    "pipeline": [{"plugin": "reformat"},
-                                 {"plugin": "surface", "params": {"hu_min": 300}}],
-                    "send_to": ["pacs"]}]}))
+        "routes": routes or CT_3D}))
     node = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=open(work / "node.log", "wb"))  # noqa: SIM115
     try:

@@ -451,6 +451,34 @@ def simulate_ct(
                   f"{g.detector}) to {out}")
 
 
+@simulate_app.command("head-ct")
+def simulate_head_ct(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the series and truth.json.")],
+    seed: Annotated[int, typer.Option(help="Random seed (the study is a function of it).")] = 0,
+    hemorrhage: Annotated[str, typer.Option(
+        help="random (none in ~40 %) | none | iph | sdh | edh")] = "random",
+    volume_ml: Annotated[float | None, typer.Option(
+        help="Lesion volume (default: random, 0.5–50 mL).")] = None,
+    slices: Annotated[int, typer.Option(min=1)] = 40,
+    slice_mm: Annotated[float, typer.Option(help="Slice thickness = spacing.")] = 4.0,
+    size: Annotated[int, typer.Option(help="Matrix (pixels per side).")] = 256,
+    pixel_mm: Annotated[float, typer.Option()] = 0.9,
+) -> None:
+    """Write a synthetic head CT (with or without hemorrhage) and its ground truth."""
+    from dicomnode.simulate_head import write_head_ct
+
+    try:
+        files, truth = write_head_ct(out, seed, kind=hemorrhage, volume_ml=volume_ml,
+                                     slices=slices, slice_mm=slice_mm, size=size,
+                                     pixel_mm=pixel_mm)
+    except ValueError as e:
+        err.print(f"error: {e}")
+        raise typer.Exit(2) from None
+    what = ", ".join(f"{les.kind} {les.volume_ml:.1f} mL" for les in truth.lesions) or \
+        "no hemorrhage"
+    console.print(f"wrote {len(files)} slices ({what}) and truth.json to {out}")
+
+
 @app.command()
 def version() -> None:
     """Print the dicomnode version."""

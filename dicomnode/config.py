@@ -134,6 +134,26 @@ MatchValue = str | int | float | list[str | int | float] | dict[str, str]
 ROUTE_SPECIAL_KEYS = {"CallingAETitle"}
 
 
+class NotifyConfig(_Section):
+    """Where a critical finding (``Outputs.critical``) is announced, as soon as the job ends.
+
+    ``webhook``: an http(s) URL that gets a JSON POST; ``command``: a program (argv list) that
+    gets the same JSON on stdin. Each is tried ``attempts`` times, ``timeout_seconds`` each;
+    every attempt's outcome and the time from study completion are audited."""
+
+    webhook: str | None = None
+    command: list[str] | None = None
+    timeout_seconds: float = Field(10.0, gt=0)
+    attempts: int = Field(3, ge=1, le=20)
+
+    @field_validator("webhook")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("webhook must be an http:// or https:// URL")
+        return v
+
+
 class RouteConfig(_Section):
     """A rule: which completed studies/series go through which pipeline to which destinations.
 
@@ -148,6 +168,7 @@ class RouteConfig(_Section):
     match: dict[str, MatchValue] = Field(default_factory=dict)
     pipeline: list[StepConfig] = Field(min_length=1)
     send_to: list[str] = Field(default_factory=list)
+    notify: NotifyConfig | None = None  # critical findings → webhook and/or command
 
     @field_validator("match")
     @classmethod

@@ -305,6 +305,9 @@ class Finding:
     segment: int | None = None  # number of the Segment in ``Outputs.label_maps[0]`` if any
     confidence: float | None = None  # 0..1
     source_series_uid: str = ""
+    #: Qualitative evaluations (name, value), e.g. ``(Code("705057003", "SCT", "Presence"),
+    #: Code("52101004", "SCT", "Present"))`` (→ TID 1500 qualitative evaluations).
+    evaluations: tuple[tuple[Code, Code], ...] = ()
 
     def __post_init__(self) -> None:
         if self.confidence is not None and not 0.0 <= self.confidence <= 1.0:
@@ -344,6 +347,9 @@ class Outputs:
     meshes: tuple[Mesh, ...] = ()
     key_images: tuple[KeyImages, ...] = ()
     summary: str = ""  # one line for the job record and logs
+    #: Non-empty for a critical finding (e.g. "Intracranial hemorrhage suspected, 12 mL"):
+    #: the node fires the route's ``notify`` (webhook and/or command) with this text, audited.
+    critical: str = ""
 
     @property
     def empty(self) -> bool:

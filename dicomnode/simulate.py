@@ -6,7 +6,7 @@ Data made here is labelled as synthetic in PatientName/SeriesDescription. The CL
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,10 @@ def write_ct_series(out: Path, hu: np.ndarray | None = None, *, n: int = 8, size
                     study_uid: str | None = None, series_description: str = "SYNTHETIC CT",
                     patient_id: str = "SYNTH001",
                     hu_fn: Callable[[tuple[int, int, int]], np.ndarray] | None = None,
+                    z_mm: Sequence[float] | None = None, patient_name: str = "Synthetic^Phantom",
                     ) -> list[Path]:
-    """Write a CT Image Storage series, one file per slice (slice k at z = -k·slice_mm)."""
+    """Write a CT Image Storage series, one file per slice (slice k at z = -k·slice_mm, or
+    at ``z_mm[k]``)."""
     if hu is None:
         hu = (hu_fn or ellipse_phantom)((n, size, size))
     n, rows, cols = hu.shape
@@ -53,7 +55,7 @@ def write_ct_series(out: Path, hu: np.ndarray | None = None, *, n: int = 8, size
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
             study_uid, series, frame)
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
-            "Synthetic^Phantom", patient_id, "19700101", "O")
+            patient_name, patient_id, "19700101", "O")
         ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
             "20261121", "080000", "SYN1", "1")
         ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = (
@@ -61,7 +63,8 @@ def write_ct_series(out: Path, hu: np.ndarray | None = None, *, n: int = 8, size
         ds.SeriesDescription, ds.Manufacturer = series_description, "dicomnode-simulator"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         half = (cols - 1) / 2 * pixel_mm
-        ds.ImagePositionPatient = [-half, -half, -i * slice_mm]
+        ds.ImagePositionPatient = [-half, -half, -i * slice_mm if z_mm is None
+                                   else round(float(z_mm[i]), 4)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing, ds.SliceThickness = [pixel_mm, pixel_mm], slice_mm
         ds.PositionReferenceIndicator = ""

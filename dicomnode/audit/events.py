@@ -43,6 +43,7 @@ class EventKind(Enum):
     JOB_FINISHED = ("job-finished", "DN0005", "Job Finished", "E")
     RESULTS_SENT = ("results-sent", "110106", "Export", "R")
     SEND_FAILED = ("send-failed", "110106", "Export", "R")
+    CRITICAL_NOTIFIED = ("critical-notified", "DN0006", "Critical Finding Notified", "E")
 
     @property
     def type_name(self) -> str:

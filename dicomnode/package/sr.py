@@ -29,12 +29,26 @@ PROCEDURES = {
 IMAGING_PROCEDURE = PydicomCode("363679005", "SCT", "Imaging procedure")
 
 
+#: Private code (coding scheme 99DCMNODE): PS3.16 has no concept for a detector's confidence.
+CONFIDENCE = PydicomCode("DN-CONF", "99DCMNODE", "Detection confidence")
+
+
 def _measurements(f: Finding, prov: Provenance) -> list[hd.sr.Measurement]:
     algorithm = hd.sr.AlgorithmIdentification(name=prov.plugin_name,
                                               version=prov.plugin_version)
-    return [hd.sr.Measurement(name=pd_code(m.name), value=float(m.value),
-                              unit=PydicomCode(m.unit, "UCUM", m.unit), algorithm_id=algorithm)
-            for m in f.measurements]
+    out = [hd.sr.Measurement(name=pd_code(m.name), value=float(m.value),
+                             unit=PydicomCode(m.unit, "UCUM", m.unit), algorithm_id=algorithm)
+           for m in f.measurements]
+    if f.confidence is not None:
+        out.append(hd.sr.Measurement(name=CONFIDENCE, value=round(float(f.confidence), 4),
+                                     unit=PydicomCode("1", "UCUM", "no units"),
+                                     algorithm_id=algorithm))
+    return out
+
+
+def _evaluations(f: Finding) -> list[hd.sr.QualitativeEvaluation] | None:
+    return [hd.sr.QualitativeEvaluation(pd_code(name), pd_code(value))
+            for name, value in f.evaluations] or None
 
 
 def findings_to_sr(findings: Sequence[Finding], sources: Sequence[Any],
@@ -66,18 +80,20 @@ def findings_to_sr(findings: Sequence[Finding], sources: Sequence[Any],
                     f.source_series_uid or str(src.SeriesInstanceUID)))
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking, referenced_segment=ref,
-                finding_type=pd_code(f.finding), measurements=measurements))
+                finding_type=pd_code(f.finding), measurements=measurements,
+                qualitative_evaluations=_evaluations(f)))
         elif f.location is not None:
             region = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
                                          graphic_data=np.array([f.location], dtype=float),
                                          frame_of_reference_uid=frame_of_reference)
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking, referenced_region=region,
-                finding_type=pd_code(f.finding), measurements=measurements))
+                finding_type=pd_code(f.finding), measurements=measurements,
+                qualitative_evaluations=_evaluations(f)))
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking, finding_type=pd_code(f.finding),
-                measurements=measurements))
+                measurements=measurements or None, qualitative_evaluations=_evaluations(f)))
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=PROCEDURES.get(str(src.get("Modality", "")), IMAGING_PROCEDURE),

@@ -163,6 +163,7 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
         timings["load"] = time.perf_counter() - t
         results: list[str] = []
         summaries: list[str] = []
+        critical: list[str] = []
         out_dir = settings.storage.path / "results" / job.uid
         for step, spec in enumerate(pipeline):
             info = plugins.get(spec["plugin"])
@@ -197,7 +198,10 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
                                 settings.package.derived_series)
             timings["package"] = timings.get("package", 0.0) + time.perf_counter() - t
             summaries.append(f"{cls.name}: {outputs.summary or 'done'}")
+            if outputs.critical:
+                critical.append(f"{cls.name}: {outputs.critical}")
         outcome = {"state": "succeeded", "results": results, "summary": "; ".join(summaries),
+                   "critical": "; ".join(critical),
                    "timings": {k: round(v, 3) for k, v in timings.items()}}
     except NotApplicable as e:
         outcome = {"state": "not-applicable", "reason": str(e)}

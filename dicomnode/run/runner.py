@@ -24,10 +24,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
+from dicomnode.notify import notify_async
 from dicomnode.plugin import GPU
 from dicomnode.run.execute import child_main
 from dicomnode.run.registry import discover
-from dicomnode.schema import Delivery, Job, utcnow
+from dicomnode.schema import Completion, Delivery, Job, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,24 @@ class EmbeddedRunner:
                            "reason": f"job process died (exit code {r.process.exitcode})"}
             self._finish(r, outcome)
 
+    def _notify(self, s: Session, job: Job, message: str) -> None:
+        """Fire the route's notification for a critical finding (on its own thread)."""
+        route = next((rc for rc in self.settings.routes if rc.name == job.route), None)
+        if route is None or route.notify is None:
+            log.warning("job %s: critical finding but route %r has no notify: %s", job.uid,
+                        job.route, message)
+            return
+        study = s.scalars(select(Study).where(Study.study_uid == job.study_uid)).first()
+        completion = s.get(Completion, job.completion_fk) if job.completion_fk else None
+        completed_at = completion.completed_at if completion else None
+        payload = {"event": "critical-finding", "message": message, "job_uid": job.uid,
+                   "route": job.route, "study_uid": job.study_uid,
+                   "accession_number": study.accession_number if study else "",
+                   "patient_id": study.patient.patient_id if study else "",
+                   "study_completed_at": completed_at.isoformat() if completed_at else None,
+                   "results": len(json.loads(job.results))}
+        notify_async(route.notify, payload, self.audit, self.sessions, completed_at)
+
     def _finish(self, r: _Running, outcome: dict[str, Any]) -> None:
         del self._running[r.job_id]
         state = outcome["state"]
@@ -206,6 +225,8 @@ class EmbeddedRunner:
                 seconds=round(took, 3), reason=job.reason[:500],
                 results=len(json.loads(job.results)), summary=job.summary[:500],
                 timings=outcome.get("timings", {}))
+            if state == "succeeded" and outcome.get("critical"):
+                self._notify(s, job, str(outcome["critical"]))
         log.info("job %d %s%s", r.job_id, state,
                  f": {outcome.get('reason')}" if outcome.get("reason") else "")
         if state == "succeeded":

@@ -1,0 +1,183 @@
+"""ich-triage on generated head CTs (``dicomnode simulate head-ct``; synthetic, ground truth known),
+its report objects (SR/SEG/KOS conformance, values read back), refusals, and end to end into
+Orthanc with a critical-finding webhook. The seeds here are tuning seeds; bench/detect.py
+measures on held-out seeds never used while building the detector."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from dicomnode_ich_triage import ICHParams, ICHTriage
+
+from dicomnode.package import Provenance
+from dicomnode.package.kos import key_images_to_kos
+from dicomnode.package.seg import label_map_to_seg
+from dicomnode.package.sr import findings_to_sr
+from dicomnode.plugin import Context, Inputs, NotApplicable
+from dicomnode.run.inputs import series_input
+from dicomnode.simulate import write_ct_series
+from dicomnode.simulate_head import write_head_ct
+from tests.helpers import free_port, storescu, wait_until
+from tests.test_pipeline import make_node, pipeline_config
+from tests.validators import dciodvfy_errors, dsrdump_errors
+
+
+def ctx(tmp_path: Path) -> Context:
+    return Context("job", np, "cpu", tmp_path, logging.getLogger("test"))
+
+
+def study(tmp_path: Path, seed: int, **kw: Any) -> tuple[Inputs, Any, list[Path]]:
+    files, truth = write_head_ct(tmp_path / f"head{seed}", seed, **kw)
+    return Inputs("1", (series_input([pydicom.dcmread(f) for f in files]),), {}), truth, files
+
+
+def lesions(out: Any) -> list[Any]:
+    return [f for f in out.findings if f.measurements]
+
+
+@pytest.mark.parametrize("seed,kind,ml", [(11, "iph", 3.0), (12, "sdh", 8.0), (13, "edh", 15.0),
+                                          (14, "iph", 1.0), (15, "sdh", 30.0)])
+def test_finds_the_hemorrhage_and_measures_it(tmp_path: Path, seed: int, kind: str,
+                                              ml: float) -> None:
+    inputs, truth, _ = study(tmp_path, seed, kind=kind, volume_ml=ml)
+    out = ICHTriage().run(inputs, ICHParams(), ctx(tmp_path))
+    [les] = truth.lesions
+    found = lesions(out)
+    assert found, f"missed {kind} {les.volume_ml:.1f} mL"
+    best = found[0]  # largest first
+    volume = best.measurements[0].value
+    assert volume == pytest.approx(les.volume_ml, rel=0.3)
+    assert np.linalg.norm(np.subtract(best.location, les.centroid_lps)) < 10.0
+    assert best.measurements[1].value > 5.0  # maximum diameter, mm
+    assert 0 < best.confidence <= 1
+    assert out.critical.startswith("Intracranial hemorrhage suspected")
+    assert out.findings[0].evaluations[0][1].meaning == "Present"
+    [lm] = out.label_maps
+    assert int(lm.array.max()) == len(found)
+    overlap = (np.asarray(lm.array) > 0) & (np.load(tmp_path / f"head{seed}" /
+                                                    "truth-mask.npy") > 0)
+    assert overlap.sum() > 0.5 * (np.asarray(lm.array) > 0).sum()  # mostly on the truth
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_no_hemorrhage_no_alarm(tmp_path: Path, seed: int) -> None:
+    inputs, truth, _ = study(tmp_path, seed, kind="none")
+    out = ICHTriage().run(inputs, ICHParams(), ctx(tmp_path))
+    assert not truth.lesions and lesions(out) == [] and not out.label_maps
+    assert out.critical == "" and out.findings[0].evaluations[0][1].meaning == "Absent"
+
+
+def test_refuses_what_is_not_a_head_ct(tmp_path: Path) -> None:
+    run = lambda files: ICHTriage().run(  # noqa: E731
+        Inputs("1", (series_input([pydicom.dcmread(f) for f in files]),), {}), ICHParams(),
+        ctx(tmp_path))
+    body = write_ct_series(tmp_path / "chest", n=40, size=128, slice_mm=5.0)  # no skull
+    with pytest.raises(NotApplicable, match="not a head CT"):
+        run(body)
+    five = write_head_ct(tmp_path / "five", 3, kind="iph", slices=5)[0]
+    with pytest.raises(NotApplicable, match="5 slice"):
+        run(five)
+    mr = [pydicom.dcmread(f) for f in write_head_ct(tmp_path / "mr", 4, kind="none")[0]]
+    for ds in mr:
+        ds.Modality = "MR"
+    with pytest.raises(NotApplicable, match="needs CT"):
+        ICHTriage().run(Inputs("1", (series_input(mr),), {}), ICHParams(), ctx(tmp_path))
+    nospacing = [pydicom.dcmread(f) for f in five]
+    for ds in nospacing:
+        del ds.PixelSpacing
+    with pytest.raises(NotApplicable, match="PixelSpacing missing"):
+        series_input(nospacing)
+
+
+def test_report_objects_are_conformant_and_read_back(tmp_path: Path) -> None:
+    inputs, truth, _ = study(tmp_path, 31, kind="edh", volume_ml=10.0)
+    out = ICHTriage().run(inputs, ICHParams(), ctx(tmp_path))
+    src = inputs.primary
+    prov = Provenance("job-31", "ich-triage", "1.0.0",
+                      algorithm_family=("123104", "DCM", "Morphological Operations"))
+    seg = label_map_to_seg(out.label_maps[0], src.datasets, src.geometry, prov, 9005)
+    sr = findings_to_sr(out.findings, src.datasets, seg, prov, 9008)
+    kos = key_images_to_kos(out.key_images[0], src.datasets, prov, 9007)
+    for name, obj in (("seg", seg), ("sr", sr), ("kos", kos)):
+        obj.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        assert dciodvfy_errors(tmp_path / f"{name}.dcm") == [], name
+    assert dsrdump_errors(tmp_path / "sr.dcm") == []
+    back = hd.sr.srread(tmp_path / "sr.dcm")
+    groups = back.content.get_volumetric_roi_measurement_groups()
+    assert groups
+    volume = groups[0].get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
+    assert volume[0].value == pytest.approx(truth.lesions[0].volume_ml, rel=0.3)
+    text = str(back)
+    assert "Present" in text and "Detection confidence" in text and "ich-triage" in text
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: ignore[no-untyped-def]
+                                                tmp_path: Path) -> None:
+    port = free_port()
+    server = HTTPServer(("127.0.0.1", port), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Hook.received = []
+    route = {"name": "ich", "match": {"Modality": "CT",
+                                      "SeriesDescription": {"regex": "HEAD"}},
+             "pipeline": [{"plugin": "ich-triage"}], "send_to": ["pacs"],
+             "notify": {"webhook": f"http://127.0.0.1:{port}/alert"}}
+    cfg = pipeline_config(orthanc, [route])
+    cfg["assemble"] = {"quiet_seconds": 1}
+    node = make_node(node_factory, cfg)
+    try:
+        _, truth = write_head_ct(tmp_path / "bleed", 41, kind="iph", volume_ml=6.0)
+        files = sorted((tmp_path / "bleed").glob("*.dcm"))
+        storescu(node.port, files, aet="CT_SCANNER")
+        wait_until(lambda: len(orthanc.series()) == 3, timeout=90, what="SR, SEG, KOS")
+        by_modality = {s["MainDicomTags"]["Modality"]: s for s in orthanc.series()}
+        assert set(by_modality) == {"SR", "SEG", "KO"}
+        paths = {m: orthanc.instance_file(s["Instances"][0], tmp_path / f"{m}.dcm")
+                 for m, s in by_modality.items()}
+        for m, p in paths.items():
+            assert dciodvfy_errors(p) == [], m
+        assert dsrdump_errors(paths["SR"]) == []
+        sr = hd.sr.srread(paths["SR"])
+        [group] = sr.content.get_volumetric_roi_measurement_groups()
+        volume = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
+        assert volume[0].value == pytest.approx(truth.lesions[0].volume_ml, rel=0.3)
+        wait_until(lambda: _Hook.received, timeout=30, what="the webhook")
+        [alert] = _Hook.received
+        assert alert["event"] == "critical-finding" and "hemorrhage" in alert["message"]
+        assert alert["study_uid"] == pydicom.dcmread(files[0]).StudyInstanceUID
+        assert alert["patient_id"] == "SYNTH-HEAD-41"
+        events = wait_until(lambda: node.audit("critical-notified"), timeout=30,
+                            what="audited notification")
+        detail = events[0]["detail"]
+        assert events[0]["outcome"] == 0 and detail["channel"].startswith("webhook")
+        # from study completion to the alert: the quiet period has passed, the job ran
+        assert 0 < detail["seconds_since_completion"] < 60
+        assert node.cli("audit", "verify").returncode == 0
+        # a study without hemorrhage: an SR saying so, and no alert
+        write_head_ct(tmp_path / "clean", 42, kind="none")
+        storescu(node.port, sorted((tmp_path / "clean").glob("*.dcm")), aet="CT_SCANNER")
+        wait_until(lambda: len(orthanc.series()) == 4, timeout=90, what="the clean SR")
+        assert len(_Hook.received) == 1
+    finally:
+        server.shutdown()
