@@ -479,6 +479,26 @@ def simulate_head_ct(
     console.print(f"wrote {len(files)} slices ({what}) and truth.json to {out}")
 
 
+@simulate_app.command("chest-ct")
+def simulate_chest_ct(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the series and truth.json.")],
+    seed: Annotated[int, typer.Option(help="Random seed (the study is a function of it).")] = 0,
+    nodules: Annotated[int | None, typer.Option(
+        help="Number of nodules (default: random 0–4).")] = None,
+    slices: Annotated[int, typer.Option(min=1)] = 120,
+    slice_mm: Annotated[float, typer.Option(help="Slice thickness = spacing.")] = 1.25,
+    size: Annotated[int, typer.Option(help="Matrix (pixels per side).")] = 320,
+    pixel_mm: Annotated[float, typer.Option()] = 0.8,
+) -> None:
+    """Write a synthetic chest CT (vessels, 0–4 solid or ground-glass nodules) + ground truth."""
+    from dicomnode.simulate_chest import write_chest_ct
+
+    files, truth = write_chest_ct(out, seed, nodules=nodules, slices=slices,
+                                  slice_mm=slice_mm, size=size, pixel_mm=pixel_mm)
+    what = ", ".join(f"{n.kind} {n.diameter_mm:.1f} mm" for n in truth.nodules) or "no nodule"
+    console.print(f"wrote {len(files)} slices ({what}) and truth.json to {out}")
+
+
 @app.command()
 def version() -> None:
     """Print the dicomnode version."""

@@ -1,0 +1,192 @@
+"""Synthetic chest CT with lung nodules (or none) and its ground truth:
+``dicomnode simulate chest-ct``. For detector tests and benchmarks; no patient data anywhere.
+
+Anatomy (mm, partial volume over each slice): body with subcutaneous fat, mediastinum and heart,
+spine and ribs (bone), two lungs (−860 HU parenchyma with texture) and pulmonary vessels as
+branching tubes: from each hilum, random trees whose radius shrinks at each branching (6 → 0.6
+mm), blurred to soft-tissue HU by partial volume. Nodules 3–30 mm: solid (lobulated spheres,
+20–60 HU) or ground glass (−650…−350 HU), placed in lung parenchyma (some touching a vessel),
+0–4 per scan. Noise σ 12 HU × √(1.25/slice). Truth: ``truth.json`` (per nodule: type, diameter,
+volume, centroid LPS) and ``truth-mask.npy`` (nodule k = label k).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomnode.simulate import write_ct_series
+
+
+@dataclass
+class Nodule:
+    kind: str  # "solid" | "ground-glass"
+    diameter_mm: float
+    volume_ml: float
+    centroid_lps: tuple[float, float, float]
+    hu: float
+
+
+@dataclass
+class ChestTruth:
+    seed: int
+    nodules: list[Nodule] = field(default_factory=list)
+    slice_mm: float = 1.25
+    pixel_mm: float = 0.8
+    z_mm: list[float] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+LUNG_R = np.array([55.0, 75.0, 95.0])  # semi-axes of one lung (x, y, z)
+LUNG_C = ((-70.0, 0.0, 0.0), (70.0, 0.0, 0.0))
+
+
+def _inside_lungs(p: np.ndarray) -> np.ndarray:
+    out = np.zeros(p.shape[:-1], dtype=bool)
+    for c in LUNG_C:
+        q = (p - np.array(c)) / LUNG_R
+        out |= np.sum(q * q, axis=-1) <= 1
+    heart = (p - np.array([25.0, -5.0, -30.0])) / np.array([55.0, 50.0, 55.0])
+    return np.asarray(out & (np.sum(heart * heart, axis=-1) > 1))
+
+
+def _vessel_tree(rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray, float]]:
+    """Segments (start, end, radius mm) of branching vessels from both hila."""
+    segments = []
+    for side in (-1, 1):
+        roots = [np.array([side * 1.0, 0.0, dz]) for dz in (-0.8, 0.0, 0.8)]
+        stack = [(np.array([side * 38.0, 0.0, 0.0]), d / np.linalg.norm(d), 5.0, 0)
+                 for d in roots]
+        while stack:
+            start, direction, radius, depth = stack.pop()
+            length = rng.uniform(18, 34) * (0.8 ** depth)
+            d = direction + rng.normal(0, 0.35, 3)
+            d /= np.linalg.norm(d)
+            end = start + d * length
+            if not _inside_lungs(end[None])[0] and depth > 0:
+                continue
+            segments.append((start, end, radius))
+            if radius > 0.8 and depth < 8:
+                for _ in range(2):
+                    stack.append((end, d, radius * rng.uniform(0.62, 0.78), depth + 1))
+    return segments
+
+
+def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    ab = b - a
+    t = np.clip(((p - a) @ ab) / (ab @ ab), 0, 1)
+    return np.asarray(np.linalg.norm(p - (a + t[..., None] * ab), axis=-1))
+
+
+def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
+             slice_mm: float = 1.25, size: int = 320, pixel_mm: float = 0.8,
+             sub: int = 2) -> tuple[np.ndarray, ChestTruth, np.ndarray]:
+    """(HU [z, y, x], truth, nodule labels [z, y, x])."""
+    rng = np.random.default_rng(seed)
+    count = int(rng.choice([0, 0, 1, 1, 2, 3, 4])) if nodules is None else nodules
+    z = (np.arange(slices) - (slices - 1) / 2) * slice_mm
+    yx = (np.arange(size) - (size - 1) / 2) * pixel_mm
+    vessels = _vessel_tree(rng)
+    truth = ChestTruth(seed=seed, slice_mm=slice_mm, pixel_mm=pixel_mm,
+                       z_mm=[float(v) for v in z])
+    placed: list[tuple[np.ndarray, float, str, float, list[tuple[int, float]]]] = []
+    zmin, zmax = z[0] + 10, z[-1] - 10
+    for _ in range(count):
+        for _attempt in range(200):
+            c = np.array([rng.choice([-1, 1]) * rng.uniform(40, 100), rng.uniform(-60, 55),
+                          rng.uniform(zmin, zmax)])
+            d = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0))))
+            probe = c + rng.normal(0, d / 4, (40, 3))
+            if not _inside_lungs(probe).all():
+                continue
+            if any(np.linalg.norm(c - o[0]) < (d + o[1]) / 2 + 5 for o in placed):
+                continue
+            kind = "solid" if rng.random() < 0.7 else "ground-glass"
+            hu = float(rng.uniform(20, 60) if kind == "solid" else rng.uniform(-650, -350))
+            lobes = [(int(k), float(rng.uniform(0, 2 * np.pi))) for k in (3, 5)]
+            placed.append((c, d, kind, hu, lobes))
+            break
+    vol = np.zeros((slices, size, size), dtype=np.float32)
+    labels_frac = np.zeros((len(placed), slices, size, size), dtype=np.float32)
+    texture = rng.normal(size=(slices, size, size)).astype(np.float32)
+    from scipy.ndimage import gaussian_filter
+
+    texture = gaussian_filter(texture, (0.5, 2.0, 2.0))
+    texture /= texture.std() + 1e-6
+    yy, xx = np.meshgrid(yx, yx, indexing="ij")
+    for k, zc in enumerate(z):
+        acc = np.zeros((size, size), dtype=np.float32)
+        frac = np.zeros((len(placed), size, size), dtype=np.float32)
+        for dz in (np.arange(sub) - (sub - 1) / 2) * slice_mm / sub:
+            zz = zc + dz
+            p = np.stack([xx, yy, np.full_like(xx, zz)], axis=-1)
+            hu = np.full((size, size), -1000.0, dtype=np.float32)
+            body = (xx / 160) ** 2 + (yy / 115) ** 2 <= 1
+            hu[body] = -100.0  # fat
+            muscle = (xx / 148) ** 2 + (yy / 104) ** 2 <= 1
+            hu[muscle] = 45.0
+            lungs = _inside_lungs(p)
+            hu[lungs] = -860.0 + 25 * texture[k][lungs]
+            spine = ((xx / 18) ** 2 + ((yy - 80) / 18) ** 2) <= 1
+            hu[spine] = 700.0
+            for rib_angle in np.linspace(0.35, np.pi - 0.35, 7):
+                ang = np.arctan2(yy, xx)
+                ring = np.abs(np.hypot(xx / 150, yy / 106) - 0.93) < 0.03
+                hu[ring & (np.abs(((ang - rib_angle + zz / 60) + np.pi) % (2 * np.pi) - np.pi)
+                           < 0.12)] = 650.0
+                hu[ring & (np.abs(((ang + rib_angle + zz / 60) + np.pi) % (2 * np.pi) - np.pi)
+                           < 0.12)] = 650.0
+            # vessels: only segments whose slab reaches this z
+            for a, b, r in vessels:
+                if min(a[2], b[2]) - r > zz or max(a[2], b[2]) + r < zz:
+                    continue
+                lo = np.minimum(a[:2], b[:2]) - r - 1
+                hi = np.maximum(a[:2], b[:2]) + r + 1
+                sel = (xx >= lo[0]) & (xx <= hi[0]) & (yy >= lo[1]) & (yy <= hi[1]) & lungs
+                if not sel.any():
+                    continue
+                dist = _segment_distance(p[sel], a, b)
+                hu[np.where(sel)] = np.where(dist <= r, 40.0, hu[sel])
+            for i, (c, d, _kind, nhu, lobes) in enumerate(placed):
+                rel = p - c
+                if abs(rel[0, 0, 2]) > d:
+                    continue
+                rr = np.linalg.norm(rel, axis=-1)
+                ang = np.arctan2(rel[..., 1], rel[..., 0])
+                bump = 1 + sum(0.08 * np.cos(kk * ang + ph) for kk, ph in lobes)
+                m = (rr <= d / 2 * bump) & lungs
+                hu[m] = nhu
+                frac[i] += m
+            acc += hu
+        vol[k] = acc / sub
+        labels_frac[:, k] = frac / sub
+    vol += rng.normal(0, 12.0 * np.sqrt(1.25 / slice_mm), vol.shape).astype(np.float32)
+    labels = np.zeros((slices, size, size), dtype=np.uint8)
+    voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000
+    for i, (c, d, kind, nhu, _) in enumerate(placed):
+        f = labels_frac[i]
+        labels[f >= 0.5] = i + 1
+        idx = np.argwhere(f > 0)
+        w = f[f > 0]
+        cen = (idx * w[:, None]).sum(0) / w.sum()
+        truth.nodules.append(Nodule(kind, float(d), float(w.sum() * voxel_ml),
+                                    (float(yx[0] + cen[2] * pixel_mm),
+                                     float(yx[0] + cen[1] * pixel_mm),
+                                     float(z[0] + cen[0] * slice_mm)), nhu))
+    return vol, truth, labels
+
+
+def write_chest_ct(out: Path, seed: int, **kw: Any) -> tuple[list[Path], ChestTruth]:
+    hu, truth, labels = chest_ct(seed, **kw)
+    files = write_ct_series(out, hu=hu, pixel_mm=truth.pixel_mm, slice_mm=truth.slice_mm,
+                            series_description="SYNTHETIC CHEST CT", z_mm=truth.z_mm,
+                            patient_id=f"SYNTH-CHEST-{seed}")
+    (out / "truth.json").write_text(truth.to_json())
+    np.save(out / "truth-mask.npy", labels)
+    return files, truth

@@ -1,0 +1,302 @@
+"""``lung-nodules``: find lung nodules on chest CT (classical baseline, no weights).
+
+1. *Lungs*: air-like tissue (< −400 HU) inside the body, not connected to the air around the
+   patient, components over 100 mL; holes filled slice by slice so vessels and nodules inside
+   the lungs belong to them. No lungs → not applicable (head, abdomen, MR…).
+2. *Candidates, multi-scale*: Hessian "dot" filter (Li et al. 2003: |λ3|²/|λ1| where all three
+   eigenvalues are negative) at scales 1.5–6 mm (scale-normalised), on the lung region; local
+   maxima above ``dot_threshold``. Tubes (vessels) have one eigenvalue near zero: low response.
+3. *Segmentation*: from each candidate, the connected voxels above the half-way HU between lung
+   and the candidate's core, within a sphere of 2.5× its scale.
+4. *False-positive reduction*: size (``min_diameter_mm``–35 mm), elongation (largest / smallest
+   principal axis ≤ ``max_elongation``: vessels are long), compactness, candidates merged when
+   they overlap.
+5. *Measurements*: long-axis and perpendicular short-axis diameter on the axial slice where the
+   nodule is largest, mean diameter (Lung-RADS uses it), volume (voxels above the half-way HU),
+   consistency (solid if the core is denser than −300 HU, else sub-solid), centroid, and a
+   Lung-RADS-style size category (v2022 baseline sizes: solid < 6 mm → 2, 6–8 → 3, 8–15 → 4A,
+   ≥ 15 → 4B; sub-solid < 30 mm → 2, ≥ 30 → 3). A size category only: Lung-RADS itself needs a
+   radiologist and history.
+
+Research use; tested on synthetic studies only (``dicomnode simulate chest-ct``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from dicomnode.plugin import (
+    GPU,
+    Accepts,
+    Code,
+    Context,
+    Finding,
+    Inputs,
+    LabelMap,
+    Measurement,
+    Needs,
+    NotApplicable,
+    Outputs,
+    Params,
+    Plugin,
+    Segment,
+    to_numpy,
+)
+
+NODULE = Code("27925004", "SCT", "Nodule")
+ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
+VOLUME = Code("118565006", "SCT", "Volume")
+LONG_AXIS = Code("103339001", "SCT", "Long axis")
+SHORT_AXIS = Code("103340004", "SCT", "Short axis")
+DIAMETER = Code("81827009", "SCT", "Diameter")
+# PS3.16 has no codes for these summaries: private coding scheme 99DCMNODE
+CONSISTENCY = Code("DN-CONSIST", "99DCMNODE", "Nodule consistency")
+SOLID = Code("DN-SOLID", "99DCMNODE", "Solid")
+SUBSOLID = Code("DN-SUBSOLID", "99DCMNODE", "Sub-solid")
+SIZE_CATEGORY = Code("DN-LRSIZE", "99DCMNODE", "Lung-RADS-style size category")
+
+
+def _category(code: str) -> Code:
+    return Code(f"DN-LR{code}", "99DCMNODE", f"Category {code}")
+
+
+class NoduleParams(Params):
+    scales_mm: tuple[float, ...] = (1.5, 2.5, 4.0, 6.5, 10.0)
+    dot_threshold: float = 30.0  # scale-normalised dot response, HU
+    min_diameter_mm: float = 3.0
+    max_diameter_mm: float = 35.0
+    max_elongation: float = 3.0
+    max_candidates: int = Field(400, ge=1)
+    min_slices: int = Field(16, ge=1)
+
+
+def _ndimage(xp: Any) -> Any:
+    if xp is np:
+        import scipy.ndimage
+
+        return scipy.ndimage
+    import cupyx.scipy.ndimage  # pragma: no cover - GPU only
+
+    return cupyx.scipy.ndimage  # pragma: no cover
+
+
+def lung_mask(hu: np.ndarray, ndi: Any) -> np.ndarray:
+    air = hu < -400
+    labels, n = ndi.label(air)
+    if n == 0:
+        return np.zeros_like(air)
+    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+                                       labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
+    sizes = ndi.sum_labels(air, labels, index=np.arange(1, n + 1))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = sizes > 0
+    keep[border] = False
+    lungs = keep[labels]
+    out = np.zeros_like(lungs)
+    for k in range(hu.shape[0]):
+        out[k] = ndi.binary_fill_holes(lungs[k])
+    return out
+
+
+def dot_response(hu: np.ndarray, lungs: np.ndarray, spacing: tuple[float, float, float],
+                 scales: tuple[float, ...], ndi: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(max over scales of the dot filter, the scale index that gave it), zero outside lungs."""
+    vol = np.where(lungs, np.clip(hu, -1000, 200), -1000).astype(np.float32)
+    best = np.zeros(hu.shape, dtype=np.float32)
+    which = np.zeros(hu.shape, dtype=np.int8)
+    idx = np.nonzero(lungs)
+    for s_i, s in enumerate(scales):
+        sigma = tuple(s / sp for sp in spacing)
+        h = {}
+        for a in range(3):
+            for b in range(a, 3):
+                order = [0, 0, 0]
+                order[a] += 1
+                order[b] += 1
+                h[a, b] = ndi.gaussian_filter(vol, sigma, order=order)[idx] * s * s
+        # negative definite needs negative diagonal: only those voxels get eigenvalues
+        cand = (h[0, 0] < 0) & (h[1, 1] < 0) & (h[2, 2] < 0)
+        m = np.empty((int(cand.sum()), 3, 3), dtype=np.float32)
+        for (a, b), v in h.items():
+            m[:, a, b] = v[cand]
+            m[:, b, a] = v[cand]
+        ev = np.linalg.eigvalsh(m)  # ascending: ev[:, 0] most negative
+        l1, l3 = ev[:, 0], ev[:, 2]  # |λ1| ≥ |λ3| when all are negative
+        dot = np.where(l3 < 0, (l3 * l3) / np.maximum(-l1, 1e-3), 0.0).astype(np.float32)
+        where = tuple(i[cand] for i in idx)
+        cur = best[where]
+        better = dot > cur
+        best[tuple(i[better] for i in where)] = dot[better]
+        which[tuple(i[better] for i in where)] = s_i
+    return best, which
+
+
+def _feret(points: np.ndarray) -> tuple[float, float]:
+    """(long axis, perpendicular short axis) of 2D points (mm)."""
+    if len(points) < 2:
+        return 0.0, 0.0
+    pts = points
+    if len(pts) > 1500:
+        pts = pts[np.random.default_rng(0).choice(len(pts), 1500, replace=False)]
+    d = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1))
+    i, j = np.unravel_index(np.argmax(d), d.shape)
+    axis = (pts[j] - pts[i]) / max(d[i, j], 1e-6)
+    normal = np.array([-axis[1], axis[0]])
+    proj = points @ normal
+    return float(d[i, j]), float(proj.max() - proj.min())
+
+
+def size_category(solid: bool, mean_diameter: float) -> str:
+    if solid:
+        return "2" if mean_diameter < 6 else "3" if mean_diameter < 8 else \
+            "4A" if mean_diameter < 15 else "4B"
+    return "2" if mean_diameter < 30 else "3"
+
+
+class LungNodules(Plugin[NoduleParams]):
+    name = "lung-nodules"
+    version = "1.0.0"
+    description = ("Lung nodules on chest CT (classical: lung mask, multi-scale Hessian dot "
+                   "filter, shape filters) → SR + SEG with size category")
+    algorithm_family = Code("123104", "DCM", "Morphological Operations")
+    params_model = NoduleParams
+    needs = Needs(gpu=GPU.NO, memory_mb=4096, timeout_seconds=600)
+    accepts = Accepts(modalities=("CT",), min_instances=1)
+
+    @staticmethod
+    def _segment(hu: np.ndarray, lungs: np.ndarray, c: np.ndarray, scale: float,
+                 radius: float, lung_hu: float, spacing: tuple[float, float, float],
+                 ndi: Any) -> Any:
+        """(mask in its box, box, core HU), "runs-out" if it leaves the ball, or None."""
+        sz, sy, sx = spacing
+        shape = np.array(hu.shape)
+        lo = np.maximum(c - np.ceil(radius / np.array(spacing)).astype(int), 0)
+        hi = np.minimum(c + np.ceil(radius / np.array(spacing)).astype(int) + 1, shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        sub = hu[box]
+        zz, yy, xx = np.meshgrid(*(np.arange(a, b) - cc for a, b, cc in
+                                   zip(lo, hi, c, strict=True)), indexing="ij")
+        r2 = (zz * sz) ** 2 + (yy * sy) ** 2 + (xx * sx) ** 2
+        ball = r2 <= radius**2
+        core = float(np.median(sub[r2 <= max(scale * 0.8, 1.0) ** 2]))
+        if core < -800:
+            return None
+        level = (lung_hu + min(core, 100.0)) / 2
+        lab, _ = ndi.label((sub > level) & ball & lungs[box])
+        if lab[tuple(c - lo)] == 0:
+            return None
+        mask = lab == lab[tuple(c - lo)]
+        # detach vessels: opening with a ball a third of the scale; keep the candidate's part
+        r_open = max(1.0, scale / 3)
+        rz, ry, rx = (int(np.ceil(r_open / sp)) for sp in spacing)
+        oz, oy, ox = np.meshgrid(*(np.arange(-r, r + 1) for r in (rz, ry, rx)), indexing="ij")
+        structure = (oz * sz) ** 2 + (oy * sy) ** 2 + (ox * sx) ** 2 <= r_open**2
+        lab2, _ = ndi.label(ndi.binary_opening(mask, structure=structure))
+        if lab2[tuple(c - lo)]:
+            mask = lab2 == lab2[tuple(c - lo)]
+        if mask.sum() < 3:
+            return None
+        edge = ball & ~ndi.binary_erosion(ball)
+        if (mask & edge).sum() > max(6, 0.02 * edge.sum()):
+            return "runs-out"
+        return mask, box, core
+
+    def run(self, inputs: Inputs, params: NoduleParams, ctx: Context) -> Outputs:
+        series = inputs.primary
+        g = series.geometry
+        if series.modality != "CT":
+            raise NotApplicable(f"needs CT, got {series.modality}")
+        if g.shape[0] < params.min_slices:
+            raise NotApplicable(f"{g.shape[0]} slice(s): nodule detection needs at least "
+                                f"{params.min_slices} thin slices")
+        if g.spacing[0] > 3.0:
+            raise NotApplicable(f"slices {g.spacing[0]:.1f} mm apart: nodules need ≤ 3 mm")
+        ndi = _ndimage(np)
+        hu = to_numpy(series.pixels(np))
+        sz, sy, sx = g.spacing
+        voxel_ml = sz * sy * sx / 1000
+        lungs = lung_mask(hu, ndi)
+        lung_ml = float(lungs.sum() * voxel_ml)
+        if lung_ml < 300:
+            raise NotApplicable(f"no lungs found ({lung_ml:.0f} mL of air inside the body): "
+                                "not a chest CT")
+        dot, which = dot_response(hu, lungs, g.spacing, params.scales_mm, ndi)
+        peaks = (dot == ndi.maximum_filter(dot, size=(3, 5, 5))) & (dot > params.dot_threshold)
+        coords = np.argwhere(peaks)
+        order = np.argsort(-dot[peaks])[: params.max_candidates]
+        label_map = np.zeros(g.shape, dtype=np.uint16)
+        found: list[dict[str, Any]] = []
+        lung_hu = float(np.median(hu[lungs]))
+        for c in coords[order]:
+            if label_map[tuple(c)]:
+                continue  # inside a nodule already kept
+            scale = params.scales_mm[int(which[tuple(c)])]
+            got = None
+            radius = 2.5 * scale + 2.0
+            while radius <= params.max_diameter_mm / 2 + 6:  # grow the ball until it holds it
+                got = self._segment(hu, lungs, c, scale, radius, lung_hu, g.spacing, ndi)
+                if got != "runs-out":
+                    break
+                radius *= 1.6
+            if got is None or isinstance(got, str):
+                ctx.log.debug("candidate %s (scale %.1f): %s", c, scale, got or "no region")
+                continue
+            mask, box, core = got
+            pts = np.argwhere(mask) * np.array(g.spacing)
+            cov = np.cov(pts.T) if len(pts) > 3 else np.eye(3)
+            evals = np.sort(np.linalg.eigvalsh(cov))
+            elongation = float(np.sqrt(evals[2] / max(evals[0], 1e-6)))
+            if elongation > params.max_elongation:
+                ctx.log.debug("candidate %s: elongation %.1f", c, elongation)
+                continue
+            volume = float(mask.sum() * voxel_ml)
+            equiv = float((6 * volume * 1000 / np.pi) ** (1 / 3))
+            if not params.min_diameter_mm <= equiv <= params.max_diameter_mm:
+                ctx.log.debug("candidate %s: diameter %.1f mm", c, equiv)
+                continue
+            full = np.zeros(g.shape, dtype=bool)
+            full[box] = mask
+            if (label_map[full] > 0).any():
+                continue
+            k_slice = int(np.argmax(full.sum(axis=(1, 2))))
+            plane = np.argwhere(full[k_slice]) * np.array([sy, sx])
+            long_axis, short_axis = _feret(plane)
+            long_axis += sx  # voxel centres span one voxel less than the object
+            short_axis += sx
+            solid = core > -300
+            mean_d = (long_axis + short_axis) / 2
+            found.append({"mask": full, "volume": volume, "long": long_axis,
+                          "short": short_axis, "mean": mean_d, "solid": solid,
+                          "centre": g.to_patient(np.argwhere(full).mean(axis=0)),
+                          "score": float(dot[tuple(c)]), "elongation": elongation})
+            label_map[full] = len(found)
+        if not found:
+            return Outputs(summary="no lung nodule found")
+        findings = []
+        segments = []
+        top = max(f["score"] for f in found)
+        for i, f in enumerate(found, start=1):
+            category = size_category(f["solid"], f["mean"])
+            findings.append(Finding(
+                NODULE,
+                measurements=(Measurement(LONG_AXIS, round(f["long"], 1), "mm"),
+                              Measurement(SHORT_AXIS, round(f["short"], 1), "mm"),
+                              Measurement(DIAMETER, round(f["mean"], 1), "mm"),
+                              Measurement(VOLUME, round(f["volume"], 4), "ml")),
+                location=f["centre"], segment=i,
+                confidence=float(np.clip(0.3 + 0.7 * f["score"] / top, 0, 1)),
+                source_series_uid=series.series_uid,
+                evaluations=((CONSISTENCY, SOLID if f["solid"] else SUBSOLID),
+                             (SIZE_CATEGORY, _category(category)))))
+            segments.append(Segment(i, f"Nodule {i}", ALTERED, NODULE))
+        summary = (f"{len(found)} nodule(s); largest {max(f['mean'] for f in found):.1f} mm "
+                   "mean diameter")
+        ctx.log.info(summary)
+        return Outputs(findings=tuple(findings),
+                       label_maps=(LabelMap(label_map.astype(np.uint8) if len(found) < 256
+                                            else label_map, g, tuple(segments),
+                                            series.series_uid),),
+                       summary=summary)
