@@ -108,9 +108,10 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
             if any(np.linalg.norm(c - o[0]) < (d + o[1]) / 2 + 5 for o in placed):
                 continue
             kind = "solid" if rng.random() < 0.7 else "ground-glass"
-            hu = float(rng.uniform(20, 60) if kind == "solid" else rng.uniform(-650, -350))
+            nod_hu = float(rng.uniform(20, 60) if kind == "solid"
+                           else rng.uniform(-650, -350))
             lobes = [(int(k), float(rng.uniform(0, 2 * np.pi))) for k in (3, 5)]
-            placed.append((c, d, kind, hu, lobes))
+            placed.append((c, d, kind, nod_hu, lobes))
             break
     vol = np.zeros((slices, size, size), dtype=np.float32)
     labels_frac = np.zeros((len(placed), slices, size, size), dtype=np.float32)
@@ -169,7 +170,7 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
     vol += rng.normal(0, 12.0 * np.sqrt(1.25 / slice_mm), vol.shape).astype(np.float32)
     labels = np.zeros((slices, size, size), dtype=np.uint8)
     voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000
-    for i, (c, d, kind, nhu, _) in enumerate(placed):
+    for i, (_c, d, kind, nhu, _) in enumerate(placed):
         f = labels_frac[i]
         labels[f >= 0.5] = i + 1
         idx = np.argwhere(f > 0)

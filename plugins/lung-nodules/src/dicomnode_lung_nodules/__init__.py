@@ -87,7 +87,7 @@ def lung_mask(hu: np.ndarray, ndi: Any) -> np.ndarray:
     air = hu < -400
     labels, n = ndi.label(air)
     if n == 0:
-        return np.zeros_like(air)
+        return np.zeros(air.shape, dtype=bool)
     border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
                                        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
     sizes = ndi.sum_labels(air, labels, index=np.arange(1, n + 1))
@@ -95,7 +95,7 @@ def lung_mask(hu: np.ndarray, ndi: Any) -> np.ndarray:
     keep[1:] = sizes > 0
     keep[border] = False
     lungs = keep[labels]
-    out = np.zeros_like(lungs)
+    out: np.ndarray = np.zeros(lungs.shape, dtype=bool)
     for k in range(hu.shape[0]):
         out[k] = ndi.binary_fill_holes(lungs[k])
     return out
