@@ -101,6 +101,70 @@ def accuracy(first: int, count: int) -> dict[str, Any]:
     return result
 
 
+def nodules(first: int, count: int) -> dict[str, Any]:
+    """FROC of lung-nodules on held-out chest CTs (seeds ≥ 6000, default size)."""
+    from dicomnode_lung_nodules import LungNodules, NoduleParams
+
+    from dicomnode.simulate_chest import chest_ct
+
+    ctx = Context("bench", np, "cpu", Path(tempfile.mkdtemp()), logging.getLogger("bench"))
+    detections: list[tuple[float, bool]] = []  # (confidence, true positive)
+    hits: dict[tuple[int, int], float] = {}  # (seed, nodule) → best confidence
+    truths: list[tuple[int, int, float, float, str]] = []
+    errors: list[tuple[float, float]] = []
+    seconds = []
+    for seed in range(first, first + count):
+        hu, truth, mask = chest_ct(seed)
+        for k, n in enumerate(truth.nodules, start=1):
+            truths.append((seed, k, n.diameter_mm, n.volume_ml, n.kind))
+        t = time.perf_counter()
+        out = LungNodules().run(as_input(hu, truth), NoduleParams(), ctx)
+        seconds.append(time.perf_counter() - t)
+        label = np.asarray(out.label_maps[0].array) if out.label_maps else None
+        for f in out.findings:
+            assert label is not None
+            under = np.unique(mask[label == f.segment])
+            under = under[under > 0]
+            conf = float(f.confidence or 0)
+            detections.append((conf, bool(under.size)))
+            for k in under:
+                key = (seed, int(k))
+                hits[key] = max(hits.get(key, 0.0), conf)
+                n = truth.nodules[int(k) - 1]
+                values = {m.name.meaning: m.value for m in f.measurements}
+                errors.append(((values["Volume"] - n.volume_ml) / n.volume_ml,
+                               (values["Diameter"] - n.diameter_mm) / n.diameter_mm))
+        print(f"  seed {seed}: {len(truth.nodules)} nodule(s) "
+              f"{[round(n.diameter_mm, 1) for n in truth.nodules]}, "
+              f"{len(out.findings)} found, {seconds[-1]:.1f} s", flush=True)
+    big = [(s, k) for s, k, d, _, _ in truths if d >= 4.0]
+    result: dict[str, Any] = {"scans": count, "nodules": len(truths), "nodules ≥ 4 mm": len(big)}
+    froc = {}
+    thresholds = sorted({c for c, _ in detections}, reverse=True)
+    for rate in (0.125, 0.25, 0.5, 1, 2, 4, 8):
+        best = 0.0
+        for th in thresholds + [-1.0]:
+            fps = sum(1 for c, tp in detections if c >= th and not tp) / count
+            if fps > rate:
+                continue
+            sens = sum(1 for key in big if hits.get(key, -2.0) >= th) / max(len(big), 1)
+            best = max(best, sens)
+        froc[f"{rate:g} FP/scan"] = round(best, 3)
+    result["FROC sensitivity (≥ 4 mm)"] = froc
+    result["all detections: FP/scan"] = sum(not tp for _, tp in detections) / count
+    result["all detections: sensitivity ≥ 4 mm"] = sum(1 for key in big if key in hits) / max(
+        len(big), 1)
+    for kind in ("solid", "ground-glass"):
+        sel = [(s, k) for s, k, d, _, kd in truths if d >= 4.0 and kd == kind]
+        result[f"sensitivity ≥ 4 mm {kind}"] = (sum(key in hits for key in sel) / len(sel)
+                                                if sel else None, len(sel))
+    if errors:
+        result["volume error |rel| median"] = statistics.median(abs(v) for v, _ in errors)
+        result["diameter error |rel| median"] = statistics.median(abs(d) for _, d in errors)
+    result["plugin seconds median"] = statistics.median(seconds)
+    return result
+
+
 def latency(rounds: int) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="bench-detect-"))
     files, _truth = write_head_ct(root / "study", 4242, kind="iph", volume_ml=6.0)
@@ -124,16 +188,26 @@ def main() -> int:
     ap.add_argument("--first-seed", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--skip-ich", action="store_true")
+    ap.add_argument("--nodule-scans", type=int, default=20)
+    ap.add_argument("--nodule-first-seed", type=int, default=6000)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    print(f"accuracy on {args.studies} held-out head CTs (seeds {args.first_seed}…)", flush=True)
-    result = {"accuracy": accuracy(args.first_seed, args.studies)}
+    result: dict[str, Any] = {}
+    if not args.skip_ich:
+        print(f"ICH: {args.studies} held-out head CTs (seeds {args.first_seed}…)", flush=True)
+        result["accuracy"] = accuracy(args.first_seed, args.studies)
+    if args.nodule_scans:
+        print(f"nodules: {args.nodule_scans} held-out chest CTs (seeds "
+              f"{args.nodule_first_seed}…)", flush=True)
+        result["nodules"] = nodules(args.nodule_first_seed, args.nodule_scans)
     if not args.skip_latency:
         print("latency, 40-slice head CT, CPU", flush=True)
         result["latency"] = latency(args.rounds)
-    for k, v in result["accuracy"].items():
-        if k != "rows":
-            print(f"{k}: {v}")
+    for section in ("accuracy", "nodules"):
+        for k, v in result.get(section, {}).items():
+            if k != "rows":
+                print(f"{section}: {k}: {v}")
     if "latency" in result:
         print(f"latency median: {result['latency']['median completion → in Orthanc (s)']:.2f} s "
               "(goal ≤ 10 s)")

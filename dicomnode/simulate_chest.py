@@ -86,10 +86,14 @@ def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
 
 def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
              slice_mm: float = 1.25, size: int = 320, pixel_mm: float = 0.8,
-             sub: int = 2) -> tuple[np.ndarray, ChestTruth, np.ndarray]:
-    """(HU [z, y, x], truth, nodule labels [z, y, x])."""
+             sub: int = 2, specs: list[tuple[str, float]] | None = None,
+             ) -> tuple[np.ndarray, ChestTruth, np.ndarray]:
+    """(HU [z, y, x], truth, nodule labels [z, y, x]). ``specs``: (kind, diameter mm) of each
+    nodule instead of random ones."""
     rng = np.random.default_rng(seed)
     count = int(rng.choice([0, 0, 1, 1, 2, 3, 4])) if nodules is None else nodules
+    if specs is not None:
+        count = len(specs)
     z = (np.arange(slices) - (slices - 1) / 2) * slice_mm
     yx = (np.arange(size) - (size - 1) / 2) * pixel_mm
     vessels = _vessel_tree(rng)
@@ -97,17 +101,19 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
                        z_mm=[float(v) for v in z])
     placed: list[tuple[np.ndarray, float, str, float, list[tuple[int, float]]]] = []
     zmin, zmax = z[0] + 10, z[-1] - 10
-    for _ in range(count):
-        for _attempt in range(200):
+    for n_i in range(count):
+        for _attempt in range(500):
             c = np.array([rng.choice([-1, 1]) * rng.uniform(40, 100), rng.uniform(-60, 55),
                           rng.uniform(zmin, zmax)])
-            d = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0))))
+            d = float(np.exp(rng.uniform(np.log(3.0), np.log(30.0)))) if specs is None \
+                else specs[n_i][1]
             probe = c + rng.normal(0, d / 4, (40, 3))
             if not _inside_lungs(probe).all():
                 continue
             if any(np.linalg.norm(c - o[0]) < (d + o[1]) / 2 + 5 for o in placed):
                 continue
-            kind = "solid" if rng.random() < 0.7 else "ground-glass"
+            kind = ("solid" if rng.random() < 0.7 else "ground-glass") if specs is None \
+                else specs[n_i][0]
             nod_hu = float(rng.uniform(20, 60) if kind == "solid"
                            else rng.uniform(-650, -350))
             lobes = [(int(k), float(rng.uniform(0, 2 * np.pi))) for k in (3, 5)]

@@ -68,7 +68,8 @@ class NoduleParams(Params):
     dot_threshold: float = 30.0  # scale-normalised dot response, HU
     min_diameter_mm: float = 3.0
     max_diameter_mm: float = 35.0
-    max_elongation: float = 3.0
+    max_elongation: float = 2.0  # 3D: largest / smallest principal axis
+    max_axis_ratio: float = 1.4  # in-plane: long / short axis (vessel junctions are oblong)
     max_candidates: int = Field(400, ge=1)
     min_slices: int = Field(16, ge=1)
 
@@ -266,6 +267,10 @@ class LungNodules(Plugin[NoduleParams]):
             long_axis, short_axis = _feret(plane)
             long_axis += sx  # voxel centres span one voxel less than the object
             short_axis += sx
+            if long_axis > params.max_axis_ratio * short_axis:
+                ctx.log.debug("candidate %s: long/short axis %.1f/%.1f mm", c, long_axis,
+                              short_axis)
+                continue
             solid = core > -300
             mean_d = (long_axis + short_axis) / 2
             found.append({"mask": full, "volume": volume, "long": long_axis,

@@ -1,0 +1,137 @@
+"""lung-nodules on generated chest CTs (``dicomnode simulate chest-ct``; synthetic, ground truth
+known): nodules found and measured, categories, refusals, SR/SEG conformance, end to end into
+Orthanc. Tuning seeds (< 200); bench/detect.py measures FROC on held-out seeds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from dicomnode_lung_nodules import LungNodules, NoduleParams, size_category
+
+from dicomnode.package import Provenance
+from dicomnode.package.seg import label_map_to_seg
+from dicomnode.package.sr import findings_to_sr
+from dicomnode.plugin import Context, Inputs, NotApplicable
+from dicomnode.run.inputs import series_input
+from dicomnode.simulate_chest import write_chest_ct
+from dicomnode.simulate_head import write_head_ct
+from tests.helpers import storescu, wait_until
+from tests.test_pipeline import make_node, pipeline_config
+from tests.validators import dciodvfy_errors, dsrdump_errors
+
+SMALL = {"slices": 90, "slice_mm": 1.5, "size": 256, "pixel_mm": 1.0}
+
+
+def ctx(tmp_path: Path) -> Context:
+    return Context("job", np, "cpu", tmp_path, logging.getLogger("test"))
+
+
+def run(tmp_path: Path, seed: int, specs: list[tuple[str, float]]) -> tuple[object, object,
+                                                                            np.ndarray, Inputs]:
+    files, truth = write_chest_ct(tmp_path / f"chest{seed}", seed, specs=specs, **SMALL)
+    inputs = Inputs("1", (series_input([pydicom.dcmread(f) for f in files]),), {})
+    out = LungNodules().run(inputs, NoduleParams(), ctx(tmp_path))
+    mask = np.load(tmp_path / f"chest{seed}" / "truth-mask.npy")
+    return out, truth, mask, inputs
+
+
+def test_finds_solid_and_ground_glass_nodules_and_measures_them(tmp_path: Path) -> None:
+    out, truth, mask, _ = run(tmp_path, 51, [("solid", 10.0), ("ground-glass", 16.0),
+                                             ("solid", 6.5)])
+    [lm] = out.label_maps  # type: ignore[attr-defined]
+    labels = np.asarray(lm.array)
+    by_truth = {}
+    for f in out.findings:  # type: ignore[attr-defined]
+        hit = np.unique(mask[labels == f.segment])
+        hit = hit[hit > 0]
+        if hit.size:
+            by_truth[int(hit[0])] = f
+    assert set(by_truth) == {1, 2, 3}, f"found {sorted(by_truth)} of 3"
+    false = len(out.findings) - len(by_truth)  # type: ignore[attr-defined]
+    assert false <= 1
+    for k, nodule in enumerate(truth.nodules, start=1):  # type: ignore[attr-defined]
+        f = by_truth[k]
+        values = {m.name.meaning: m.value for m in f.measurements}
+        assert values["Diameter"] == pytest.approx(nodule.diameter_mm, rel=0.3)
+        assert values["Long axis"] >= values["Short axis"]
+        assert values["Volume"] == pytest.approx(nodule.volume_ml, rel=0.45)
+        assert np.linalg.norm(np.subtract(f.location, nodule.centroid_lps)) < 3.0
+        consistency = dict((n.meaning, v.meaning) for n, v in f.evaluations)
+        assert consistency["Nodule consistency"] == (
+            "Solid" if nodule.kind == "solid" else "Sub-solid")
+        assert consistency["Lung-RADS-style size category"] == \
+            f"Category {size_category(nodule.kind == 'solid', values['Diameter'])}"
+
+
+def test_size_categories() -> None:
+    assert [size_category(True, d) for d in (4, 6, 7.9, 8, 14.9, 15, 30)] == \
+        ["2", "3", "3", "4A", "4A", "4B", "4B"]
+    assert [size_category(False, d) for d in (10, 29.9, 30)] == ["2", "2", "3"]
+
+
+def test_no_nodule_few_false_positives(tmp_path: Path) -> None:
+    out, _, _, _ = run(tmp_path, 52, [])
+    assert len(out.findings) <= 1  # type: ignore[attr-defined]
+
+
+def test_refuses_what_is_not_a_chest_ct(tmp_path: Path) -> None:
+    head = [pydicom.dcmread(f) for f in write_head_ct(tmp_path / "head", 5, kind="none",
+                                                      slice_mm=2.0)[0]]
+    params, c = NoduleParams(), ctx(tmp_path)
+    with pytest.raises(NotApplicable, match="not a chest CT"):
+        LungNodules().run(Inputs("1", (series_input(head),), {}), params, c)
+    files, _ = write_chest_ct(tmp_path / "five", 3, specs=[], slices=5, slice_mm=1.0,
+                              size=128, pixel_mm=2.0)
+    five = [pydicom.dcmread(f) for f in files]
+    with pytest.raises(NotApplicable, match="5 slice"):
+        LungNodules().run(Inputs("1", (series_input(five),), {}), params, c)
+    for ds in five:
+        ds.Modality = "MR"
+    with pytest.raises(NotApplicable, match="needs CT"):
+        LungNodules().run(Inputs("1", (series_input(five),), {}), params, c)
+
+
+def test_report_is_conformant(tmp_path: Path) -> None:
+    out, _, _, inputs = run(tmp_path, 53, [("solid", 12.0)])
+    src = inputs.primary
+    prov = Provenance("job-53", "lung-nodules", "1.0.0",
+                      algorithm_family=("123104", "DCM", "Morphological Operations"))
+    seg = label_map_to_seg(out.label_maps[0], src.datasets, src.geometry, prov, 9005)  # type: ignore[attr-defined]
+    sr = findings_to_sr(out.findings, src.datasets, seg, prov, 9008)  # type: ignore[attr-defined]
+    seg.save_as(tmp_path / "seg.dcm", enforce_file_format=True)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert dciodvfy_errors(tmp_path / "seg.dcm") == []
+    assert dciodvfy_errors(tmp_path / "sr.dcm") == []
+    assert dsrdump_errors(tmp_path / "sr.dcm") == []
+    back = hd.sr.srread(tmp_path / "sr.dcm")
+    assert back.content.get_volumetric_roi_measurement_groups()
+
+
+def test_chest_ct_to_orthanc(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    route = {"name": "nodules", "match": {"Modality": "CT",
+                                          "SeriesDescription": {"regex": "CHEST"}},
+             "pipeline": [{"plugin": "lung-nodules"}], "send_to": ["pacs"]}
+    cfg = pipeline_config(orthanc, [route])
+    cfg["assemble"] = {"quiet_seconds": 1}
+    node = make_node(node_factory, cfg)
+    files, truth = write_chest_ct(tmp_path / "chest", 54, specs=[("solid", 14.0)], **SMALL)
+    storescu(node.port, files, aet="CT_SCANNER")
+    wait_until(lambda: len(orthanc.series()) == 2, timeout=120, what="SR and SEG")
+    by_modality = {s["MainDicomTags"]["Modality"]: s for s in orthanc.series()}
+    assert set(by_modality) == {"SR", "SEG"}
+    paths = {m: orthanc.instance_file(s["Instances"][0], tmp_path / f"{m}.dcm")
+             for m, s in by_modality.items()}
+    for m, p in paths.items():
+        assert dciodvfy_errors(p) == [], m
+    assert dsrdump_errors(paths["SR"]) == []
+    sr = hd.sr.srread(paths["SR"])
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    diameters = [g.get_measurements(name=hd.sr.CodedConcept("81827009", "SCT", "Diameter"))[0]
+                 .value for g in groups]
+    assert any(abs(d - truth.nodules[0].diameter_mm) < 0.3 * truth.nodules[0].diameter_mm
+               for d in diameters)
