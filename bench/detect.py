@@ -143,7 +143,7 @@ def nodules(first: int, count: int) -> dict[str, Any]:
     thresholds = sorted({c for c, _ in detections}, reverse=True)
     for rate in (0.125, 0.25, 0.5, 1, 2, 4, 8):
         best = 0.0
-        for th in thresholds + [-1.0]:
+        for th in [*thresholds, -1.0]:
             fps = sum(1 for c, tp in detections if c >= th and not tp) / count
             if fps > rate:
                 continue
