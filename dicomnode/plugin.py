@@ -350,6 +350,9 @@ class Outputs:
     #: Non-empty for a critical finding (e.g. "Intracranial hemorrhage suspected, 12 mL"):
     #: the node fires the route's ``notify`` (webhook and/or command) with this text, audited.
     critical: str = ""
+    #: (name, version) of the algorithm that made these results when it is not the plugin
+    #: itself (e.g. the model a generic runner ran): recorded in SR/SEG instead of the plugin's.
+    algorithm: tuple[str, str] | None = None
 
     @property
     def empty(self) -> bool:

@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,9 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
                               algorithm_family=None if family is None else (
                                   family.value, family.scheme, family.meaning),
                               node_ae_title=settings.node.ae_title)
+            if outputs.algorithm is not None:
+                prov = replace(prov, plugin_name=outputs.algorithm[0][:64],
+                               plugin_version=outputs.algorithm[1][:64])
             t = time.perf_counter()
             results += _package(outputs, inputs, prov, step, out_dir,
                                 settings.package.derived_series)
