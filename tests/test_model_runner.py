@@ -91,6 +91,26 @@ def test_torchscript_model_segments_exactly_what_it_computes(tmp_path: Path,
     assert out.algorithm == ("model-runner:hu-above-zero", "1.0.0/0.1")
 
 
+def test_onnx_model(tmp_path: Path, torchscript: tuple[Path, Path]) -> None:
+    """The same network as an ONNX graph (built with onnx.helper), run by onnxruntime."""
+    from onnx import TensorProto, helper, save
+
+    weight = helper.make_tensor("W", TensorProto.FLOAT, [2, 1, 1, 1, 1], [-100.0, 100.0])
+    bias = helper.make_tensor("B", TensorProto.FLOAT, [2], [50.0, -50.0])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W", "B"], ["y"], kernel_shape=[1, 1, 1])], "net",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, "d", "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, "d", "h", "w"])],
+        initializer=[weight, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, str(tmp_path / "model.onnx"))
+    inputs, hu = ct(tmp_path)
+    out = ModelRunner().run(inputs, ModelRunnerParams(model=tmp_path / "model.onnx",
+                                                      spec=torchscript[1]), ctx(tmp_path))
+    assert np.array_equal(np.asarray(out.label_maps[0].array) == 1, hu > 0)
+
+
 def test_monai_bundle_and_resampling(tmp_path: Path, bundle: Path) -> None:
     inputs, hu = ct(tmp_path)
     out = ModelRunner().run(inputs, ModelRunnerParams(model=bundle), ctx(tmp_path))
