@@ -56,6 +56,18 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(get() if callable(get) else array)
 
 
+def ndimage(xp: Any) -> Any:
+    """``scipy.ndimage`` for NumPy arrays, ``cupyx.scipy.ndimage`` for CuPy ones (the same
+    API), so filters, labelling and morphology follow ``ctx.xp``."""
+    if xp is np:
+        import scipy.ndimage
+
+        return scipy.ndimage
+    import cupyx.scipy.ndimage  # pragma: no cover - GPU only
+
+    return cupyx.scipy.ndimage  # pragma: no cover
+
+
 # --- what a plugin declares -------------------------------------------------------------------
 
 class GPU(StrEnum):

@@ -23,6 +23,26 @@ def _floats(ds: Any, keyword: str, n: int) -> np.ndarray:
     return np.asarray([float(v) for v in value])
 
 
+def _series(ordered: Sequence[Any], geometry: Geometry, load_pixels: bool) -> SeriesInput:
+    """The SeriesInput of datasets already in order; pixels (rescaled, float32) on demand."""
+    first = ordered[0]
+
+    def pixels() -> np.ndarray:
+        out = np.empty(geometry.shape, dtype=np.float32)
+        for k, ds in enumerate(ordered):
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            out[k] = ds.pixel_array.astype(np.float32) * slope + intercept
+        return out
+
+    return SeriesInput(
+        series_uid=str(first.SeriesInstanceUID), modality=str(first.get("Modality", "")),
+        description=str(first.get("SeriesDescription", "")),
+        sop_class_uid=str(first.SOPClassUID),
+        sop_instance_uids=tuple(str(d.SOPInstanceUID) for d in ordered), geometry=geometry,
+        datasets=tuple(ordered), _pixels=pixels if load_pixels else None)
+
+
 def series_input(datasets: Sequence[Any], load_pixels: bool = True) -> SeriesInput:
     """Sort, check and describe one single-frame image series."""
     if not datasets:
@@ -63,20 +83,7 @@ def series_input(datasets: Sequence[Any], load_pixels: bool = True) -> SeriesInp
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
     )
 
-    def pixels() -> np.ndarray:
-        out = np.empty(geometry.shape, dtype=np.float32)
-        for k, ds in enumerate(ordered):
-            slope = float(ds.get("RescaleSlope", 1) or 1)
-            intercept = float(ds.get("RescaleIntercept", 0) or 0)
-            out[k] = ds.pixel_array.astype(np.float32) * slope + intercept
-        return out
-
-    return SeriesInput(
-        series_uid=str(first.SeriesInstanceUID), modality=str(first.get("Modality", "")),
-        description=str(first.get("SeriesDescription", "")),
-        sop_class_uid=str(first.SOPClassUID),
-        sop_instance_uids=tuple(str(d.SOPInstanceUID) for d in ordered), geometry=geometry,
-        datasets=tuple(ordered), _pixels=pixels if load_pixels else None)
+    return _series(ordered, geometry, load_pixels)
 
 
 def projection_input(datasets: Sequence[Any]) -> SeriesInput:
@@ -100,17 +107,4 @@ def projection_input(datasets: Sequence[Any]) -> SeriesInput:
                                int(first.get("Columns") or 1)),
                         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")))
 
-    def pixels() -> np.ndarray:
-        out = np.empty(geometry.shape, dtype=np.float32)
-        for k, ds in enumerate(ordered):
-            slope = float(ds.get("RescaleSlope", 1) or 1)
-            intercept = float(ds.get("RescaleIntercept", 0) or 0)
-            out[k] = ds.pixel_array.astype(np.float32) * slope + intercept
-        return out
-
-    return SeriesInput(
-        series_uid=str(first.SeriesInstanceUID), modality=str(first.get("Modality", "")),
-        description=str(first.get("SeriesDescription", "")),
-        sop_class_uid=str(first.SOPClassUID),
-        sop_instance_uids=tuple(str(d.SOPInstanceUID) for d in ordered), geometry=geometry,
-        datasets=tuple(ordered), _pixels=pixels)
+    return _series(ordered, geometry, True)

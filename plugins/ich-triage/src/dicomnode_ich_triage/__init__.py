@@ -43,6 +43,7 @@ from dicomnode.plugin import (
     Params,
     Plugin,
     Segment,
+    ndimage,
     to_numpy,
 )
 
@@ -68,15 +69,6 @@ class ICHParams(Params):
     max_slice_mm: float = 10.0
     min_slices: int = Field(8, ge=1)
 
-
-def _ndimage(xp: Any) -> Any:
-    if xp is np:
-        import scipy.ndimage
-
-        return scipy.ndimage
-    import cupyx.scipy.ndimage  # pragma: no cover - GPU only
-
-    return cupyx.scipy.ndimage  # pragma: no cover
 
 
 def intracranial_mask(hu: np.ndarray, bone_hu: float, ndi: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +132,7 @@ class ICHTriage(Plugin[ICHParams]):
         if g.spacing[0] > params.max_slice_mm:
             raise NotApplicable(f"slices {g.spacing[0]:.1f} mm apart: too coarse for triage "
                                 f"(≤ {params.max_slice_mm} mm)")
-        ndi = _ndimage(np)
+        ndi = ndimage(np)
         hu = to_numpy(series.pixels(np))
         sz, sy, sx = g.spacing
         cavity, bone = intracranial_mask(hu, params.bone_hu, ndi)

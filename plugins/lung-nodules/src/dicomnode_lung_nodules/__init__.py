@@ -43,6 +43,7 @@ from dicomnode.plugin import (
     Params,
     Plugin,
     Segment,
+    ndimage,
     to_numpy,
 )
 
@@ -73,15 +74,6 @@ class NoduleParams(Params):
     max_candidates: int = Field(400, ge=1)
     min_slices: int = Field(16, ge=1)
 
-
-def _ndimage(xp: Any) -> Any:
-    if xp is np:
-        import scipy.ndimage
-
-        return scipy.ndimage
-    import cupyx.scipy.ndimage  # pragma: no cover - GPU only
-
-    return cupyx.scipy.ndimage  # pragma: no cover
 
 
 def lung_mask(hu: np.ndarray, ndi: Any) -> np.ndarray:
@@ -215,7 +207,7 @@ class LungNodules(Plugin[NoduleParams]):
                                 f"{params.min_slices} thin slices")
         if g.spacing[0] > 3.0:
             raise NotApplicable(f"slices {g.spacing[0]:.1f} mm apart: nodules need ≤ 3 mm")
-        ndi = _ndimage(np)
+        ndi = ndimage(np)
         hu = to_numpy(series.pixels(np))
         sz, sy, sx = g.spacing
         voxel_ml = sz * sy * sx / 1000

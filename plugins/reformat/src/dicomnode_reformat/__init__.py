@@ -26,6 +26,7 @@ from dicomnode.plugin import (
     Params,
     Plugin,
     PluginError,
+    ndimage,
 )
 
 Plane = Literal["axial", "coronal", "sagittal"]
@@ -46,15 +47,6 @@ class ReformatParams(Params):
     slab_mm: float = 0.0  # slab thickness for projections (0: a plain reformat)
     window: tuple[float, float] = (40.0, 400.0)
 
-
-def _ndimage(xp: Any) -> Any:
-    if xp is np:
-        import scipy.ndimage
-
-        return scipy.ndimage
-    import cupyx.scipy.ndimage  # pragma: no cover - GPU only
-
-    return cupyx.scipy.ndimage  # pragma: no cover
 
 
 def output_grid(src: Geometry, plane: str, spacing: float, pixel: float) -> Geometry:
@@ -80,7 +72,7 @@ def output_grid(src: Geometry, plane: str, spacing: float, pixel: float) -> Geom
 def resample(xp: Any, volume: Any, src: Geometry, dst: Geometry, offsets: Any) -> Any:
     """Sample ``volume`` (on ``src``) at ``dst``'s voxels shifted by ``offsets`` mm along the
     normal; returns [len(offsets), *dst.shape]. Trilinear, air outside."""
-    ndi = _ndimage(xp)
+    ndi = ndimage(xp)
     inv = xp.asarray(np.linalg.inv(src.affine))
     k, i, j = (xp.arange(n, dtype=xp.float32) for n in dst.shape)
     a = xp.asarray(dst.affine, dtype=xp.float32)
