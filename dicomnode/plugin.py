@@ -262,6 +262,10 @@ class ImageVolume:
                              f"(allowed: {sorted(CT_ATTRIBUTES)})")
 
 
+RIGHT = Code("24028007", "SCT", "Right")
+LEFT = Code("7771000", "SCT", "Left")
+
+
 @dataclass(frozen=True)
 class Measurement:
     """A number with a unit (UCUM), e.g. ``Measurement(Code("118565006","SCT","Volume"),
@@ -320,6 +324,10 @@ class Finding:
     #: Qualitative evaluations (name, value), e.g. ``(Code("705057003", "SCT", "Presence"),
     #: Code("52101004", "SCT", "Present"))`` (→ TID 1500 qualitative evaluations).
     evaluations: tuple[tuple[Code, Code], ...] = ()
+    #: Where it is, anatomically (→ TID 1500 finding site), e.g. ``Code("39607008", "SCT",
+    #: "Lung structure")``, with laterality ``RIGHT``/``LEFT`` below when it applies.
+    site: Code | None = None
+    laterality: Code | None = None
 
     def __post_init__(self) -> None:
         if self.confidence is not None and not 0.0 <= self.confidence <= 1.0:

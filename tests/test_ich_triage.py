@@ -58,6 +58,10 @@ def test_finds_the_hemorrhage_and_measures_it(tmp_path: Path, seed: int, kind: s
     assert volume == pytest.approx(les.volume_ml, rel=0.3)
     assert np.linalg.norm(np.subtract(best.location, les.centroid_lps)) < 10.0
     assert best.measurements[1].value > 5.0  # maximum diameter, mm
+    assert best.site is not None and best.site.meaning == "Cranial cavity"
+    if abs(les.centroid_lps[0]) > 12:  # clearly on one side (LPS x: patient's left)
+        assert best.laterality is not None
+        assert best.laterality.meaning == ("Left" if les.centroid_lps[0] > 0 else "Right")
     assert 0 < best.confidence <= 1
     assert out.critical.startswith("Intracranial hemorrhage suspected")
     assert out.findings[0].evaluations[0][1].meaning == "Present"
@@ -118,6 +122,7 @@ def test_report_objects_are_conformant_and_read_back(tmp_path: Path) -> None:
     assert volume[0].value == pytest.approx(truth.lesions[0].volume_ml, rel=0.3)
     text = str(back)
     assert "Present" in text and "Detection confidence" in text and "ich-triage" in text
+    assert "Cranial cavity" in text  # finding site
 
 
 class _Hook(BaseHTTPRequestHandler):

@@ -46,6 +46,13 @@ def _measurements(f: Finding, prov: Provenance) -> list[hd.sr.Measurement]:
     return out
 
 
+def _sites(f: Finding) -> list[hd.sr.FindingSite] | None:
+    if f.site is None:
+        return None
+    return [hd.sr.FindingSite(pd_code(f.site), laterality=None if f.laterality is None
+                              else pd_code(f.laterality))]
+
+
 def _evaluations(f: Finding) -> list[hd.sr.QualitativeEvaluation] | None:
     return [hd.sr.QualitativeEvaluation(pd_code(name), pd_code(value))
             for name, value in f.evaluations] or None
@@ -81,7 +88,7 @@ def findings_to_sr(findings: Sequence[Finding], sources: Sequence[Any],
             groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking, referenced_segment=ref,
                 finding_type=pd_code(f.finding), measurements=measurements,
-                qualitative_evaluations=_evaluations(f)))
+                qualitative_evaluations=_evaluations(f), finding_sites=_sites(f)))
         elif f.location is not None:
             region = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
                                          graphic_data=np.array([f.location], dtype=float),
@@ -89,11 +96,12 @@ def findings_to_sr(findings: Sequence[Finding], sources: Sequence[Any],
             groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking, referenced_region=region,
                 finding_type=pd_code(f.finding), measurements=measurements,
-                qualitative_evaluations=_evaluations(f)))
+                qualitative_evaluations=_evaluations(f), finding_sites=_sites(f)))
         else:
             groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking, finding_type=pd_code(f.finding),
-                measurements=measurements or None, qualitative_evaluations=_evaluations(f)))
+                measurements=measurements or None, qualitative_evaluations=_evaluations(f),
+                finding_sites=_sites(f)))
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=PROCEDURES.get(str(src.get("Modality", "")), IMAGING_PROCEDURE),

@@ -29,6 +29,8 @@ from pydantic import Field
 
 from dicomnode.plugin import (
     GPU,
+    LEFT,
+    RIGHT,
     Accepts,
     Code,
     Context,
@@ -55,6 +57,7 @@ VOLUME = Code("118565006", "SCT", "Volume")
 DIAMETER = Code("81827009", "SCT", "Diameter")
 HEMORRHAGE = Code("50960005", "SCT", "Hemorrhage")
 ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
+CRANIAL_CAVITY = Code("1101003", "SCT", "Cranial cavity")
 
 
 class ICHParams(Params):
@@ -182,6 +185,7 @@ class ICHTriage(Plugin[ICHParams]):
                            summary="no intracranial hemorrhage found")
         lesions.sort(key=lambda t: -t[1])
         label_map = np.zeros(g.shape, dtype=np.uint8)
+        midline = g.to_patient(np.argwhere(cavity).mean(axis=0))
         findings = [Finding(ICH, evaluations=((PRESENCE, PRESENT),),
                             source_series_uid=series.series_uid)]
         key_uids: list[str] = []
@@ -195,8 +199,14 @@ class ICHTriage(Plugin[ICHParams]):
             confidence = float(np.clip(0.5 + 0.15 * np.log2(max(volume, 0.05) / 0.5)
                                        + 0.05 * (thickness - 1.0)
                                        + 0.01 * (mean_hu - brain_hu - 20), 0.05, 0.99))
+            # side from the lesion's offset to the cavity's centre along the patient's left
+            # axis (LPS x is left; the head may be turned, so the cavity, not x = 0, is the
+            # midline); within 5 mm of it: no side
+            offset = float(np.dot(np.subtract(centre, midline), g.row_direction))
+            side = LEFT if offset > 5 else RIGHT if offset < -5 else None
             findings.append(Finding(
-                ICH, measurements=(Measurement(VOLUME, round(volume, 3), "ml"),
+                ICH, site=CRANIAL_CAVITY, laterality=side,
+                measurements=(Measurement(VOLUME, round(volume, 3), "ml"),
                                    Measurement(DIAMETER, round(diameter, 1), "mm")),
                 location=centre, segment=i, confidence=confidence,
                 source_series_uid=series.series_uid))

@@ -30,6 +30,8 @@ from pydantic import Field
 
 from dicomnode.plugin import (
     GPU,
+    LEFT,
+    RIGHT,
     Accepts,
     Code,
     Context,
@@ -49,6 +51,7 @@ from dicomnode.plugin import (
 
 NODULE = Code("27925004", "SCT", "Nodule")
 ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
+LUNG = Code("39607008", "SCT", "Lung structure")
 VOLUME = Code("118565006", "SCT", "Volume")
 LONG_AXIS = Code("103339001", "SCT", "Long axis")
 SHORT_AXIS = Code("103340004", "SCT", "Short axis")
@@ -274,11 +277,14 @@ class LungNodules(Plugin[NoduleParams]):
             return Outputs(summary="no lung nodule found")
         findings = []
         segments = []
+        midline = g.to_patient(np.argwhere(lungs).mean(axis=0))
         top = max(f["score"] for f in found)
         for i, f in enumerate(found, start=1):
             category = size_category(f["solid"], f["mean"])
+            # which lung: the side of the body's midline (patient's left = +x in LPS)
+            offset = float(np.dot(np.subtract(f["centre"], midline), g.row_direction))
             findings.append(Finding(
-                NODULE,
+                NODULE, site=LUNG, laterality=LEFT if offset > 0 else RIGHT,
                 measurements=(Measurement(LONG_AXIS, round(f["long"], 1), "mm"),
                               Measurement(SHORT_AXIS, round(f["short"], 1), "mm"),
                               Measurement(DIAMETER, round(f["mean"], 1), "mm"),
