@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -184,5 +185,13 @@ def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: 
         storescu(node.port, sorted((tmp_path / "clean").glob("*.dcm")), aet="CT_SCANNER")
         wait_until(lambda: len(orthanc.series()) == 4, timeout=90, what="the clean SR")
         assert len(_Hook.received) == 1
+        # a body CT routed here by mistake: not applicable, with the reason; nothing is sent
+        storescu(node.port, write_ct_series(tmp_path / "body", n=40, size=96, slice_mm=5.0,
+                                            series_description="HEAD? (mislabelled body)"))
+        jobs = wait_until(lambda: [j for j in node.jobs() if j["state"] == "not-applicable"],
+                          timeout=60, what="the not-applicable job")
+        assert "not a head CT" in jobs[0]["reason"]
+        time.sleep(1.0)
+        assert len(orthanc.series()) == 4 and len(_Hook.received) == 1
     finally:
         server.shutdown()
