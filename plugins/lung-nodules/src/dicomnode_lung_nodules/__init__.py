@@ -69,7 +69,7 @@ def _category(code: str) -> Code:
 
 class NoduleParams(Params):
     scales_mm: tuple[float, ...] = (1.5, 2.5, 4.0, 6.5, 10.0)
-    dot_threshold: float = 30.0  # scale-normalised dot response, HU
+    dot_threshold: float = 20.0  # scale-normalised dot response, HU
     min_diameter_mm: float = 3.0
     max_diameter_mm: float = 35.0
     max_elongation: float = 2.0  # 3D: largest / smallest principal axis
@@ -165,7 +165,7 @@ class LungNodules(Plugin[NoduleParams]):
     @staticmethod
     def _segment(hu: np.ndarray, lungs: np.ndarray, c: np.ndarray, scale: float,
                  radius: float, lung_hu: float, spacing: tuple[float, float, float],
-                 ndi: Any) -> Any:
+                 ndi: Any, opening: float) -> Any:
         """(mask in its box, box, core HU), "runs-out" if it leaves the ball, or None."""
         sz, sy, sx = spacing
         shape = np.array(hu.shape)
@@ -185,8 +185,9 @@ class LungNodules(Plugin[NoduleParams]):
         if lab[tuple(c - lo)] == 0:
             return None
         mask = lab == lab[tuple(c - lo)]
-        # detach vessels: opening with a ball a third of the scale; keep the candidate's part
-        r_open = max(1.0, scale / 3)
+        # detach vessels: opening with a ball (a fraction of the scale); keep the candidate's
+        # part
+        r_open = max(1.0, scale * opening)
         rz, ry, rx = (int(np.ceil(r_open / sp)) for sp in spacing)
         oz, oy, ox = np.meshgrid(*(np.arange(-r, r + 1) for r in (rz, ry, rx)), indexing="ij")
         structure = (oz * sz) ** 2 + (oy * sy) ** 2 + (ox * sx) ** 2 <= r_open**2
@@ -199,6 +200,19 @@ class LungNodules(Plugin[NoduleParams]):
         if (mask & edge).sum() > max(6, 0.02 * edge.sum()):
             return "runs-out"
         return mask, box, core
+
+    @staticmethod
+    def _shape(mask: np.ndarray, spacing: tuple[float, float, float]) -> tuple[float, float,
+                                                                            float]:
+        """(3D elongation, long axis, short axis on the axial slice where it is largest)."""
+        pts = np.argwhere(mask) * np.array(spacing)
+        cov = np.cov(pts.T) if len(pts) > 3 else np.eye(3)
+        evals = np.sort(np.linalg.eigvalsh(cov))
+        elongation = float(np.sqrt(evals[2] / max(evals[0], 1e-6)))
+        k = int(np.argmax(mask.sum(axis=(1, 2))))
+        long_axis, short_axis = _feret(np.argwhere(mask[k]) * np.array(spacing[1:]))
+        # voxel centres span one voxel less than the object
+        return elongation, long_axis + spacing[2], short_axis + spacing[2]
 
     def run(self, inputs: Inputs, params: NoduleParams, ctx: Context) -> Outputs:
         series = inputs.primary
@@ -230,24 +244,34 @@ class LungNodules(Plugin[NoduleParams]):
             if label_map[tuple(c)]:
                 continue  # inside a nodule already kept
             scale = params.scales_mm[int(which[tuple(c)])]
-            got = None
+            # grow the ball until the nodule fits; at each size, open harder (vessels run
+            # through ground glass and hug solid nodules) until the shape is a nodule's
+            got: Any = None
+            why = "no region"
             radius = 2.5 * scale + 2.0
-            while radius <= params.max_diameter_mm / 2 + 6:  # grow the ball until it holds it
-                got = self._segment(hu, lungs, c, scale, radius, lung_hu, g.spacing, ndi)
-                if got != "runs-out":
+            while got is None and radius <= params.max_diameter_mm:
+                for opening in (1 / 3, 1 / 2, 3 / 4):
+                    seg = self._segment(hu, lungs, c, scale, radius, lung_hu, g.spacing, ndi,
+                                        opening)
+                    if seg is None or isinstance(seg, str):
+                        why = seg or why
+                        continue
+                    shape = self._shape(seg[0], g.spacing)
+                    if shape[0] > params.max_elongation:
+                        why = f"elongation {shape[0]:.1f}"
+                        continue
+                    if shape[1] > params.max_axis_ratio * shape[2]:
+                        why = f"long/short axis {shape[1]:.1f}/{shape[2]:.1f} mm"
+                        continue
+                    got = (*seg, *shape)
+                    break
+                if why != "runs-out":
                     break
                 radius *= 1.6
-            if got is None or isinstance(got, str):
-                ctx.log.debug("candidate %s (scale %.1f): %s", c, scale, got or "no region")
+            if got is None:
+                ctx.log.debug("candidate %s (scale %.1f): %s", c, scale, why)
                 continue
-            mask, box, core = got
-            pts = np.argwhere(mask) * np.array(g.spacing)
-            cov = np.cov(pts.T) if len(pts) > 3 else np.eye(3)
-            evals = np.sort(np.linalg.eigvalsh(cov))
-            elongation = float(np.sqrt(evals[2] / max(evals[0], 1e-6)))
-            if elongation > params.max_elongation:
-                ctx.log.debug("candidate %s: elongation %.1f", c, elongation)
-                continue
+            mask, box, core, elongation, long_axis, short_axis = got
             volume = float(mask.sum() * voxel_ml)
             equiv = float((6 * volume * 1000 / np.pi) ** (1 / 3))
             if not params.min_diameter_mm <= equiv <= params.max_diameter_mm:
@@ -256,15 +280,6 @@ class LungNodules(Plugin[NoduleParams]):
             full = np.zeros(g.shape, dtype=bool)
             full[box] = mask
             if (label_map[full] > 0).any():
-                continue
-            k_slice = int(np.argmax(full.sum(axis=(1, 2))))
-            plane = np.argwhere(full[k_slice]) * np.array([sy, sx])
-            long_axis, short_axis = _feret(plane)
-            long_axis += sx  # voxel centres span one voxel less than the object
-            short_axis += sx
-            if long_axis > params.max_axis_ratio * short_axis:
-                ctx.log.debug("candidate %s: long/short axis %.1f/%.1f mm", c, long_axis,
-                              short_axis)
                 continue
             solid = core > -300
             mean_d = (long_axis + short_axis) / 2
