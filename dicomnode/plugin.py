@@ -262,8 +262,19 @@ class ImageVolume:
                              f"(allowed: {sorted(CT_ATTRIBUTES)})")
 
 
+# A few codes most plugins need (SNOMED CT), so that every plugin spells them the same way.
 RIGHT = Code("24028007", "SCT", "Right")
 LEFT = Code("7771000", "SCT", "Left")
+VOLUME = Code("118565006", "SCT", "Volume")
+AREA = Code("42798000", "SCT", "Area")
+DIAMETER = Code("81827009", "SCT", "Diameter")
+LONG_AXIS = Code("103339001", "SCT", "Long axis")
+SHORT_AXIS = Code("103340004", "SCT", "Short axis")
+PRESENCE = Code("705057003", "SCT", "Presence")
+PRESENT = Code("52101004", "SCT", "Present")
+ABSENT = Code("2667000", "SCT", "Absent")
+TISSUE = Code("85756007", "SCT", "Tissue")
+MORPHOLOGICALLY_ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
 
 
 @dataclass(frozen=True)

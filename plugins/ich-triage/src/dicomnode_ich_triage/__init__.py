@@ -28,9 +28,15 @@ import numpy as np
 from pydantic import Field
 
 from dicomnode.plugin import (
+    ABSENT,
+    DIAMETER,
     GPU,
     LEFT,
+    MORPHOLOGICALLY_ALTERED,
+    PRESENCE,
+    PRESENT,
     RIGHT,
+    VOLUME,
     Accepts,
     Code,
     Context,
@@ -50,13 +56,7 @@ from dicomnode.plugin import (
 )
 
 ICH = Code("1386000", "SCT", "Intracranial hemorrhage")
-PRESENCE = Code("705057003", "SCT", "Presence")
-PRESENT = Code("52101004", "SCT", "Present")
-ABSENT = Code("2667000", "SCT", "Absent")
-VOLUME = Code("118565006", "SCT", "Volume")
-DIAMETER = Code("81827009", "SCT", "Diameter")
 HEMORRHAGE = Code("50960005", "SCT", "Hemorrhage")
-ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
 CRANIAL_CAVITY = Code("1101003", "SCT", "Cranial cavity")
 
 
@@ -214,7 +214,7 @@ class ICHTriage(Plugin[ICHParams]):
             if series.sop_instance_uids[key_slice] not in key_uids:
                 key_uids.append(series.sop_instance_uids[key_slice])
             total += volume
-        segments = tuple(Segment(i, f"Hemorrhage {i}", ALTERED, HEMORRHAGE)
+        segments = tuple(Segment(i, f"Hemorrhage {i}", MORPHOLOGICALLY_ALTERED, HEMORRHAGE)
                          for i in range(1, len(lesions[:250]) + 1))
         message = (f"Intracranial hemorrhage suspected: {len(lesions)} lesion(s), "
                    f"{total:.1f} mL in total, largest {lesions[0][1]:.1f} mL")

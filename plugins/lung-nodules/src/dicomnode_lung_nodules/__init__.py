@@ -29,9 +29,14 @@ import numpy as np
 from pydantic import Field
 
 from dicomnode.plugin import (
+    DIAMETER,
     GPU,
     LEFT,
+    LONG_AXIS,
+    MORPHOLOGICALLY_ALTERED,
     RIGHT,
+    SHORT_AXIS,
+    VOLUME,
     Accepts,
     Code,
     Context,
@@ -50,12 +55,7 @@ from dicomnode.plugin import (
 )
 
 NODULE = Code("27925004", "SCT", "Nodule")
-ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
 LUNG = Code("39607008", "SCT", "Lung structure")
-VOLUME = Code("118565006", "SCT", "Volume")
-LONG_AXIS = Code("103339001", "SCT", "Long axis")
-SHORT_AXIS = Code("103340004", "SCT", "Short axis")
-DIAMETER = Code("81827009", "SCT", "Diameter")
 # PS3.16 has no codes for these summaries: private coding scheme 99DCMNODE
 CONSISTENCY = Code("DN-CONSIST", "99DCMNODE", "Nodule consistency")
 SOLID = Code("DN-SOLID", "99DCMNODE", "Solid")
@@ -309,7 +309,7 @@ class LungNodules(Plugin[NoduleParams]):
                 source_series_uid=series.series_uid,
                 evaluations=((CONSISTENCY, SOLID if f["solid"] else SUBSOLID),
                              (SIZE_CATEGORY, _category(category)))))
-            segments.append(Segment(i, f"Nodule {i}", ALTERED, NODULE))
+            segments.append(Segment(i, f"Nodule {i}", MORPHOLOGICALLY_ALTERED, NODULE))
         summary = (f"{len(found)} nodule(s); largest {max(f['mean'] for f in found):.1f} mm "
                    "mean diameter")
         ctx.log.info(summary)

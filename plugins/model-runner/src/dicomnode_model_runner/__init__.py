@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dicomnode.plugin import (
     GPU,
+    VOLUME,
     Accepts,
     Code,
     Context,
@@ -49,8 +50,6 @@ from dicomnode.plugin import (
     Segment,
     to_numpy,
 )
-
-VOLUME = Code("118565006", "SCT", "Volume")
 
 
 class LabelSpec(BaseModel):

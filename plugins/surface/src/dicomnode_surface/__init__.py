@@ -15,7 +15,10 @@ from skimage.measure import marching_cubes
 from trimesh.smoothing import filter_taubin
 
 from dicomnode.plugin import (
+    AREA,
     GPU,
+    TISSUE,
+    VOLUME,
     Accepts,
     Code,
     Context,
@@ -32,9 +35,6 @@ from dicomnode.plugin import (
     to_numpy,
 )
 
-VOLUME = Code("118565006", "SCT", "Volume")
-AREA = Code("42798000", "SCT", "Area")
-TISSUE = Code("85756007", "SCT", "Tissue")
 BONE = Code("272673000", "SCT", "Bone")
 
 
