@@ -172,8 +172,10 @@ def test_sr_with_point_and_plain_findings(source, prov, tmp_path: Path) -> None:
     assert dsrdump_errors(tmp_path / "sr2.dcm") == []
     back = hd.sr.srread(tmp_path / "sr2.dcm")
     [planar] = back.content.get_planar_roi_measurement_groups()
-    [diameter] = planar.get_measurements()
+    diameter, confidence = planar.get_measurements()  # the confidence is a measurement too
     assert diameter.value == pytest.approx(6.5) and diameter.unit.value == "mm"
+    assert confidence.name.meaning == "Detection confidence"
+    assert confidence.value == pytest.approx(0.9) and confidence.unit.value == "1"
     assert np.allclose(planar.roi.value, [g.to_patient([3, 20, 20])])
 
 
