@@ -1,7 +1,8 @@
 """Synthetic studies for tests, benchmarks and demos (no patient data anywhere).
 
-Data made here is labelled as synthetic in PatientName/SeriesDescription. The CLI's
-``dicomnode simulate`` (raw CT projections, head/chest CT with ground truth) will build on this.
+Data made here is labelled as synthetic in PatientName/SeriesDescription. ``ct_dataset`` is
+the one CT header every simulator writes (``simulate_ct``, ``simulate_head``,
+``simulate_chest`` via ``write_ct_series``), so all of them are dciodvfy-clean alike.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicomnode.package.series import ds_value
 
 
 def ellipse_phantom(shape: tuple[int, int, int], seed: int = 7) -> np.ndarray:
@@ -26,6 +29,36 @@ def ellipse_phantom(shape: tuple[int, int, int], seed: int = 7) -> np.ndarray:
         hu[((xx - 0.3) ** 2 + (yy + 0.1) ** 2) < 0.01 * (1 + np.sin(i / 20))] = 700
         out[i] = hu
     return out
+
+
+def ct_dataset(path: Path, study_uid: str, series_uid: str, frame_uid: str, *,
+               patient_id: str, patient_name: str, accession: str, series_number: int,
+               instance_number: int, description: str) -> FileDataset:
+    """The header every synthetic CT Image Storage instance shares (patient, study, series,
+    equipment, image plane orientation, pixel description); the caller adds position, spacing,
+    rescale and pixels. Conformant as written: dciodvfy-clean (tests/test_cli.py)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+        study_uid, series_uid, frame_uid)
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+        patient_name, patient_id, "19700101", "O")
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
+        "20261121", "080000", accession, "1")
+    ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = (
+        "", "CT", series_number, instance_number)
+    ds.Laterality = ""  # Type 2C: dciodvfy cannot know the body part is unpaired
+    ds.SeriesDescription, ds.Manufacturer = description, "dicomnode-simulator"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PositionReferenceIndicator = ""
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.KVP, ds.AcquisitionNumber, ds.PatientPosition = 120, 1, "HFS"
+    return ds
 
 
 def write_ct_series(out: Path, hu: np.ndarray | None = None, *, n: int = 8, size: int = 64,
@@ -44,35 +77,19 @@ def write_ct_series(out: Path, hu: np.ndarray | None = None, *, n: int = 8, size
     study_uid = study_uid or generate_uid()
     series, frame = generate_uid(), generate_uid()
     files = []
+    half = (cols - 1) / 2 * pixel_mm
     for i in range(n):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = out / f"ct{i:04d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
-            study_uid, series, frame)
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
-            patient_name, patient_id, "19700101", "O")
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
-            "20261121", "080000", "SYN1", "1")
-        ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = (
-            "", "CT", 1, i + 1)
-        ds.SeriesDescription, ds.Manufacturer = series_description, "dicomnode-simulator"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        half = (cols - 1) / 2 * pixel_mm
-        ds.ImagePositionPatient = [-half, -half, -i * slice_mm if z_mm is None
-                                   else round(float(z_mm[i]), 4)]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing, ds.SliceThickness = [pixel_mm, pixel_mm], slice_mm
-        ds.PositionReferenceIndicator = ""
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds = ct_dataset(path, study_uid, series, frame, patient_id=patient_id,
+                        patient_name=patient_name, accession="SYN1", series_number=1,
+                        instance_number=i + 1, description=series_description)
+        ds.ImagePositionPatient = [ds_value(-half), ds_value(-half),
+                                   ds_value(-i * slice_mm if z_mm is None else z_mm[i])]
+        ds.PixelSpacing = [ds_value(pixel_mm), ds_value(pixel_mm)]
+        ds.SliceThickness = ds_value(slice_mm)
         ds.Rows, ds.Columns = rows, cols
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.KVP, ds.AcquisitionNumber, ds.PatientPosition = 120, 1, "HFS"
         ds.PixelData = np.clip(np.rint(hu[i] + 1024), 0, 4095).astype(np.uint16).tobytes()
         ds.save_as(path, enforce_file_format=True)
         files.append(path)

@@ -20,10 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from dicomnode.ctpd import ScanGeometry, write_tags
+from dicomnode.package.series import ds_value
+from dicomnode.simulate import ct_dataset
 
 MU_WATER = 0.0192  # mm⁻¹
 PHANTOM_RADIUS_MM = 110.0  # Shepp–Logan unit length
@@ -195,32 +196,15 @@ def write_ctpd_series(out: Path, g: ScanGeometry, sino: np.ndarray, *,
     slope = max(float(sino.max()), 1e-6) / 65000.0
     files = []
     for k in range(g.views):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = out / f"proj{k:05d}.dcm"
-        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
-            study_uid, series, frame)
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
-            "Synthetic^Phantom", patient_id, "19700101", "O")
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = (
-            "20261121", "080000", "SYNRAW1", "1")
-        ds.ReferringPhysicianName, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = (
-            "", "CT", 2, k + 1)
-        ds.SeriesDescription, ds.Manufacturer = description, "dicomnode-simulator"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.ImagePositionPatient = [0, 0, g.z]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.PixelSpacing, ds.SliceThickness = [g.dv, g.du], g.dv
-        ds.PositionReferenceIndicator = ""
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds = ct_dataset(path, study_uid, series, frame, patient_id=patient_id,
+                        patient_name="Synthetic^Phantom", accession="SYNRAW1",
+                        series_number=2, instance_number=k + 1, description=description)
+        ds.ImagePositionPatient = [0, 0, ds_value(g.z)]
+        ds.PixelSpacing, ds.SliceThickness = [ds_value(g.dv), ds_value(g.du)], ds_value(g.dv)
         ds.Rows, ds.Columns = g.rows, g.columns
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, f"{slope:.10g}", "US"
-        ds.KVP, ds.AcquisitionNumber, ds.PatientPosition = 120, 1, "HFS"
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = 0, ds_value(slope), "US"
         write_tags(ds, g, k)
         stored = np.clip(np.rint(sino[k] / float(ds.RescaleSlope)), 0, 65535)
         ds.PixelData = stored.astype(np.uint16).tobytes()

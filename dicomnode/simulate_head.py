@@ -230,11 +230,12 @@ def head_ct(seed: int, *, kind: str | None = "random", volume_ml: float | None =
         vol[k] -= 4.0 * np.exp(-(xx**2 + yy**2) / (2 * 40.0**2)) * (vol[k] > -200)
     vol += rng.normal(0, 5.0 * np.sqrt(5.0 / slice_mm), vol.shape).astype(np.float32)
     labels = (lesion_frac >= 0.5).astype(np.uint8)
-    truth = HeadTruth(seed=seed, hemorrhage=kind is not None, slice_mm=slice_mm,
+    truth = HeadTruth(seed=seed, hemorrhage=kind is not None and bool(lesion_frac.any()),
+                      slice_mm=slice_mm,
                       pixel_mm=pixel_mm, yaw_deg=float(yaw), pitch_deg=float(pitch),
                       z_mm=[float(v) for v in z])
-    if kind is not None:
-        voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000
+    if kind is not None and lesion_frac.any():  # (a short slab may miss the lesion: then
+        voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000  # the study truly shows none)
         idx = np.argwhere(lesion_frac > 0)
         w = lesion_frac[lesion_frac > 0]
         c = (idx * w[:, None]).sum(axis=0) / w.sum()

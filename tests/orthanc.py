@@ -51,3 +51,21 @@ class Orthanc:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(15)
+
+    def valid_results(self, modalities: set[str], dst: Path,
+                      timeout: float = 120) -> dict[str, Path]:
+        """Wait for exactly one series per modality, fetch each one's first instance into
+        ``dst`` and check it: dciodvfy with zero errors, and dsrdump -Ee for an SR."""
+        from tests.validators import dciodvfy_errors, dsrdump_errors
+
+        wait_until(lambda: len(self.series()) == len(modalities), timeout=timeout,
+                   what=" + ".join(sorted(modalities)) + " in Orthanc")
+        by_modality = {s["MainDicomTags"]["Modality"]: s for s in self.series()}
+        assert set(by_modality) == modalities
+        paths = {m: self.instance_file(s["Instances"][0], dst / f"{m}.dcm")
+                 for m, s in by_modality.items()}
+        for m, p in paths.items():
+            assert dciodvfy_errors(p) == [], m
+        if "SR" in paths:
+            assert dsrdump_errors(paths["SR"]) == []
+        return paths

@@ -156,14 +156,7 @@ def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: 
         _, truth = write_head_ct(tmp_path / "bleed", 41, kind="iph", volume_ml=6.0)
         files = sorted((tmp_path / "bleed").glob("*.dcm"))
         storescu(node.port, files, aet="CT_SCANNER")
-        wait_until(lambda: len(orthanc.series()) == 3, timeout=90, what="SR, SEG, KOS")
-        by_modality = {s["MainDicomTags"]["Modality"]: s for s in orthanc.series()}
-        assert set(by_modality) == {"SR", "SEG", "KO"}
-        paths = {m: orthanc.instance_file(s["Instances"][0], tmp_path / f"{m}.dcm")
-                 for m, s in by_modality.items()}
-        for m, p in paths.items():
-            assert dciodvfy_errors(p) == [], m
-        assert dsrdump_errors(paths["SR"]) == []
+        paths = orthanc.valid_results({"SR", "SEG", "KO"}, tmp_path, timeout=90)
         sr = hd.sr.srread(paths["SR"])
         [group] = sr.content.get_volumetric_roi_measurement_groups()
         volume = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))

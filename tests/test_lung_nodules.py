@@ -20,7 +20,7 @@ from dicomnode.plugin import Context, Inputs, NotApplicable
 from dicomnode.run.inputs import series_input
 from dicomnode.simulate_chest import write_chest_ct
 from dicomnode.simulate_head import write_head_ct
-from tests.helpers import storescu, wait_until
+from tests.helpers import storescu
 from tests.test_pipeline import make_node, pipeline_config
 from tests.validators import dciodvfy_errors, dsrdump_errors
 
@@ -123,14 +123,7 @@ def test_chest_ct_to_orthanc(node_factory, orthanc, tmp_path: Path) -> None:  # 
     node = make_node(node_factory, cfg)
     files, truth = write_chest_ct(tmp_path / "chest", 54, specs=[("solid", 14.0)], **SMALL)
     storescu(node.port, files, aet="CT_SCANNER")
-    wait_until(lambda: len(orthanc.series()) == 2, timeout=120, what="SR and SEG")
-    by_modality = {s["MainDicomTags"]["Modality"]: s for s in orthanc.series()}
-    assert set(by_modality) == {"SR", "SEG"}
-    paths = {m: orthanc.instance_file(s["Instances"][0], tmp_path / f"{m}.dcm")
-             for m, s in by_modality.items()}
-    for m, p in paths.items():
-        assert dciodvfy_errors(p) == [], m
-    assert dsrdump_errors(paths["SR"]) == []
+    paths = orthanc.valid_results({"SR", "SEG"}, tmp_path)
     sr = hd.sr.srread(paths["SR"])
     groups = sr.content.get_volumetric_roi_measurement_groups()
     diameters = [g.get_measurements(name=hd.sr.CodedConcept("81827009", "SCT", "Diameter"))[0]

@@ -21,9 +21,8 @@ from pydantic import ValidationError
 from dicomnode.plugin import Context, Inputs, PluginError
 from dicomnode.run.inputs import series_input
 from dicomnode.simulate import write_ct_series
-from tests.helpers import storescu, wait_until
+from tests.helpers import storescu
 from tests.test_pipeline import make_node, pipeline_config
-from tests.validators import dciodvfy_errors, dsrdump_errors
 
 SPEC = {"name": "hu-above-zero", "version": "0.1", "window": [-1000, 1000],
         "normalize": "minmax", "patch_size": [16, 32, 32], "overlap": 0.25,
@@ -161,13 +160,7 @@ def test_model_runner_into_orthanc(node_factory, orthanc, tmp_path: Path,  # typ
     node = make_node(node_factory, cfg)
     files = write_ct_series(tmp_path / "ct", n=12, size=48)
     storescu(node.port, files)
-    wait_until(lambda: len(orthanc.series()) == 2, timeout=90, what="SEG and SR")
-    by_modality = {s["MainDicomTags"]["Modality"]: s for s in orthanc.series()}
-    paths = {m: orthanc.instance_file(s["Instances"][0], tmp_path / f"{m}.dcm")
-             for m, s in by_modality.items()}
-    for m, p in paths.items():
-        assert dciodvfy_errors(p) == [], m
-    assert dsrdump_errors(paths["SR"]) == []
+    paths = orthanc.valid_results({"SEG", "SR"}, tmp_path, timeout=90)
     seg = hd.seg.segread(paths["SEG"])
     algo = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algo.AlgorithmName == "model-runner:hu-above-zero"

@@ -48,7 +48,7 @@ def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return c
 
 
-def _ds(value: float) -> str:
+def ds_value(value: float) -> str:
     """A decimal string that fits DS (≤ 16 characters), as precise as it allows."""
     return format_number_as_ds(float(value))
 
@@ -118,22 +118,23 @@ def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Proven
         # at its source images: both by SourceImageSequence (encoded once, see part10_bytes)
         ds.SourceImageSequence = refs
         ds.ContributingEquipmentSequence = [equipment]
-        ds.ImagePositionPatient = [_ds(v) for v in g.to_patient([k, 0, 0])]
+        ds.ImagePositionPatient = [ds_value(v) for v in g.to_patient([k, 0, 0])]
         ds.ImageOrientationPatient = [round(v, 8) for v in (*g.row_direction,
                                                              *g.column_direction)]
-        ds.PixelSpacing = [_ds(g.spacing[1]), _ds(g.spacing[2])]
-        ds.SliceThickness = _ds(g.spacing[0])
-        ds.SpacingBetweenSlices = _ds(g.spacing[0])
-        ds.SliceLocation = _ds(float(np.dot(g.to_patient([k, 0, 0]), g.slice_direction)))
+        ds.PixelSpacing = [ds_value(g.spacing[1]), ds_value(g.spacing[2])]
+        ds.SliceThickness = ds_value(g.spacing[0])
+        ds.SpacingBetweenSlices = ds_value(g.spacing[0])
+        ds.SliceLocation = ds_value(float(np.dot(g.to_patient([k, 0, 0]), g.slice_direction)))
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = g.shape[1], g.shape[2]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = _ds(intercept), _ds(slope), "HU"
+        ds.RescaleIntercept, ds.RescaleSlope = ds_value(intercept), ds_value(slope)
+        ds.RescaleType = "HU"
         ds.KVP = src.get("KVP", "")
         ds.AcquisitionNumber = src.get("AcquisitionNumber", "")
         for keyword, value in volume.attributes.items():
-            setattr(ds, keyword, _ds(value) if isinstance(value, float) else value)
+            setattr(ds, keyword, ds_value(value) if isinstance(value, float) else value)
         if volume.window is not None:
             ds.WindowCenter, ds.WindowWidth = volume.window
         ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
