@@ -116,6 +116,77 @@ def test_index_attributes() -> None:
     assert a.sop_class_uid == "1.2.840.10008.5.1.4.1.1.2"
 
 
+def test_fast_index_decoding_agrees_with_pydicom() -> None:
+    """Plain-ASCII values are read without pydicom; on every sample and every character-set
+    file the result must be exactly what the all-pydicom reference gives."""
+    from pydicom.data import get_charset_files
+
+    from dicomnode.store.parse import read_index_attributes_pydicom
+
+    checked = 0
+    for f in _samples() + get_charset_files("*.dcm"):
+        try:
+            ts, data = split_part10(f)
+            plain = check_complete(data, ts)
+        except (MalformedDataset, ValueError, KeyError, AttributeError):
+            continue
+        assert read_index_attributes(plain) == read_index_attributes_pydicom(plain), f
+        checked += 1
+    assert checked > 60
+    # the fast path's edges: padding, signs, odd numbers, multi-values, escapes
+    from dicomnode.store.parse import PlainDataset, _TAGS
+
+    def one(kw: str, value: bytes, vr: bytes) -> PlainDataset:
+        return PlainDataset(value, False, True, {_TAGS[kw]: (vr, len(value), 0)})
+
+    for kw, vr, value in [("SeriesNumber", b"IS", b" +12 "), ("InstanceNumber", b"IS", b"-3"),
+                          ("InstanceNumber", b"IS", b"1.5 "), ("SeriesNumber", b"IS", b"x"),
+                          ("PatientName", b"PN", b"A^B \x00"), ("PatientID", b"LO", b" ID "),
+                          ("PatientID", b"LO", b"A\\B"), ("StudyDescription", b"LO", b"\x1b$B"),
+                          ("SOPInstanceUID", b"UI", b"1.2.3\x00"), ("Modality", b"CS", b"")]:
+        plain = one(kw, value, vr)
+        assert read_index_attributes(plain) == read_index_attributes_pydicom(plain), (kw, value)
+
+
+def test_streamed_file_equals_staged_file(tmp_path: Path) -> None:
+    import hashlib
+
+    fs = FileStore(tmp_path, min_free_mb=0)
+    data = os.urandom(700_000)
+    stream = fs.open_stream(b"META")
+    for k in range(0, len(data), 65536):  # fragments as they come off the network
+        stream.write(memoryview(data)[k: k + 65536])
+    staged = stream.finish()
+    assert staged.size == 4 + len(data) and not stream.open
+    assert stream.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+    fs.publish(staged)
+    assert fs.path_of(staged.rel_path).read_bytes() == b"META" + data
+    assert os.listdir(fs.tmp) == []
+    # abandoned half-way (peer gone): nothing left behind
+    half = fs.open_stream(b"META")
+    half.write(data[:1000])
+    half.abort()
+    half.abort()
+    assert os.listdir(fs.tmp) == []
+
+
+def test_stream_write_error_is_kept_and_reported_at_finish(tmp_path: Path) -> None:
+    import errno
+
+    fs = FileStore(tmp_path, min_free_mb=0)
+    stream = fs.open_stream(b"META")
+    stream.write(b"first")
+    os.close(stream._fd)  # type: ignore[arg-type]  # the disk goes away under the stream
+    stream._fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail with EBADF
+    stream.write(b"second")  # on the network thread: must not raise
+    assert isinstance(stream.error, OSError) and stream.error.errno == errno.EBADF
+    with pytest.raises(OSError):
+        stream.finish()
+    assert os.listdir(fs.tmp) == []
+    with pytest.raises(DiskFull, match="min_free_mb"):
+        FileStore(tmp_path, min_free_mb=10**9).open_stream(b"META")
+
+
 def test_garbage_is_malformed() -> None:
     with pytest.raises(MalformedDataset):
         check_complete(os.urandom(4096), "1.2.840.10008.1.2.1")

@@ -24,6 +24,7 @@ from dicomnode.config import Settings
 from dicomnode.receive import dul_patches
 from dicomnode.schema import Association, Instance, Series, Study, utcnow
 from dicomnode.store import InstanceStore, Received
+from dicomnode.store.files import StreamingFile
 from dicomnode.store.meta import part10_header
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class _AssocStats:
     duplicates: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
     finished: bool = False
+    stream: StreamingFile | None = None  # the instance being received, if streamed
 
 
 class Receiver:
@@ -63,6 +65,7 @@ class Receiver:
                  audit: AuditLog) -> None:
         self.settings = settings
         self.store = store
+        self.files = store.files
         self.sessions = sessions
         self.audit = audit
         self._stats: dict[int, _AssocStats] = {}
@@ -89,7 +92,30 @@ class Receiver:
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         ae._dicomnode_on_violation = self._on_violation  # type: ignore[attr-defined]
+        ae._dicomnode_stream_factory = self._open_stream  # type: ignore[attr-defined]
         return ae
+
+    def _open_stream(self, assoc: Any, message: Any) -> StreamingFile | None:
+        """Called on the network thread at a C-STORE's first data fragment: a tmp/ file the
+        fragments go to as they arrive (see dul_patches.StreamingDataSet)."""
+        cs = message.command_set
+        context = assoc._accepted_cx.get(message.context_id)
+        if context is None:
+            return None  # pynetdicom refuses the message itself
+        calling, _, _, _ = self._peer(assoc)
+        meta = part10_header(str(cs.AffectedSOPClassUID), str(cs.AffectedSOPInstanceUID),
+                             str(context.transfer_syntax[0]), self.ae_title, calling,
+                             self.ae_title)
+        try:
+            stream = self.files.open_stream(meta)
+        except OSError:
+            return None  # below the watermark or tmp/ unwritable: the handler refuses it
+        st = self._stats_for(assoc)
+        with self._stats_lock:
+            if st.stream is not None:
+                st.stream.abort()  # a message abandoned half-way (cannot happen in order)
+            st.stream = stream
+        return stream
 
     def handlers(self) -> list[Any]:
         return [
@@ -202,7 +228,9 @@ class Receiver:
         # a peer that just drops the TCP connection: make sure the row is closed
         self._finish(assoc, "aborted")
         with self._stats_lock:
-            self._stats.pop(id(event.assoc), None)
+            st = self._stats.pop(id(event.assoc), None)
+        if st is not None and st.stream is not None:
+            st.stream.abort()  # the connection went away mid-instance: nothing to keep
 
     def _finish(self, assoc: Any, how: str) -> None:
         with self._stats_lock:
@@ -233,13 +261,19 @@ class Receiver:
         st = self._stats_for(event.assoc)
         calling, host, _, _ = self._peer(event.assoc)
         req = event.request
+        stream = getattr(req.DataSet, "stream", None)
+        with self._stats_lock:
+            if st.stream is stream:
+                st.stream = None
+        if stream is not None and not stream.open:
+            stream = None  # aborted meanwhile: store it the ordinary way
         # a view, not a copy, of the bytes exactly as they arrived
         with req.DataSet.getbuffer() as dataset:
+            meta = stream.meta if stream is not None else part10_header(
+                str(req.AffectedSOPClassUID), str(req.AffectedSOPInstanceUID),
+                str(event.context.transfer_syntax), self.ae_title, calling, self.ae_title)
             result = self.store.store(Received(
-                meta=part10_header(str(req.AffectedSOPClassUID),
-                                   str(req.AffectedSOPInstanceUID),
-                                   str(event.context.transfer_syntax), self.ae_title,
-                                   calling, self.ae_title), dataset=dataset,
+                meta=meta, dataset=dataset, stream=stream,
                 transfer_syntax=str(event.context.transfer_syntax),
                 sop_class_uid=str(req.AffectedSOPClassUID),
                 sop_instance_uid=str(req.AffectedSOPInstanceUID), association_id=st.row_id,

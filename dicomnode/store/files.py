@@ -21,10 +21,14 @@ instance an hour does. Recent files also sit together, which suits retention and
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import hashlib
 import logging
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -45,6 +49,97 @@ class Staged:
     name: str
     rel_path: str  # where it will live, relative to the storage root
     size: int
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+_SYNC_FILE_RANGE_WRITE = 2
+_WRITEBACK_EVERY = 256 * 1024
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing this range to disk now (Linux ``sync_file_range``,
+    no waiting): the final fsync then only waits for the tail. A no-op elsewhere."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, ctypes.c_longlong(offset), ctypes.c_longlong(length),
+                         _SYNC_FILE_RANGE_WRITE)
+
+
+class StreamingFile:
+    """An instance written to ``tmp/`` *while it arrives*, hashed on the way.
+
+    The receiver feeds it each P-DATA fragment (:meth:`write`); the kernel is asked to start
+    write-back every 256 KiB, so when the last fragment is in, :meth:`finish` (fsync file and
+    ``tmp/``) waits for little more than the tail. Same protocol as :meth:`FileStore.stage`
+    from there on; a stream that is never finished is removed by :meth:`abort`, or by the
+    start-up sweep after a crash (it is unindexed). Write errors are kept, not raised: the
+    stream is fed from the network thread, and the store answers with the right status when
+    the instance is complete.
+    """
+
+    def __init__(self, store: FileStore, name: str, meta: bytes) -> None:
+        self.store = store
+        self.name = name
+        self.path = store.tmp / f"{name}.dcm"
+        self.size = 0
+        self.meta = meta
+        self.error: OSError | None = None
+        self.sha256 = hashlib.sha256()  # of the dataset, not the meta header
+        self._synced = 0
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._write(memoryview(meta), hashed=False)
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._write(memoryview(data), hashed=True)
+
+    def _write(self, view: memoryview, hashed: bool) -> None:
+        if hashed:
+            self.sha256.update(view)
+        if self.error is not None or self._fd is None:
+            return
+        try:
+            FileStore._write_all(self._fd, view)
+            self.size += len(view)
+            if self.size - self._synced >= _WRITEBACK_EVERY:
+                _start_writeback(self._fd, self._synced, self.size - self._synced)
+                self._synced = self.size
+        except OSError as e:
+            self.error = e
+
+    def finish(self) -> Staged:
+        """Make the file durable in ``tmp/``; raises DiskFull or the write error it kept."""
+        try:
+            if self.error is not None:
+                raise self.error
+            self.store.check_space(0)
+            fd, self._fd = self._fd, None
+            if fd is None:
+                raise OSError(errno.EBADF, "stream already closed")
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.store.tmp)
+        except OSError as e:
+            self.abort()
+            if isinstance(e, DiskFull):
+                raise
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(e.errno, f"disk full while writing: {e.strerror}") from e
+            raise
+        return Staged(self.name, final_rel_path(self.name), self.size)
+
+    def abort(self) -> None:
+        """Close and remove the file (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.path.unlink(missing_ok=True)
+
+    @property
+    def open(self) -> bool:
+        return self._fd is not None
 
 
 def final_rel_path(name: str) -> str:
@@ -108,6 +203,12 @@ class FileStore:
                 raise DiskFull(e.errno, f"disk full while writing: {e.strerror}") from e
             raise
         return Staged(name, final_rel_path(name), len(meta) + len(dataset))
+
+    def open_stream(self, meta: bytes) -> StreamingFile:
+        """A tmp/ file that a dataset is written into while it arrives (see StreamingFile)."""
+        self.check_space(len(meta))
+        name = f"{time.strftime('%Y%m%d%H', time.gmtime())}-{uuid.uuid4().hex}"
+        return StreamingFile(self, name, meta)
 
     @staticmethod
     def _write_all(fd: int, *parts: memoryview) -> None:

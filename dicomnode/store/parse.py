@@ -8,6 +8,7 @@ buffer and every undefined-length sequence is closed, and costs microseconds per
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -189,6 +190,27 @@ _KEYWORDS = ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInst
 _WANTED = frozenset(int(tag_for_keyword(k) or 0) for k in _KEYWORDS)
 
 
+_FIELDS = (("sop_class_uid", "SOPClassUID", 64), ("sop_instance_uid", "SOPInstanceUID", 64),
+           ("study_uid", "StudyInstanceUID", 64), ("series_uid", "SeriesInstanceUID", 64),
+           ("patient_id", "PatientID", 64), ("issuer", "IssuerOfPatientID", 64),
+           ("patient_name", "PatientName", 324), ("birth_date", "PatientBirthDate", 8),
+           ("sex", "PatientSex", 16), ("study_date", "StudyDate", 8),
+           ("study_time", "StudyTime", 16), ("accession_number", "AccessionNumber", 16),
+           ("study_id", "StudyID", 16), ("study_description", "StudyDescription", 64),
+           ("referring_physician", "ReferringPhysicianName", 324), ("modality", "Modality", 16),
+           ("series_number", "SeriesNumber", 12),
+           ("series_description", "SeriesDescription", 64),
+           ("body_part", "BodyPartExamined", 16),
+           ("frame_of_reference_uid", "FrameOfReferenceUID", 64))
+_TAGS = {kw: int(tag_for_keyword(kw) or 0) for kw in _KEYWORDS}
+_STRIP_BOTH = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+               "FrameOfReferenceUID", "SeriesNumber", "InstanceNumber"}  # UI and IS
+# one value of printable ASCII (no backslash: not multi-valued, no ESC: no ISO 2022 switch),
+# then padding: reads the same in every character set DICOM allows
+_PLAIN = re.compile(rb"[\x20-\x5B\x5D-\x7E]*\x00*\Z")
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+
+
 def _s(ds: Any, kw: str, limit: int) -> str:
     try:
         v = ds.get(kw)
@@ -197,42 +219,70 @@ def _s(ds: Any, kw: str, limit: int) -> str:
     return "" if v is None else str(v)[:limit]
 
 
+def _fast_text(plain: PlainDataset, kw: str) -> str | None:
+    """The value as pydicom would give it, for plain ASCII values; None: let pydicom decode."""
+    found = plain.elements.get(_TAGS[kw])
+    if found is None:
+        return ""
+    _, length, vpos = found
+    raw = bytes(plain.data[vpos: vpos + length])
+    if not _PLAIN.match(raw):
+        return None
+    text = raw.decode("ascii")
+    if kw in _STRIP_BOTH:
+        text = text.strip(" \x00")
+        if kw in ("SeriesNumber", "InstanceNumber") and text and not _INTEGER.match(text):
+            return None  # not an integer: pydicom's IS handling decides
+        return text
+    return text.rstrip(" \x00")
+
+
 def read_index_attributes(plain: PlainDataset) -> IndexAttributes:
-    """Decode just the indexed attributes the walker found (pydicom does the value decoding,
-    Specific Character Set included); the rest of the header is never parsed."""
-    raw: dict[BaseTag, DataElement | RawDataElement] = {}
-    for tag, (vr, length, vpos) in plain.elements.items():
-        value = bytes(plain.data[vpos: vpos + length])
-        raw[BaseTag(tag)] = RawDataElement(
-            BaseTag(tag), vr.decode("ascii") if vr else None, length, value, vpos,
-            plain.implicit, plain.little, True, False)
-    ds = Dataset(raw)
+    """Decode just the indexed attributes the walker found. Plain ASCII values (nearly all)
+    are read directly; anything else (other character sets, multi-values, odd numbers) is
+    decoded by pydicom, Specific Character Set included. The rest of the header is never
+    parsed. ``tests/test_units.py`` checks both give the same on pydicom's test files."""
+    values: dict[str, str] = {}
+    slow: list[tuple[str, str, int]] = []
+    for field_name, kw, limit in _FIELDS:
+        text = _fast_text(plain, kw)
+        if text is None:
+            slow.append((field_name, kw, limit))
+        else:
+            values[field_name] = text[:limit]
+    number = _fast_text(plain, "InstanceNumber")
+    ds = _pydicom_dataset(plain) if slow or number is None else None
+    for field_name, kw, limit in slow:
+        values[field_name] = _s(ds, kw, limit)
+    if number is None:
+        try:
+            value = ds.get("InstanceNumber") if ds is not None else None
+            inst_no = int(value) if value not in (None, "") else None
+        except (TypeError, ValueError):
+            inst_no = None
+    else:
+        inst_no = int(number) if number else None
+    return IndexAttributes(**values, instance_number=inst_no)
+
+
+def read_index_attributes_pydicom(plain: PlainDataset) -> IndexAttributes:
+    """The reference decoding (every value through pydicom); the fast path must agree."""
+    ds = _pydicom_dataset(plain)
     inst_no: int | None
     try:
         number = ds.get("InstanceNumber")
         inst_no = int(number) if number not in (None, "") else None
     except (TypeError, ValueError):
         inst_no = None
-    return IndexAttributes(
-        sop_class_uid=_s(ds, "SOPClassUID", 64),
-        sop_instance_uid=_s(ds, "SOPInstanceUID", 64),
-        study_uid=_s(ds, "StudyInstanceUID", 64),
-        series_uid=_s(ds, "SeriesInstanceUID", 64),
-        patient_id=_s(ds, "PatientID", 64),
-        issuer=_s(ds, "IssuerOfPatientID", 64),
-        patient_name=_s(ds, "PatientName", 324),
-        birth_date=_s(ds, "PatientBirthDate", 8),
-        sex=_s(ds, "PatientSex", 16),
-        study_date=_s(ds, "StudyDate", 8),
-        study_time=_s(ds, "StudyTime", 16),
-        accession_number=_s(ds, "AccessionNumber", 16),
-        study_id=_s(ds, "StudyID", 16),
-        study_description=_s(ds, "StudyDescription", 64),
-        referring_physician=_s(ds, "ReferringPhysicianName", 324),
-        modality=_s(ds, "Modality", 16),
-        series_number=_s(ds, "SeriesNumber", 12),
-        series_description=_s(ds, "SeriesDescription", 64),
-        body_part=_s(ds, "BodyPartExamined", 16),
-        frame_of_reference_uid=_s(ds, "FrameOfReferenceUID", 64),
-        instance_number=inst_no,
-    )
+    return IndexAttributes(**{f: _s(ds, kw, limit) for f, kw, limit in _FIELDS},
+                           instance_number=inst_no)
+
+
+def _pydicom_dataset(plain: PlainDataset) -> Dataset:
+    raw: dict[BaseTag, DataElement | RawDataElement] = {}
+    for tag, (vr, length, vpos) in plain.elements.items():
+        value = bytes(plain.data[vpos: vpos + length])
+        raw[BaseTag(tag)] = RawDataElement(
+            BaseTag(tag), vr.decode("ascii") if vr else None, length, value, vpos,
+            plain.implicit, plain.little, True, False)
+    return Dataset(raw)

@@ -24,7 +24,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.schema import Association, Instance, Patient, Series, Study, utcnow
-from dicomnode.store.files import DiskFull, FileStore, Staged
+from dicomnode.store.files import DiskFull, FileStore, Staged, StreamingFile
+from dicomnode.store.hotindex import HotIndex
 from dicomnode.store.parse import (
     IndexAttributes,
     MalformedDataset,
@@ -59,6 +60,9 @@ class Received:
     association_id: int | None = None
     calling_aet: str = ""
     peer_host: str = ""
+    # the same bytes, already written to tmp/ (and hashed) while they arrived; meta is then
+    # already in the file
+    stream: StreamingFile | None = None
 
 
 @dataclass(frozen=True)
@@ -128,17 +132,26 @@ class InstanceStore:
         # (shared with the assembler, which flips the same rows to 'complete')
         self._index_lock = index_lock or threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage")
+        self._hot = HotIndex(sessions.kw["bind"])
 
     # ------------------------------------------------------------------------------------
     def store(self, rx: Received) -> StoreResult:
         # The file is written and fsynced on a pool thread while this one hashes and checks the
         # dataset (hashing and fsync release the GIL): the sender waits for the longer of the
         # two, not their sum. An invalid or duplicate instance's file is simply discarded.
-        staging = self._pool.submit(self.files.stage, rx.meta, rx.dataset)
+        if rx.stream is not None:  # written while it arrived: fsync what is left
+            staging = self._pool.submit(rx.stream.finish)
+        else:
+            staging = self._pool.submit(self.files.stage, rx.meta, rx.dataset)
         try:
-            digest = hashlib.sha256(rx.dataset).hexdigest()
+            digest = (rx.stream.sha256 if rx.stream is not None
+                      else hashlib.sha256(rx.dataset)).hexdigest()
             attrs = self._validate(rx)
             staged = staging.result()
+            if rx.stream is not None and staged.size != len(rx.meta) + len(rx.dataset):
+                self.files.discard(staged)  # cannot happen unless the receive stage is broken
+                raise OSError(f"streamed file holds {staged.size} bytes, expected "
+                              f"{len(rx.meta) + len(rx.dataset)}")
         except BaseException as e:
             self._discard_when_done(staging)
             if isinstance(e, _Refusal):
@@ -188,6 +201,9 @@ class InstanceStore:
     def _index_staged(self, rx: Received, attrs: IndexAttributes, staged: Staged,
                       digest: str) -> StoreResult:
         """One transaction decides: new, identical duplicate, or conflicting duplicate."""
+        if self._index_hot(rx, attrs, staged, digest):
+            self.files.publish(staged)
+            return self._ok(attrs, "stored", "", staged.size)
         try:
             with self._index_lock, self.sessions() as s, s.begin():
                 existing = s.connection().execute(
@@ -225,6 +241,18 @@ class InstanceStore:
         self._audit_conflict(rx, attrs, "kept the first copy")
         return self._ok(attrs, "kept-first",
                         "other content under an existing SOP Instance UID: kept first")
+
+    def _index_hot(self, rx: Received, attrs: IndexAttributes, staged: Staged,
+                   digest: str) -> bool:
+        """The common case (a new instance of a study and series still receiving) on the bare
+        driver; False: nothing written, take the ORM path."""
+        with self._index_lock:
+            return bool(self._hot.index(
+                sop_instance_uid=attrs.sop_instance_uid, sop_class_uid=rx.sop_class_uid,
+                study_uid=attrs.study_uid, series_uid=attrs.series_uid,
+                instance_number=attrs.instance_number, transfer_syntax_uid=rx.transfer_syntax,
+                size=staged.size, sha256=digest, path=staged.rel_path,
+                association_fk=rx.association_id, now=utcnow()))
 
     # ------------------------------------------------------------------------------------
     def _index(self, s: Session, rx: Received, attrs: IndexAttributes, staged: Staged,
@@ -364,6 +392,8 @@ class InstanceStore:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        with self._index_lock:
+            self._hot.close()
 
     # ------------------------------------------------------------------------------------
     def sweep(self) -> tuple[int, int]:
