@@ -60,9 +60,10 @@ def _print_json(value: Any) -> None:
 def serve(config: ConfigOpt = None) -> None:
     """Run the node until SIGTERM/SIGINT (then finish in-flight instances and stop)."""
     settings = _settings(config)
-    from dicomnode.node import Node, configure_logging
+    from dicomnode.node import Node, configure_logging, tune_allocator
 
     configure_logging(settings.logging.level)
+    tune_allocator()
     try:
         node = Node(settings)
     except ConfigError as e:  # routes checked against the installed plugins

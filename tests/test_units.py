@@ -357,3 +357,36 @@ def test_association_sockets_have_tcp_nodelay() -> None:
     finally:
         server.shutdown()
     assert outgoing != 0 and accepted and accepted[0] != 0
+
+
+@pytest.mark.parametrize("status,comment,sop_class,sop_instance", [
+    (0x0000, None, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"),
+    (0xC001, "truncated: value of (7FE0,0010)", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.45"),
+    (0xA700, "odd", None, "1.2"),
+    (0x0000, None, "1.2.840.10008.5.1.4.1.1.4", None),
+])
+def test_fast_c_store_response_is_byte_identical(status: int, comment: str | None,
+                                                 sop_class: str | None,
+                                                 sop_instance: str | None) -> None:
+    """The receive stage encodes C-STORE-RSP command sets itself; pynetdicom's generic encoder
+    is the reference."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicomnode.receive.dul_patches import encode_c_store_rsp
+
+    p = C_STORE()
+    p.MessageIDBeingRespondedTo = 7
+    p.Status = status
+    p.ErrorComment = comment
+    if sop_class:
+        p.AffectedSOPClassUID = sop_class
+    if sop_instance:
+        p.AffectedSOPInstanceUID = sop_instance
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(p)
+    reference = b"".join(pdv[1:] for pd in msg.encode_msg(1, 16384)
+                         for _, pdv in pd.presentation_data_value_list if pdv[0] & 1)
+    assert encode_c_store_rsp(p) == reference
+    p.OffendingElement = [0x00100010]
+    assert encode_c_store_rsp(p) is None  # not covered: pynetdicom encodes it

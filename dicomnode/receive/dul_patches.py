@@ -29,7 +29,8 @@ at once, and an idle association still wakes only ~1000 times a second, as befor
 3. Stream each incoming C-STORE data set to disk while it arrives (:class:`StreamingDataSet`):
 writing and hashing ~0.5 MB after the last fragment used to be on the sender's critical path.
 
-4. Copy presentation contexts cheaply when an association starts (shared immutable UIDs).
+4. Copy presentation contexts cheaply when an association starts (shared immutable UIDs), and
+encode C-STORE responses directly (:func:`encode_c_store_rsp`).
 
 The replaced method is private; ``pynetdicom`` is pinned to 3.0.4 in ``pyproject.toml`` and
 :func:`install` refuses to patch another version.
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import logging
 import os
@@ -52,9 +54,13 @@ from typing import Any
 
 import pynetdicom
 import pynetdicom.association
+from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket
 
@@ -181,7 +187,30 @@ _original_send_pdu = DULServiceProvider.send_pdu
 _original_dul_init = DULServiceProvider.__init__
 
 
+_original_dul_send = DULServiceProvider._send
+
+
+def _send_lock(dul: Any) -> threading.Lock:
+    return dul._dicomnode_send_lock  # type: ignore[no-any-return]
+
+
+def _dul_send(self: Any, pdu: Any) -> None:
+    """Every PDU the DUL thread sends goes out under the association's send lock."""
+    with _send_lock(self):
+        _original_dul_send(self, pdu)
+
+
 def _send_pdu(self: Any, primitive: Any) -> None:
+    # In data transfer, a P-DATA (a C-STORE response) is encoded and sent right here, on the
+    # calling thread, under the send lock, as the state machine's DT-1 would: handing it to the
+    # DUL thread cost a thread switch and ~0.7 ms per instance while the sender waits.
+    # Anything else, or anything queued before it, takes pynetdicom's queue.
+    if (type(primitive) is P_DATA and self.socket is not None
+            and self.to_provider_queue.empty()):
+        with _send_lock(self):
+            if self.state_machine.current_state in ("Sta6", "Sta8"):
+                self._dicomnode_direct(P_DATA_TF(primitive))
+                return
     _original_send_pdu(self, primitive)
     sock = self.socket
     fds = getattr(sock, "_dicomnode_wake", None) if sock is not None else None
@@ -194,6 +223,8 @@ def _dul_init(self: Any, *args: Any, **kwargs: Any) -> None:
     _original_dul_init(self, *args, **kwargs)
     # created here, before either thread can look for it (see _AssociationTime)
     self.assoc._dicomnode_msg = threading.Event()
+    self._dicomnode_send_lock = threading.Lock()
+    self._dicomnode_direct = functools.partial(_original_dul_send, self)
     self._run_loop_delay = 0  # the wait happens in _ready's select instead
 
 
@@ -289,6 +320,59 @@ def _create_socket(self: Any, *args: Any, **kwargs: Any) -> Any:
     return sock     # with Nagle the data waits ~40 ms for the peer's delayed ACK
 
 
+# --- 6. C-STORE responses encoded directly ---------------------------------------------------
+
+_original_send_msg = DIMSEServiceProvider.send_msg
+
+
+def _element(group_elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0, group_elem, len(value)) + value
+
+
+def _uid(value: Any) -> bytes:
+    raw = str(value).encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def encode_c_store_rsp(primitive: Any) -> bytes | None:
+    """The command set of a C-STORE-RSP (implicit VR little endian, PS3.7 9.3.1.2), byte for
+    byte what pynetdicom's generic path produces (tested), without building a pydicom Dataset
+    and encoding it twice (~0.4 ms per instance). None: a case this does not cover."""
+    if primitive.OffendingElement is not None or primitive.MessageIDBeingRespondedTo is None:
+        return None
+    if primitive.Status is None:
+        return None
+    parts = []
+    if primitive.AffectedSOPClassUID is not None:
+        parts.append(_element(0x0002, _uid(primitive.AffectedSOPClassUID)))
+    parts.append(_element(0x0100, struct.pack("<H", 0x8001)))
+    parts.append(_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)))
+    parts.append(_element(0x0800, struct.pack("<H", 0x0101)))
+    parts.append(_element(0x0900, struct.pack("<H", primitive.Status)))
+    if primitive.ErrorComment is not None:
+        try:
+            text = str(primitive.ErrorComment).encode("ascii")
+        except UnicodeEncodeError:
+            return None
+        parts.append(_element(0x0902, text + b" " if len(text) % 2 else text))
+    if primitive.AffectedSOPInstanceUID is not None:
+        parts.append(_element(0x1000, _uid(primitive.AffectedSOPInstanceUID)))
+    body = b"".join(parts)
+    return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
+
+
+def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
+    if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        encoded = encode_c_store_rsp(primitive)
+        limit = self.maximum_pdu_size
+        if encoded is not None and (not limit or len(encoded) <= limit - 6):
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+            self.dul.send_pdu(pdata)
+            return
+    _original_send_msg(self, primitive, context_id)
+
+
 # --- 5. cheap copies of presentation contexts ------------------------------------------------
 
 def _context_deepcopy(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
@@ -311,6 +395,7 @@ def install() -> None:
         )
     setattr(DULServiceProvider, "_read_pdu_data", _guarded_read_pdu_data)  # noqa: B010
     setattr(DULServiceProvider, "send_pdu", _send_pdu)  # noqa: B010
+    setattr(DULServiceProvider, "_send", _dul_send)  # noqa: B010
     setattr(DULServiceProvider, "__init__", _dul_init)  # noqa: B010
     setattr(AssociationSocket, "ready", property(_ready))  # noqa: B010
     setattr(DIMSEServiceProvider, "receive_primitive", _receive_primitive)  # noqa: B010
@@ -318,4 +403,5 @@ def install() -> None:
     setattr(AssociationSocket, "_create_socket", _create_socket)  # noqa: B010
     setattr(pynetdicom.association, "time", _AssociationTime())  # noqa: B010
     setattr(PresentationContext, "__deepcopy__", _context_deepcopy)  # noqa: B010
+    setattr(DIMSEServiceProvider, "send_msg", _send_msg)  # noqa: B010
     setattr(DULServiceProvider, "_dicomnode_guarded", True)  # noqa: B010
