@@ -1,8 +1,9 @@
 """The node: wires the stages together and owns start-up recovery and shutdown.
 
-Start: check routes against the installed plugins → migrate the schema → sweep ``tmp/`` (roll
-forward or delete) → close associations a crash left open (audited as interrupted) → requeue
-jobs left running → audit application start → assembler, router, runner, senders → SCP.
+Start: check routes against the installed plugins → migrate the schema → sweep unindexed
+files (newest buckets, legacy ``tmp/``) → close associations a crash left open (audited as
+interrupted) → requeue jobs left running → audit application start → assembler, router,
+runner, senders → SCP.
 Stop (SIGTERM/SIGINT): stop accepting → let in-flight instances finish → close associations →
 stop assembler, router, runner (running jobs are requeued next start), senders → audit stop.
 """

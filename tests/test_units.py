@@ -134,7 +134,7 @@ def test_fast_index_decoding_agrees_with_pydicom() -> None:
         checked += 1
     assert checked > 60
     # the fast path's edges: padding, signs, odd numbers, multi-values, escapes
-    from dicomnode.store.parse import PlainDataset, _TAGS
+    from dicomnode.store.parse import _TAGS, PlainDataset
 
     def one(kw: str, value: bytes, vr: bytes) -> PlainDataset:
         return PlainDataset(value, False, True, {_TAGS[kw]: (vr, len(value), 0)})
@@ -159,15 +159,14 @@ def test_streamed_file_equals_staged_file(tmp_path: Path) -> None:
     staged = stream.finish()
     assert staged.size == 4 + len(data) and not stream.open
     assert stream.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
-    fs.publish(staged)
     assert fs.path_of(staged.rel_path).read_bytes() == b"META" + data
-    assert os.listdir(fs.tmp) == []
+    bucket = fs.path_of(staged.rel_path).parent
     # abandoned half-way (peer gone): nothing left behind
     half = fs.open_stream(b"META")
     half.write(data[:1000])
     half.abort()
     half.abort()
-    assert os.listdir(fs.tmp) == []
+    assert os.listdir(bucket) == [fs.path_of(staged.rel_path).name]
 
 
 def test_stream_write_error_is_kept_and_reported_at_finish(tmp_path: Path) -> None:
@@ -182,7 +181,7 @@ def test_stream_write_error_is_kept_and_reported_at_finish(tmp_path: Path) -> No
     assert isinstance(stream.error, OSError) and stream.error.errno == errno.EBADF
     with pytest.raises(OSError):
         stream.finish()
-    assert os.listdir(fs.tmp) == []
+    assert not stream.path.exists()
     with pytest.raises(DiskFull, match="min_free_mb"):
         FileStore(tmp_path, min_free_mb=10**9).open_stream(b"META")
 
@@ -216,22 +215,93 @@ def test_chain_links_and_verifies(tmp_path: Path) -> None:
     assert r.ok and r.checked == 20
 
 
+def test_group_commit_indexes_concurrent_instances_once_each(tmp_path: Path) -> None:
+    """Threads share index transactions; every new instance is indexed exactly once, and
+    anything the fast path does not cover (duplicate, unknown or complete study) is left to
+    the ORM path, with nothing written for it."""
+    import threading
+
+    from sqlalchemy import func, select
+
+    from dicomnode.schema import Instance, Patient, Series, Study, utcnow
+    from dicomnode.store.hotindex import GroupCommit, HotIndex
+
+    url = f"sqlite:///{tmp_path / 'g.sqlite3'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    now = utcnow()
+    with sessions() as s, s.begin():
+        p = Patient(patient_id="P", issuer="", patient_name="", birth_date="", sex="")
+        s.add(p)
+        s.flush()
+        for uid, state in (("1.2.1", "receiving"), ("1.2.2", "complete")):
+            st = Study(study_uid=uid, patient_fk=p.id, state=state, revision=1,
+                       num_instances=0, first_received_at=now, last_received_at=now)
+            s.add(st)
+            s.flush()
+            s.add(Series(series_uid=uid + ".1", study_fk=st.id, state=state, revision=1,
+                         num_instances=0, last_received_at=now))
+    group = GroupCommit(HotIndex(engine), threading.Lock())
+
+    def request(sop: str, study: str) -> dict[str, object]:
+        return dict(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    study_uid=study, series_uid=study + ".1", instance_number=1,
+                    transfer_syntax_uid="1.2.840.10008.1.2", size=10, sha256="0" * 64,
+                    path=f"objects/x/{sop}", association_fk=None, now=utcnow())
+
+    results: dict[str, bool] = {}
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        for i in range(25):
+            sop = f"1.3.{k}.{i}"
+            ok = group.index(**request(sop, "1.2.1"))
+            with lock:
+                results[sop] = ok
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 150 and all(results.values())
+    assert group.index(**request("1.3.0.0", "1.2.1")) is False  # duplicate: ORM path decides
+    assert group.index(**request("1.4", "1.2.2")) is False  # complete study: re-open via ORM
+    assert group.index(**request("1.5", "9.9")) is False  # unknown study
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 150
+        assert s.scalar(select(Study.num_instances).where(Study.study_uid == "1.2.1")) == 150
+        assert s.scalar(select(Series.num_instances).where(
+            Series.series_uid == "1.2.1.1")) == 150
+
+
 # --- file store ------------------------------------------------------------------------------
 
-def test_stage_publish_and_sweep(tmp_path: Path) -> None:
+def test_stage_and_sweep(tmp_path: Path) -> None:
     fs = FileStore(tmp_path, min_free_mb=0)
-    a = fs.stage(b"META", b"DATASET-A")
-    b = fs.stage(b"META", b"DATASET-B")
+    a = fs.stage(b"META", b"DATASET-A")  # indexed and acknowledged
     fs.stage(b"META", b"PARTIAL")  # crashed before its index commit
-    (fs.tmp / "junk.part").write_bytes(b"x")
-    fs.publish(a)
     assert fs.path_of(a.rel_path).read_bytes() == b"METADATASET-A"
-    # b was indexed but the crash came before its rename: the sweep rolls it forward
-    indexed = {b.rel_path}
-    forward, deleted = fs.sweep(lambda rel: rel if rel in indexed else None)
+    # a store from before files were born in place: one indexed file still in tmp/, junk
+    legacy = "2026010100-" + "ab" * 16
+    (fs.tmp / f"{legacy}.dcm").write_bytes(b"METADATASET-B")
+    (fs.tmp / "junk.part").write_bytes(b"x")
+    from dicomnode.store.files import final_rel_path
+    # an old bucket is never scanned (its unindexed file is somebody else's business)
+    old = fs.root / "objects" / "20200101" / "00"
+    old.mkdir(parents=True)
+    (old / "foreign.dcm").write_bytes(b"x")
+    indexed = {a.rel_path, final_rel_path(legacy)}
+    forward, deleted = fs.sweep(
+        lambda rel: rel if rel in indexed else None,
+        lambda prefix: {p for p in indexed if p.startswith(prefix)})
     assert (forward, deleted) == (1, 2)
-    assert fs.path_of(b.rel_path).read_bytes() == b"METADATASET-B"
-    assert os.listdir(fs.tmp) == []
+    assert fs.path_of(final_rel_path(legacy)).read_bytes() == b"METADATASET-B"
+    assert fs.path_of(a.rel_path).read_bytes() == b"METADATASET-A"
+    newest = fs.root / a.rel_path.rsplit("/", 1)[0]
+    assert sorted(os.listdir(newest)) == [a.rel_path.rsplit("/", 1)[1]]  # PARTIAL is gone
+    assert os.listdir(fs.tmp) == [] and os.listdir(old) == ["foreign.dcm"]
 
 
 def test_watermark(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ class Receiver:
         return ae
 
     def _open_stream(self, assoc: Any, message: Any) -> StreamingFile | None:
-        """Called on the network thread at a C-STORE's first data fragment: a tmp/ file the
+        """Called on the network thread at a C-STORE's first data fragment: the file the
         fragments go to as they arrive (see dul_patches.StreamingDataSet)."""
         cs = message.command_set
         context = assoc._accepted_cx.get(message.context_id)
@@ -113,7 +113,7 @@ class Receiver:
         try:
             stream = self.files.open_stream(meta)
         except OSError:
-            return None  # below the watermark or tmp/ unwritable: the handler refuses it
+            return None  # below the watermark or unwritable: the handler refuses it
         st = self._stats_for(assoc)
         with self._stats_lock:
             if st.stream is not None:

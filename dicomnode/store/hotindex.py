@@ -8,7 +8,8 @@ one dedicated DBAPI connection (sqlite3 or psycopg) and cost a fraction of that.
 
 Everything else (first instance of a study, duplicates, late instances re-opening a complete
 study) returns :data:`SLOW_PATH` and is handled by the ORM code in :mod:`dicomnode.store.service`.
-The caller holds the process-wide index lock, so one connection suffices. The transaction
+The caller holds the process-wide index lock, so one connection suffices; concurrent
+associations share transactions through :class:`GroupCommit`. The transaction
 semantics are the ORM path's: SQLite ``BEGIN IMMEDIATE`` (WAL, ``synchronous=FULL``), PostgreSQL
 row locks on the study and series (the assembler may be completing them).
 """
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -50,8 +51,52 @@ def _same(value: Any) -> Any:
     return value
 
 
+class _Slot:
+    __slots__ = ("done", "error", "request", "result")
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.request = request
+        self.done = False
+        self.result = SLOW_PATH
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """Concurrent associations share index transactions: whoever holds the index lock commits
+    every request pending at that moment in one transaction, so N senders pay one commit
+    (one fsync) per round instead of N, queued one behind the other. A single sender sees
+    no difference. Each caller still returns only after the commit holding its row.
+    """
+
+    def __init__(self, hot: HotIndex, index_lock: threading.Lock) -> None:
+        self.hot = hot
+        self.index_lock = index_lock
+        self._pending: list[_Slot] = []
+        self._queue_lock = threading.Lock()
+
+    def index(self, **request: Any) -> bool:
+        slot = _Slot(request)
+        with self._queue_lock:
+            self._pending.append(slot)
+        with self.index_lock:
+            if not slot.done:  # nobody took it along: lead a batch of all that is pending
+                with self._queue_lock:
+                    batch, self._pending = self._pending, []
+                try:
+                    results = self.hot.index_batch([b.request for b in batch])
+                except BaseException as e:
+                    for b in batch:
+                        b.error, b.done = e, True
+                else:
+                    for b, r in zip(batch, results, strict=True):
+                        b.result, b.done = r, True
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+
 class HotIndex:
-    """Index a new instance of a study and series that are already receiving, or say
+    """Index new instances of studies and series that are already receiving, or say
     :data:`SLOW_PATH`. Not thread-safe: call under the store's index lock."""
 
     def __init__(self, engine: Engine) -> None:
@@ -81,53 +126,31 @@ class HotIndex:
             finally:
                 self._raw = None
 
-    def index(self, *, sop_instance_uid: str, sop_class_uid: str, study_uid: str,
-              series_uid: str, instance_number: int | None, transfer_syntax_uid: str,
-              size: int, sha256: str, path: str, association_fk: int | None,
-              now: datetime) -> bool:
-        """True: indexed and committed. SLOW_PATH: nothing written, use the ORM path."""
+    def index_batch(self, batch: list[dict[str, Any]]) -> list[bool]:
+        """Index several new instances in ONE transaction (one commit, one fsync): for each,
+        True (indexed) or SLOW_PATH (nothing written for it; use the ORM path). Raises if the
+        commit fails, and then nothing of the batch is indexed."""
         conn = self._connection()
+        results: list[bool] = []
         try:
             cur = conn.cursor()
             try:
                 if self.sqlite:
                     cur.execute("BEGIN IMMEDIATE")
-                sql = self.sql
-                cur.execute(sql["existing"], {"sop": sop_instance_uid})
-                if cur.fetchone() is not None:
-                    return self._abandon(conn, cur)
-                cur.execute(sql["study"], {"uid": study_uid})
-                study = cur.fetchone()
-                if study is None or study[1] != "receiving":
-                    return self._abandon(conn, cur)
-                cur.execute(sql["series"], {"uid": series_uid, "study": study[0]})
-                series = cur.fetchone()
-                if series is None or series[1] != "receiving":
-                    return self._abandon(conn, cur)
-                stamp = self._datetime(now)
-                cur.execute(sql["bump_study"], {"row": study[0], "now": stamp})
-                cur.execute(sql["bump_series"], {"row": series[0], "now": stamp})
-                cur.execute(sql["insert"], {
-                    "sop_instance_uid": sop_instance_uid, "sop_class_uid": sop_class_uid,
-                    "series_fk": series[0], "study_fk": study[0],
-                    "instance_number": instance_number,
-                    "transfer_syntax_uid": transfer_syntax_uid, "size": size,
-                    "sha256": sha256, "path": path, "study_revision": study[2],
-                    "association_fk": association_fk, "received_at": stamp})
-                if association_fk is not None:
-                    cur.execute(sql["bump_association"], {"row": association_fk, "size": size})
+                for req in batch:
+                    results.append(self._one(cur, req))
                 if self.sqlite:
                     cur.execute("COMMIT")
                 else:
                     conn.commit()
-                return True
+                return results
             finally:
                 cur.close()
         except self.engine.dialect.loaded_dbapi.IntegrityError:
-            # another association indexed the same SOP Instance UID a moment ago (PostgreSQL,
-            # another process): the ORM path sorts out duplicate vs conflict
+            # another process indexed one of these SOP Instance UIDs a moment ago (PostgreSQL):
+            # nothing of the batch is kept; the ORM path sorts out duplicate vs conflict
             self._rollback_quietly(conn)
-            return SLOW_PATH
+            return [SLOW_PATH] * len(batch)
         except BaseException:
             self._rollback_quietly(conn)
             # a broken connection (database restarted) is replaced on the next call
@@ -136,12 +159,33 @@ class HotIndex:
                 raw.invalidate()
             raise
 
-    def _abandon(self, conn: Any, cur: Any) -> bool:
-        if self.sqlite:
-            cur.execute("ROLLBACK")
-        else:
-            conn.rollback()
-        return SLOW_PATH
+    def _one(self, cur: Any, req: dict[str, Any]) -> bool:
+        sql = self.sql
+        cur.execute(sql["existing"], {"sop": req["sop_instance_uid"]})
+        if cur.fetchone() is not None:
+            return SLOW_PATH
+        cur.execute(sql["study"], {"uid": req["study_uid"]})
+        study = cur.fetchone()
+        if study is None or study[1] != "receiving":
+            return SLOW_PATH
+        cur.execute(sql["series"], {"uid": req["series_uid"], "study": study[0]})
+        series = cur.fetchone()
+        if series is None or series[1] != "receiving":
+            return SLOW_PATH
+        stamp = self._datetime(req["now"])
+        cur.execute(sql["bump_study"], {"row": study[0], "now": stamp})
+        cur.execute(sql["bump_series"], {"row": series[0], "now": stamp})
+        cur.execute(sql["insert"], {
+            "sop_instance_uid": req["sop_instance_uid"], "sop_class_uid": req["sop_class_uid"],
+            "series_fk": series[0], "study_fk": study[0],
+            "instance_number": req["instance_number"],
+            "transfer_syntax_uid": req["transfer_syntax_uid"], "size": req["size"],
+            "sha256": req["sha256"], "path": req["path"], "study_revision": study[2],
+            "association_fk": req["association_fk"], "received_at": stamp})
+        if req["association_fk"] is not None:
+            cur.execute(sql["bump_association"], {"row": req["association_fk"],
+                                                  "size": req["size"]})
+        return True
 
     def _rollback_quietly(self, conn: Any) -> None:
         try:

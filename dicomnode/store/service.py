@@ -1,9 +1,9 @@
 """The store stage: one received instance in, one DICOM status out.
 
-stage the file durably (pool thread) ∥ hash and validate (structure, UIDs, SOP class) → one
-index transaction: dedup by SOP Instance UID, then index → publish the file (or discard the
-staged copy of a duplicate) → success. Every refusal gets a specific status, an
-ErrorComment a human can act on, and an audit event.
+make the file durable (pool thread; it was written while it arrived) ∥ validate (structure,
+UIDs, SOP class) → one index transaction (shared with concurrent associations): dedup by SOP
+Instance UID, then index (or discard the copy of a duplicate) → success. Every refusal gets a
+specific status, an ErrorComment a human can act on, and an audit event.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.schema import Association, Instance, Patient, Series, Study, utcnow
 from dicomnode.store.files import DiskFull, FileStore, Staged, StreamingFile
-from dicomnode.store.hotindex import HotIndex
+from dicomnode.store.hotindex import GroupCommit, HotIndex
 from dicomnode.store.parse import (
     IndexAttributes,
     MalformedDataset,
@@ -60,7 +60,7 @@ class Received:
     association_id: int | None = None
     calling_aet: str = ""
     peer_host: str = ""
-    # the same bytes, already written to tmp/ (and hashed) while they arrived; meta is then
+    # the same bytes, already written to their file (and hashed) while they arrived; meta is
     # already in the file
     stream: StreamingFile | None = None
 
@@ -133,6 +133,7 @@ class InstanceStore:
         self._index_lock = index_lock or threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage")
         self._hot = HotIndex(sessions.kw["bind"])
+        self._group = GroupCommit(self._hot, self._index_lock)
 
     # ------------------------------------------------------------------------------------
     def store(self, rx: Received) -> StoreResult:
@@ -202,7 +203,6 @@ class InstanceStore:
                       digest: str) -> StoreResult:
         """One transaction decides: new, identical duplicate, or conflicting duplicate."""
         if self._index_hot(rx, attrs, staged, digest):
-            self.files.publish(staged)
             return self._ok(attrs, "stored", "", staged.size)
         try:
             with self._index_lock, self.sessions() as s, s.begin():
@@ -222,9 +222,7 @@ class InstanceStore:
         except IntegrityError:
             # another association indexed the same SOP Instance UID a moment ago
             return self._index_staged(rx, attrs, staged, digest)
-        if outcome in ("stored", "replaced"):
-            self.files.publish(staged)
-        else:
+        if outcome not in ("stored", "replaced"):
             self.files.discard(staged)
         if outcome == "stored":
             return self._ok(attrs, outcome, "", staged.size)
@@ -246,13 +244,12 @@ class InstanceStore:
                    digest: str) -> bool:
         """The common case (a new instance of a study and series still receiving) on the bare
         driver; False: nothing written, take the ORM path."""
-        with self._index_lock:
-            return bool(self._hot.index(
-                sop_instance_uid=attrs.sop_instance_uid, sop_class_uid=rx.sop_class_uid,
-                study_uid=attrs.study_uid, series_uid=attrs.series_uid,
-                instance_number=attrs.instance_number, transfer_syntax_uid=rx.transfer_syntax,
-                size=staged.size, sha256=digest, path=staged.rel_path,
-                association_fk=rx.association_id, now=utcnow()))
+        return bool(self._group.index(
+            sop_instance_uid=attrs.sop_instance_uid, sop_class_uid=rx.sop_class_uid,
+            study_uid=attrs.study_uid, series_uid=attrs.series_uid,
+            instance_number=attrs.instance_number, transfer_syntax_uid=rx.transfer_syntax,
+            size=staged.size, sha256=digest, path=staged.rel_path,
+            association_fk=rx.association_id, now=utcnow()))
 
     # ------------------------------------------------------------------------------------
     def _index(self, s: Session, rx: Received, attrs: IndexAttributes, staged: Staged,
@@ -397,9 +394,14 @@ class InstanceStore:
 
     # ------------------------------------------------------------------------------------
     def sweep(self) -> tuple[int, int]:
-        """Start-up recovery of tmp/ (see :mod:`dicomnode.store.files`)."""
+        """Start-up recovery of unindexed files (see :mod:`dicomnode.store.files`)."""
         def indexed(rel_path: str) -> str | None:
             with self.readers() as s:
                 return s.execute(select(Instance.path).where(Instance.path == rel_path)
                                  ).scalar_one_or_none()
-        return self.files.sweep(indexed)
+
+        def indexed_under(prefix: str) -> set[str]:
+            with self.readers() as s:
+                return set(s.execute(select(Instance.path).where(
+                    Instance.path.startswith(prefix, autoescape=True))).scalars())
+        return self.files.sweep(indexed, indexed_under)
