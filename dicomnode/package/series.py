@@ -55,6 +55,10 @@ def ds_value(value: float) -> str:
 
 def _to_stored(hu: np.ndarray) -> tuple[np.ndarray, float, float]:
     """int16 stored values with rescale slope/intercept (slope 1 when the range allows)."""
+    lo, hi = (float(np.min(hu)), float(np.max(hu))) if hu.size else (0.0, 0.0)
+    if np.isfinite(lo) and np.isfinite(hi) and lo >= -32768 and hi <= 32767:
+        # the common case, in two passes: no NaN or inf (min/max would show them), fits int16
+        return np.rint(hu).astype(np.int16), 1.0, 0.0
     finite = hu[np.isfinite(hu)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     slope = 1.0 if (lo >= -32768 and hi <= 32767) else max(hi - lo, 1.0) / 65000.0
@@ -73,7 +77,7 @@ def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Proven
         raise PluginError(f"derived series from {src.get('Modality')} are not supported yet "
                           "(CT only)")
     g = volume.geometry
-    stored, slope, intercept = _to_stored(to_numpy(volume.array).astype(np.float64))
+    stored, slope, intercept = _to_stored(to_numpy(volume.array))
     series_uid = output_uid(prov.job_id, "series", index)
     when = prov.when
     refs = []

@@ -32,7 +32,12 @@ def _series(ordered: Sequence[Any], geometry: Geometry, load_pixels: bool) -> Se
         for k, ds in enumerate(ordered):
             slope = float(ds.get("RescaleSlope", 1) or 1)
             intercept = float(ds.get("RescaleIntercept", 0) or 0)
-            out[k] = ds.pixel_array.astype(np.float32) * slope + intercept
+            plane = out[k]
+            plane[...] = ds.pixel_array  # one conversion pass, no temporaries
+            if slope != 1.0:
+                plane *= np.float32(slope)
+            if intercept != 0.0:
+                plane += np.float32(intercept)
         return out
 
     return SeriesInput(

@@ -106,18 +106,40 @@ def _axis_map(src: Geometry, dst: Geometry) -> list[tuple[int, float]] | None:
     return out if sorted(b for b, _ in out) == [0, 1, 2] else None
 
 
-def _lerp_axis(xp: Any, vol: Any, axis: int, coords: Any) -> Any:
-    """Linear interpolation of ``vol`` along ``axis`` at fractional ``coords``; air outside."""
+def _lerp_axis(xp: Any, vol: Any, axis: int, coords: np.ndarray) -> Any:
+    """Linear interpolation of ``vol`` along ``axis`` at fractional ``coords`` (host array);
+    air outside. Positions that fall on source samples are gathered, not blended, and an
+    identical grid is returned as is: in a reformat one axis usually matches the source."""
     n = vol.shape[axis]
-    i0 = xp.floor(coords).astype(xp.int64)
-    w = (coords - i0).astype(xp.float32)
+    coords = np.asarray(coords, dtype=np.float64)
+    nearest = np.rint(coords)
     inside = (coords >= -1e-4) & (coords <= n - 1 + 1e-4)
-    a = xp.take(vol, xp.clip(i0, 0, n - 1), axis=axis)
-    b = xp.take(vol, xp.clip(i0 + 1, 0, n - 1), axis=axis)
-    shape = [1] * vol.ndim
-    shape[axis] = -1
-    w, inside = w.reshape(shape), inside.reshape(shape)
-    return xp.where(inside, a * (1 - w) + b * w, xp.float32(AIR_HU))
+    if inside.all() and np.all(np.abs(coords - nearest) < 1e-4):
+        index = nearest.astype(np.int64)
+        if index.size == n and np.array_equal(index, np.arange(n)):
+            return vol
+        return xp.take(vol, xp.asarray(index), axis=axis)
+    i0 = np.clip(np.floor(coords).astype(np.int64), 0, n - 1)
+    i1 = np.clip(i0 + 1, 0, n - 1)
+    w = np.clip(coords - i0, 0.0, 1.0)
+    shape = list(vol.shape)
+    shape[axis] = len(coords)
+    out = xp.empty(shape, dtype=xp.float32)
+    lead: tuple[slice, ...] = (slice(None),) * axis
+    # one output slab at a time, in place: slab-sized work stays in cache, and no volume-sized
+    # temporaries (np.take + blend made four)
+    for j in range(len(coords)):
+        dst = out[(*lead, j)]
+        lo = vol[(*lead, int(i0[j]))]
+        if not inside[j]:
+            dst[...] = AIR_HU
+        elif w[j] < 1e-6 or i0[j] == i1[j]:
+            dst[...] = lo
+        else:
+            xp.subtract(vol[(*lead, int(i1[j]))], lo, out=dst)
+            dst *= xp.float32(w[j])
+            dst += lo
+    return out
 
 
 def resample_aligned(xp: Any, volume: Any, src: Geometry, dst: Geometry,
@@ -136,7 +158,7 @@ def resample_aligned(xp: Any, volume: Any, src: Geometry, dst: Geometry,
         for a, (b, _sign) in enumerate(axes):
             t = np.arange(dst.shape[a]) * dst.spacing[a]
             pos = (origin - np.asarray(src.origin)) @ s_dirs[b] + t * (d_dirs[a] @ s_dirs[b])
-            vol = _lerp_axis(xp, vol, b, xp.asarray(pos / src.spacing[b]))
+            vol = _lerp_axis(xp, vol, b, pos / src.spacing[b])
         out[n] = xp.transpose(vol, [b for b, _ in axes])
     return out
 
