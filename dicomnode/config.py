@@ -206,6 +206,9 @@ class RunnerConfig(_Section):
     gpu_slots: int = Field(0, ge=0, le=16)  # jobs holding a GPU at once (one per GPU)
     max_attempts: int = Field(3, ge=1, le=20)  # failed jobs are retried until this, then dead
     poll_seconds: float = Field(0.5, gt=0, le=60)
+    # job processes started ahead, imports done, waiting for a job (each still runs one job
+    # only): saves the ~2 s of Python imports at the start of every job; 0 = start cold
+    warm_spares: int = Field(1, ge=0, le=8)
 
 
 class LoggingConfig(_Section):

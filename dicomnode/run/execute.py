@@ -235,12 +235,33 @@ def _die_with_parent() -> None:
         log.warning("could not set PR_SET_PDEATHSIG; an orphaned job may outlive the node")
 
 
-def child_main(settings_json: str, job_id: int, outcome_path: str,
-               gpu_index: int | None = None) -> None:
-    """Entry point of the spawned job process."""
+def _child_setup() -> None:
     _die_with_parent()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module
+
+
+def child_main(settings_json: str, job_id: int, outcome_path: str,
+               gpu_index: int | None = None) -> None:
+    """Entry point of a job process started for a job (cold)."""
+    _child_setup()
     settings = Settings.model_validate_json(settings_json)
     run_job(settings, job_id, Path(outcome_path), gpu_index)
+
+
+def spare_main(settings_json: str, conn: Any) -> None:
+    """Entry point of a warm spare: do the imports every job needs (the node's packaging, every
+    installed plugin and what it imports — not CUDA, which needs the job's GPU slot first),
+    then wait for one job, run it and exit. The parent closing the pipe ends it."""
+    _child_setup()
+    settings = Settings.model_validate_json(settings_json)
+    discover()  # imports every plugin module (a broken one is recorded, not raised)
+    import highdicom  # noqa: F401  # SEG, SR and enhanced packaging import it on use
+    try:
+        job_id, outcome_path, gpu_index = conn.recv()
+    except (EOFError, OSError):
+        return  # the runner stopped
+    finally:
+        conn.close()
+    run_job(settings, int(job_id), Path(outcome_path), gpu_index)

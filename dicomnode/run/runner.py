@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import multiprocessing.connection
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
 from dicomnode.notify import notify_async
 from dicomnode.plugin import GPU
-from dicomnode.run.execute import child_main
+from dicomnode.run.execute import child_main, spare_main
 from dicomnode.run.registry import discover
 from dicomnode.schema import Completion, Delivery, Job, Study, utcnow
 
@@ -56,6 +57,7 @@ class EmbeddedRunner:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._settings_json = settings.model_dump_json()
+        self._spares: list[tuple[Any, Any]] = []  # (process, parent end of its pipe)
 
     # -- interface -------------------------------------------------------------------------
     def submit(self, job_id: int) -> None:
@@ -80,6 +82,13 @@ class EmbeddedRunner:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=grace_seconds + 5)
+        for process, conn in self._spares:  # idle: closing the pipe ends them
+            conn.close()
+            process.join(2)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+        self._spares.clear()
         for r in list(self._running.values()):  # left running: requeued at next start
             r.process.terminate()
             r.process.join(5)
@@ -89,6 +98,7 @@ class EmbeddedRunner:
             try:
                 self._reap()
                 self._claim()
+                self._keep_spares()
             except Exception:
                 log.exception("runner pass failed; retrying")
             self._wake.wait(self.settings.runner.poll_seconds)
@@ -134,13 +144,57 @@ class EmbeddedRunner:
             outcome = self.settings.storage.path / "results" / uid / "outcome.json"
             outcome.parent.mkdir(parents=True, exist_ok=True)
             outcome.unlink(missing_ok=True)
-            p = self._ctx.Process(target=child_main, name=f"job-{job_id}",
-                                  args=(self._settings_json, job_id, str(outcome), gpu_index))
-            p.start()
+            p = self._warm_process(job_id, outcome, gpu_index)
+            if p is None:
+                p = self._ctx.Process(target=child_main, name=f"job-{job_id}",
+                                      args=(self._settings_json, job_id, str(outcome),
+                                            gpu_index))
+                p.start()
             self._running[job_id] = _Running(job_id, uid, p, outcome,
                                              time.monotonic() + timeout, gpu_index)
+            # reap it the moment it exits, not at the next poll
+            threading.Thread(target=self._wake_on_exit, args=(p,), name=f"job-{job_id}-exit",
+                             daemon=True).start()
             log.info("job %d started (pid %d%s)", job_id, p.pid,
                      f", GPU slot {gpu_index}" if gpu_index is not None else "")
+
+    def _wake_on_exit(self, process: Any) -> None:
+        # waits on the exit sentinel without reaping: _reap (the runner thread) joins it
+        multiprocessing.connection.wait([process.sentinel])
+        self._wake.set()
+
+    def _keep_spares(self) -> None:
+        """Keep ``runner.warm_spares`` job processes started, imports done, waiting."""
+        alive = []
+        for p, conn in self._spares:
+            if p.is_alive():
+                alive.append((p, conn))
+            else:  # a spare that died idle (killed, out of memory): replaced below
+                conn.close()
+                p.join(5)
+        self._spares = alive
+        while len(self._spares) < self.settings.runner.warm_spares and not self._stop.is_set():
+            parent, child = self._ctx.Pipe()
+            p = self._ctx.Process(target=spare_main, name="job-spare",
+                                  args=(self._settings_json, child))
+            p.start()
+            child.close()
+            self._spares.append((p, parent))
+
+    def _warm_process(self, job_id: int, outcome: Path, gpu_index: int | None) -> Any:
+        """Hand the job to a warm spare; None when there is none alive."""
+        while self._spares:
+            p, conn = self._spares.pop(0)
+            try:
+                if p.is_alive():
+                    conn.send((job_id, str(outcome), gpu_index))
+                    conn.close()
+                    return p
+            except OSError:  # died between the check and the send
+                pass
+            conn.close()
+            p.join(5)
+        return None
 
     def _cancelled(self) -> set[int]:
         if not self._running:

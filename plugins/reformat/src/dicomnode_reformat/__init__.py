@@ -9,6 +9,8 @@ the source's finest spacing and reducing them, so a 10 mm MIP really spans 10 mm
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
@@ -188,8 +190,7 @@ class Reformat(Plugin[ReformatParams]):
 
         pixel = params.pixel_mm or float(min(src.spacing[1], src.spacing[2]))
         fine = float(min(src.spacing))
-        volumes = []
-        for plane in params.planes:
+        def one_plane(plane: str) -> ImageVolume:
             grid = output_grid(src, plane, params.spacing_mm, pixel)
             if params.projection == "none":
                 data = sample(grid, [0.0])[0]
@@ -206,8 +207,13 @@ class Reformat(Plugin[ReformatParams]):
                 what = f"{plane.upper()} {params.projection.upper()} {params.slab_mm:g}mm"
                 how = (f"{plane} {params.projection} of {params.slab_mm:g} mm slabs every "
                        f"{params.spacing_mm:g} mm")
-            volumes.append(ImageVolume(data, grid, what, how, series.series_uid,
-                                       window=params.window))
             ctx.log.info("%s: %s on %s", what, grid.shape, ctx.device)
+            return ImageVolume(data, grid, what, how, series.series_uid, window=params.window)
+
+        # planes are independent and NumPy releases the GIL in its loops: on the CPU, one
+        # thread per plane uses the cores the job has (a GPU queues them on one device anyway)
+        workers = 1 if ctx.device != "cpu" else min(len(params.planes), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            volumes = list(pool.map(one_plane, params.planes))
         return Outputs(volumes=tuple(volumes),
                        summary=", ".join(v.series_description for v in volumes))
