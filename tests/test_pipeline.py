@@ -337,3 +337,33 @@ def test_enhanced_derived_series_into_orthanc(node_factory, orthanc, tmp_path: P
         assert dciodvfy_errors(p) == []
         assert pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == \
             "1.2.840.10008.5.1.4.1.1.2.2"
+
+
+def _spawned(node) -> list[Any]:  # type: ignore[no-untyped-def]
+    """The node's job processes (spawned children), running or waiting as warm spares."""
+    out = []
+    for child in psutil.Process(node.proc.pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_jobs_run_in_warm_spare_processes(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cfg = pipeline_config(orthanc, [CT_THRESHOLD])
+    cfg["runner"]["warm_spares"] = 1
+    node = make_node(node_factory, cfg)
+    [spare] = wait_until(lambda: _spawned(node) or None, timeout=30, what="a warm spare")
+    files, _ = ct_study(tmp_path)
+    storescu(node.port, files)
+    wait_jobs(node, lambda js: js and js[0]["state"] == "succeeded", "job succeeded")
+    # the spare that was waiting before the study came ran the job (and, one job each, left)
+    wait_until(lambda: not spare.is_running() or spare.status() == "zombie", timeout=30,
+               what="the spare to exit after its job")
+    # and a new one waits for the next job
+    new = wait_until(lambda: [p for p in _spawned(node) if p.pid != spare.pid] or None,
+                     timeout=30, what="a new warm spare")
+    assert len(new) == 1
+    assert orthanc.get("/statistics")["CountInstances"] >= 1
