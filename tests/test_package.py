@@ -233,6 +233,32 @@ def test_fast_series_encoding_is_byte_identical_to_pydicom(source, prov, tmp_pat
     assert len(cache) == 1  # the shared SourceImageSequence was encoded once
 
 
+@pytest.mark.parametrize("original", [False, True])
+def test_spliced_series_files_are_byte_identical(source, prov, original: bool) -> None:  # type: ignore[no-untyped-def]
+    """ct_series_part10 re-encodes only what differs between slices; every file must equal
+    the one pydicom writes from the full dataset (odd/even UID and number lengths included)."""
+    from pydicom.filebase import DicomBytesIO
+
+    from dicomnode.package.series import ct_series_part10
+
+    pixels = source.pixels()
+    pixels[0, 0, 0] = 40000.0  # out of int16 range: rescale slope/intercept in play
+    vol = ImageVolume(pixels, source.geometry, "COPY", "identity", source.series_uid,
+                      original=original, attributes={"ConvolutionKernel": "RAMLAK"}
+                      if original else {})
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    prov = replace(prov, created=datetime(2026, 11, 21, 12, 0, 1, 5, tzinfo=UTC))
+    full = image_volume_to_ct(vol, source.datasets, prov, 12, 3)
+    spliced = list(ct_series_part10(vol, source.datasets, prov, 12, 3))
+    assert len(spliced) == len(full) > 2
+    for ds, data in zip(full, spliced, strict=True):
+        fp = DicomBytesIO()
+        ds.save_as(fp, enforce_file_format=True)
+        assert data == fp.getvalue(), ds.InstanceNumber
+
+
 def test_enhanced_multiframe_derived_series(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """package.derived_series: enhanced — one Legacy Converted Enhanced CT per series, valid,
     frames at the same positions and values as the classic slices."""

@@ -47,7 +47,7 @@ def label_map_to_seg(label_map: LabelMap, sources: Sequence[Any], source_geometr
                           "supported yet)")
     labels = to_numpy(label_map.array).astype(np.uint16)
     numbers = [s.number for s in label_map.segments]
-    present = set(np.unique(labels).tolist()) - {0}
+    present = set(np.flatnonzero(np.bincount(labels.ravel())).tolist()) - {0}  # np.unique sorts
     unknown = present - set(numbers)
     if unknown:
         raise PluginError(f"label map has values {sorted(unknown)} with no Segment")

@@ -10,10 +10,12 @@ C.7.6.1.1.2 a post-processed image is ``DERIVED\\SECONDARY``; a reconstruction f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
@@ -22,6 +24,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from dicomnode.package.provenance import MANUFACTURER, Provenance, output_uid
 from dicomnode.plugin import ImageVolume, PluginError, to_numpy
+from dicomnode.store.parse import _Walker
 
 # Patient, General Study and Patient Study attributes copied from the source (Type 1/2 kept).
 PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
@@ -67,38 +70,60 @@ def _to_stored(hu: np.ndarray) -> tuple[np.ndarray, float, float]:
     return stored.astype(np.int16), slope, intercept
 
 
-def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
-                       series_number: int, index: int = 0) -> list[Dataset]:
-    """One Part 10-ready CT dataset per slice of ``volume``."""
-    if not sources:
-        raise PluginError("a derived series needs its source images")
-    src = sources[0]
-    if str(src.get("Modality", "")) != "CT":
-        raise PluginError(f"derived series from {src.get('Modality')} are not supported yet "
-                          "(CT only)")
-    g = volume.geometry
-    stored, slope, intercept = _to_stored(to_numpy(volume.array))
-    series_uid = output_uid(prov.job_id, "series", index)
-    when = prov.when
-    refs = []
-    for s in sources:
-        r = Dataset()
-        r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID = s.SOPClassUID, s.SOPInstanceUID
-        r.PurposeOfReferenceCodeSequence = [
-            _code_item("121322", "DCM", "Source image for image processing operation")]
-        refs.append(r)
-    equipment = prov.contributing_equipment(volume.derivation)
-    # Image Type value 3 (PS3.3 C.8.2.1.1.1): AXIAL for transverse slices, REFORMATTED otherwise
-    plane_term = "AXIAL" if abs(g.slice_direction[2]) > 0.99 else "REFORMATTED"
-    out = []
-    for k in range(g.shape[0]):
+class _SliceMaker:
+    """Builds the slices of one derived series: :meth:`dataset` (everything) and
+    :meth:`varying` (only what differs from slice to slice, for :func:`ct_series_part10`)."""
+
+    def __init__(self, volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
+                 series_number: int, index: int) -> None:
+        if not sources:
+            raise PluginError("a derived series needs its source images")
+        src = sources[0]
+        if str(src.get("Modality", "")) != "CT":
+            raise PluginError(f"derived series from {src.get('Modality')} are not supported "
+                              "yet (CT only)")
+        self.volume, self.src, self.prov = volume, src, prov
+        self.series_number, self.index = series_number, index
+        self.g = volume.geometry
+        self.n = self.g.shape[0]
+        self.stored, self.slope, self.intercept = _to_stored(to_numpy(volume.array))
+        self.series_uid = output_uid(prov.job_id, "series", index)
+        refs = []
+        for s in sources:
+            r = Dataset()
+            r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID = s.SOPClassUID, s.SOPInstanceUID
+            r.PurposeOfReferenceCodeSequence = [
+                _code_item("121322", "DCM", "Source image for image processing operation")]
+            refs.append(r)
+        self.refs = refs
+        self.equipment = prov.contributing_equipment(volume.derivation)
+        self.when = prov.when  # one time for the whole series
+
+    def varying(self, k: int) -> dict[str, Any]:
+        """The attributes that differ between slices (all others are the same in every one)."""
+        g = self.g
+        return {
+            "SOPInstanceUID": output_uid(self.prov.job_id, "series", self.index, "slice", k),
+            "InstanceNumber": k + 1,
+            "ImagePositionPatient": [ds_value(v) for v in g.to_patient([k, 0, 0])],
+            "SliceLocation": ds_value(float(np.dot(g.to_patient([k, 0, 0]),
+                                                   g.slice_direction))),
+            "PixelData": np.ascontiguousarray(self.stored[k]).tobytes(),
+        }
+
+    def dataset(self, k: int) -> Dataset:
+        volume, src, prov, g = self.volume, self.src, self.prov, self.g
+        when = self.when
+        # Image Type value 3 (PS3.3 C.8.2.1.1.1): AXIAL for transverse slices, else REFORMATTED
+        plane_term = "AXIAL" if abs(g.slice_direction[2]) > 0.99 else "REFORMATTED"
+        var = self.varying(k)
         ds = Dataset()
         copy_patient_study(src, ds)
         ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = output_uid(prov.job_id, "series", index, "slice", k)
+        ds.SOPInstanceUID = var["SOPInstanceUID"]
         ds.Modality = "CT"
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
+        ds.SeriesInstanceUID = self.series_uid
+        ds.SeriesNumber = self.series_number
         ds.SeriesDescription = volume.series_description[:64]
         if "PatientPosition" in src:
             ds.PatientPosition = src.PatientPosition
@@ -111,7 +136,7 @@ def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Proven
         ds.PositionReferenceIndicator = src.get("PositionReferenceIndicator", "")
         ds.Manufacturer = MANUFACTURER
         ds.SoftwareVersions = prov.software_versions
-        ds.InstanceNumber = k + 1
+        ds.InstanceNumber = var["InstanceNumber"]
         ds.ContentDate, ds.ContentTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
         ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
         ds.ImageType = (["ORIGINAL", "PRIMARY", "AXIAL"] if volume.original
@@ -120,20 +145,20 @@ def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Proven
             ds.DerivationDescription = volume.derivation[:1024]
         # a reconstruction points at the raw projections it was made from, post-processing
         # at its source images: both by SourceImageSequence (encoded once, see part10_bytes)
-        ds.SourceImageSequence = refs
-        ds.ContributingEquipmentSequence = [equipment]
-        ds.ImagePositionPatient = [ds_value(v) for v in g.to_patient([k, 0, 0])]
+        ds.SourceImageSequence = self.refs
+        ds.ContributingEquipmentSequence = [self.equipment]
+        ds.ImagePositionPatient = var["ImagePositionPatient"]
         ds.ImageOrientationPatient = [round(v, 8) for v in (*g.row_direction,
                                                              *g.column_direction)]
         ds.PixelSpacing = [ds_value(g.spacing[1]), ds_value(g.spacing[2])]
         ds.SliceThickness = ds_value(g.spacing[0])
         ds.SpacingBetweenSlices = ds_value(g.spacing[0])
-        ds.SliceLocation = ds_value(float(np.dot(g.to_patient([k, 0, 0]), g.slice_direction)))
+        ds.SliceLocation = var["SliceLocation"]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = g.shape[1], g.shape[2]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = ds_value(intercept), ds_value(slope)
+        ds.RescaleIntercept, ds.RescaleSlope = ds_value(self.intercept), ds_value(self.slope)
         ds.RescaleType = "HU"
         ds.KVP = src.get("KVP", "")
         ds.AcquisitionNumber = src.get("AcquisitionNumber", "")
@@ -141,14 +166,71 @@ def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Proven
             setattr(ds, keyword, ds_value(value) if isinstance(value, float) else value)
         if volume.window is not None:
             ds.WindowCenter, ds.WindowWidth = volume.window
-        ds.PixelData = np.ascontiguousarray(stored[k]).tobytes()
+        ds.PixelData = var["PixelData"]
         ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        out.append(ds)
-    return out
+        return ds
+
+
+def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
+                       series_number: int, index: int = 0) -> list[Dataset]:
+    """One Part 10-ready CT dataset per slice of ``volume``."""
+    maker = _SliceMaker(volume, sources, prov, series_number, index)
+    return [maker.dataset(k) for k in range(maker.n)]
+
+
+def ct_series_part10(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
+                     series_number: int, index: int = 0) -> Iterator[bytes]:
+    """The Part 10 files of :func:`image_volume_to_ct`, byte for byte (tested), fast.
+
+    Slices of a derived series differ only in :meth:`_SliceMaker.varying`: slice 0 is built
+    and encoded in full, every other one is slice 0's bytes with those elements (and the file
+    meta) re-encoded and spliced in — instead of building and encoding ~45 attributes per
+    slice with pydicom (~4 ms a slice; ~0.3 ms this way).
+    """
+    maker = _SliceMaker(volume, sources, prov, series_number, index)
+    first = maker.dataset(0)
+    whole = part10_bytes(first, {})
+    yield whole
+    if maker.n == 1:
+        return
+    meta_len = len(_meta_bytes(first.file_meta))
+    data = whole[meta_len:]
+    tags = {int(tag_for_keyword(kw) or 0): kw for kw in maker.varying(0)}
+    walker = _Walker(data, False, True, frozenset(tags))
+    walker.dataset(0, len(data), False, 0, in_item=False)
+    spans = []
+    for tag in sorted(tags):
+        raw_vr, length, vpos = walker.found[tag]
+        assert raw_vr is not None  # explicit VR
+        head = 12 if raw_vr in (b"OB", b"OW", b"OD", b"OF", b"OL", b"OV", b"UN") else 8
+        spans.append((tag, raw_vr.decode("ascii"), vpos - head, vpos + length))
+    for k in range(1, maker.n):
+        var = maker.varying(k)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = first.file_meta.MediaStorageSOPClassUID
+        meta.MediaStorageSOPInstanceUID = var["SOPInstanceUID"]
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        parts = [_meta_bytes(meta)]
+        at = 0
+        for tag, vr, start, end in spans:
+            piece = Dataset()
+            piece.add(DataElement(tag, vr, var[tags[tag]]))  # the VR slice 0 was written with
+            parts.append(data[at:start])
+            parts.append(_encode(piece))
+            at = end
+        parts.append(data[at:])
+        yield b"".join(parts)
+
+
+def _meta_bytes(file_meta: FileMetaDataset) -> bytes:
+    meta = DicomBytesIO()
+    meta.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(meta, file_meta, enforce_standard=True)
+    return meta.getvalue()
 
 
 _SOURCE_IMAGE_SEQUENCE = 0x00082112
@@ -170,18 +252,16 @@ def part10_bytes(ds: Dataset, cache: dict[tuple[str, ...], bytes]) -> bytes:
     once (``cache``, keyed by the referenced UIDs) and spliced between the elements before and
     after its tag.
     """
-    meta = DicomBytesIO()
-    meta.write(b"\0" * 128 + b"DICM")
-    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    meta = _meta_bytes(ds.file_meta)
     seq = ds.get("SourceImageSequence")
     if seq is None or ds.file_meta.TransferSyntaxUID != ExplicitVRLittleEndian:
-        return meta.getvalue() + _encode(ds)
+        return meta + _encode(ds)
     key = tuple(str(item.ReferencedSOPInstanceUID) for item in seq)
     if key not in cache:
         cache[key] = _encode(ds[_SOURCE_IMAGE_SEQUENCE:_SOURCE_IMAGE_SEQUENCE + 1])
     head = _encode(ds[:_SOURCE_IMAGE_SEQUENCE])
     tail = _encode(ds[_SOURCE_IMAGE_SEQUENCE + 1:])
-    return meta.getvalue() + head + cache[key] + tail
+    return meta + head + cache[key] + tail
 
 
 def to_enhanced(classic: Sequence[Dataset], source_series_uid: str, prov: Provenance,

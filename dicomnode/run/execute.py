@@ -30,7 +30,7 @@ from dicomnode.database import make_engine, make_sessionmaker
 from dicomnode.package import Provenance
 from dicomnode.package.kos import key_images_to_kos
 from dicomnode.package.seg import label_map_to_seg
-from dicomnode.package.series import image_volume_to_ct, part10_bytes, to_enhanced
+from dicomnode.package.series import ct_series_part10, image_volume_to_ct, to_enhanced
 from dicomnode.package.sr import findings_to_sr
 from dicomnode.package.stl import mesh_to_stl
 from dicomnode.plugin import (
@@ -98,15 +98,14 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
         _write_durably(obj, path, data)
         written.append(str(path))
 
-    shared: dict[tuple[str, ...], bytes] = {}
     for i, vol in enumerate(outputs.volumes):
         src = source_of(vol.source_series_uid)
-        slices = image_volume_to_ct(vol, src.datasets, prov, base + i, i)
         if derived_series == "enhanced":
+            slices = image_volume_to_ct(vol, src.datasets, prov, base + i, i)
             emit(to_enhanced(slices, src.series_uid, prov, base + i, i), f"volume{i}.dcm")
             continue
-        for k, ds in enumerate(slices):
-            emit(ds, f"volume{i}/{k:05d}.dcm", part10_bytes(ds, shared))
+        for k, data in enumerate(ct_series_part10(vol, src.datasets, prov, base + i, i)):
+            emit(None, f"volume{i}/{k:05d}.dcm", data)
 
     sources = [d for s in inputs.series for d in s.datasets]
     seg = None
