@@ -245,11 +245,15 @@ class _AssociationTime:
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        wake = getattr(threading.current_thread(), "_dicomnode_msg", None)
+        thread = threading.current_thread()
+        wake = getattr(thread, "_dicomnode_msg", None)
         if wake is None or seconds != 0.001:
             time.sleep(seconds)
             return
-        wake.wait(IDLE_WAIT)
+        # A requestor's reactor must reach its pause point quickly whenever the user thread
+        # sends (send_c_store waits for it): there the 1 ms cadence stays. An acceptor is
+        # only ever woken by incoming messages.
+        wake.wait(IDLE_WAIT if getattr(thread, "is_acceptor", False) else seconds)
         wake.clear()
 
 
