@@ -138,8 +138,9 @@ class NotifyConfig(_Section):
     """Where a critical finding (``Outputs.critical``) is announced, as soon as the job ends.
 
     ``webhook``: an http(s) URL that gets a JSON POST; ``command``: a program (argv list) that
-    gets the same JSON on stdin. Each is tried ``attempts`` times, ``timeout_seconds`` each;
-    every attempt's outcome and the time from study completion are audited."""
+    gets the same JSON on stdin. Each is tried ``attempts`` times, ``timeout_seconds`` each,
+    from a queue in SQL (survives restarts); the outcome and the time from study completion
+    are audited."""
 
     webhook: str | None = None
     command: list[str] | None = None

@@ -25,6 +25,7 @@ from dicomnode.assemble import Assembler
 from dicomnode.audit import AuditLog, EventKind
 from dicomnode.config import Settings
 from dicomnode.database import make_engine, make_sessionmaker, upgrade
+from dicomnode.notify import Notifier
 from dicomnode.receive.scp import Receiver, finish_association
 from dicomnode.route import compile_routes
 from dicomnode.route.router import Router
@@ -91,8 +92,10 @@ class Node:
                                    index_lock=self.index_lock, started_at=self.started_at)
         self.receiver = Receiver(settings, self.store, self.sessions, self.audit)
         self.sender = Sender(settings, self.sessions, self.audit)
+        self.notifier = Notifier(self.sessions, self.audit)
         self.runner = EmbeddedRunner(settings, self.sessions, self.audit,
-                                     on_success=self.sender.wake)
+                                     on_success=self.sender.wake,
+                                     on_notify=self.notifier.wake.set)
         self.router = Router(self.sessions, self.audit, self.rules, self.files.root,
                              max_attempts=settings.runner.max_attempts,
                              poll_seconds=settings.assemble.poll_seconds,
@@ -125,6 +128,7 @@ class Node:
         self.router.start()
         self.runner.start()
         self.sender.start()
+        self.notifier.start()  # goes on with notifications a crash left pending
         self.receiver.start()
 
     def stop(self, reason: str = "requested") -> None:
@@ -137,6 +141,7 @@ class Node:
         self.router.stop()
         self.runner.stop()
         self.sender.stop()
+        self.notifier.stop()
         self.store.close()
         self.audit.record(EventKind.APPLICATION_STOP, source_aet=self.settings.node.ae_title,
                           source_host=socket.gethostname(), reason=reason, pid=os.getpid())

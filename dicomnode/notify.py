@@ -1,13 +1,15 @@
-"""Critical-finding notifications: a webhook POST and/or a local command, audited.
+"""Critical-finding notifications: a webhook POST and/or a local command, durable and audited.
 
-Fired by the runner the moment a job that reported ``Outputs.critical`` succeeds, on a thread
-of its own so the runner never waits on a slow receiver. The payload (JSON) names the job,
-route, study, patient ID, accession number, the message, and the seconds from study completion;
-each attempt's outcome is an audit event (``critical-notified``) with that latency, so an admin
-can show when the radiologist could have known.
-
-Limitation (documented in docs/operations.md): a node killed between a job's success and its
-notification does not re-send the notification after restart; the audit trail shows the gap.
+When a job that reported ``Outputs.critical`` succeeds, the runner writes one
+:class:`~dicomnode.schema.Notification` row per channel *in the same transaction* that marks
+the job succeeded; the :class:`Notifier` thread delivers pending rows, retrying with backoff
+(``attempts``, ``timeout_seconds``), and after a crash or restart simply goes on with what is
+still pending — a critical finding is never silently lost. Delivery is at least once (a crash
+between the receiver's answer and the row update re-sends it); the payload carries the job UID
+and ``notification_id`` for de-duplication. The payload (JSON) names the job, route, study,
+patient ID, accession number, the message and when the study completed; the final outcome of
+each channel is an audit event (``critical-notified``) with the seconds from study completion
+to delivery, so an admin can show when the radiologist could have known.
 """
 
 from __future__ import annotations
@@ -16,16 +18,16 @@ import json
 import logging
 import subprocess
 import threading
-import time
 import urllib.request
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import NotifyConfig
-from dicomnode.schema import utcnow
+from dicomnode.schema import Notification, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -45,39 +47,99 @@ def _run(command: list[str], body: bytes, timeout: float) -> str:
     return "exit 0"
 
 
-def deliver(cfg: NotifyConfig, payload: dict[str, Any], audit: AuditLog,
-            sessions: sessionmaker[Session], completed_at: datetime | None) -> None:
-    """Send to every configured channel, retrying; audit each channel's final outcome."""
-    body = json.dumps(payload).encode()
-    channels: list[tuple[str, Any]] = []
-    if cfg.webhook:
-        channels.append((f"webhook {cfg.webhook}", lambda: _post(cfg.webhook or "", body,
-                                                                cfg.timeout_seconds)))
-    if cfg.command:
-        channels.append((f"command {cfg.command[0]}", lambda: _run(cfg.command or [], body,
-                                                                  cfg.timeout_seconds)))
-    for name, send in channels:
-        detail, ok = "", False
-        for attempt in range(1, cfg.attempts + 1):
+def _send(channel: str, target: str, body: bytes, timeout: float) -> str:
+    if channel == "webhook":
+        return _post(target, body, timeout)
+    return _run(json.loads(target), body, timeout)
+
+
+def enqueue(s: Session, cfg: NotifyConfig, job_fk: int, route: str, payload: dict[str, Any],
+            completed_at: datetime | None) -> int:
+    """Add the pending notification rows of one critical finding (in the caller's transaction).
+    Returns how many channels were queued."""
+    now = utcnow()
+    channels = ([("webhook", cfg.webhook)] if cfg.webhook else []) + (
+        [("command", json.dumps(cfg.command))] if cfg.command else [])
+    for channel, target in channels:
+        row = Notification(job_fk=job_fk, route=route, channel=channel, target=target,
+                           payload="", state="pending", attempts=0,
+                           max_attempts=cfg.attempts, timeout_seconds=cfg.timeout_seconds,
+                           next_attempt_at=now, last_error="", study_completed_at=completed_at,
+                           created_at=now)
+        s.add(row)
+        s.flush()
+        row.payload = json.dumps({**payload, "notification_id": row.id})
+    return len(channels)
+
+
+class Notifier:
+    """Delivers pending notifications (one thread; each attempt outside any transaction)."""
+
+    def __init__(self, sessions: sessionmaker[Session], audit: AuditLog,
+                 poll_seconds: float = 1.0) -> None:
+        self.sessions = sessions
+        self.audit = audit
+        self.poll = poll_seconds
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="notify", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
             try:
-                detail, ok = send(), True
-                break
-            except Exception as e:  # any failure of the receiver: retry, then audit it
-                detail = f"{type(e).__name__}: {e}"
-                log.warning("notification via %s failed (attempt %d): %s", name, attempt, detail)
-                if attempt < cfg.attempts:
-                    time.sleep(min(2.0 ** (attempt - 1), 10.0))
-        latency = (utcnow() - completed_at).total_seconds() if completed_at else None
-        with sessions() as s, s.begin():
-            audit.record(EventKind.CRITICAL_NOTIFIED,
-                         Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE, session=s,
-                         channel=name, attempts=attempt, detail=detail[:500],
-                         seconds_since_completion=None if latency is None else round(latency, 3),
-                         job_uid=payload["job_uid"], route=payload["route"],
-                         study_uid=payload["study_uid"], message=payload["message"][:500])
+                while not self._stop.is_set() and self._deliver_one():
+                    pass
+            except Exception:
+                log.exception("notifier pass failed; retrying")
+            self.wake.wait(self.poll)
+            self.wake.clear()
 
-
-def notify_async(cfg: NotifyConfig, payload: dict[str, Any], audit: AuditLog,
-                 sessions: sessionmaker[Session], completed_at: datetime | None) -> None:
-    threading.Thread(target=deliver, args=(cfg, payload, audit, sessions, completed_at),
-                     name="notify", daemon=True).start()
+    def _deliver_one(self) -> bool:
+        with self.sessions() as s:
+            row = s.execute(select(Notification).where(
+                Notification.state == "pending", Notification.next_attempt_at <= utcnow())
+                .order_by(Notification.next_attempt_at).limit(1)).scalar_one_or_none()
+            if row is None:
+                return False
+            nid, channel, target, body = row.id, row.channel, row.target, row.payload
+            timeout = row.timeout_seconds
+        name = f"{channel} {target if channel == 'webhook' else json.loads(target)[0]}"
+        try:
+            detail, ok = _send(channel, target, body.encode(), timeout), True
+        except Exception as e:  # any failure of the receiver: retry later, then audit it
+            detail, ok = f"{type(e).__name__}: {e}", False
+        with self.sessions() as s, s.begin():
+            row = s.get_one(Notification, nid)
+            row.attempts += 1
+            if ok:
+                row.state, row.sent_at = "sent", utcnow()
+            elif row.attempts >= row.max_attempts:
+                row.state, row.last_error = "failed", detail[:2000]
+            else:
+                row.last_error = detail[:2000]
+                row.next_attempt_at = utcnow() + timedelta(
+                    seconds=min(2.0 ** (row.attempts - 1), 10.0))
+                log.warning("notification %d via %s failed (attempt %d): %s", nid, name,
+                            row.attempts, detail)
+                return True
+            payload = json.loads(row.payload)
+            completed = row.study_completed_at
+            latency = (utcnow() - completed).total_seconds() if completed else None
+            self.audit.record(
+                EventKind.CRITICAL_NOTIFIED, Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE,
+                session=s, channel=name, attempts=row.attempts, detail=detail[:500],
+                notification_id=nid,
+                seconds_since_completion=None if latency is None else round(latency, 3),
+                job_uid=payload["job_uid"], route=payload["route"],
+                study_uid=payload["study_uid"], message=payload["message"][:500])
+        return True

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -270,3 +271,27 @@ class Delivery(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     __table_args__ = (UniqueConstraint("job_fk", "destination", name="uq_deliveries_job_dest"),)
+
+
+class Notification(Base):
+    """A critical-finding notification on one channel (webhook or command), written in the
+    job's success transaction so it survives a crash: pending → sent | failed (after
+    ``attempts``). Delivered at least once; ``id`` and the job UID let a receiver de-duplicate.
+    """
+
+    __tablename__ = "notifications"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_fk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    route: Mapped[str] = mapped_column(String(64))
+    channel: Mapped[str] = mapped_column(String(16))  # webhook | command
+    target: Mapped[str] = mapped_column(Text)  # URL, or the command as a JSON argv list
+    payload: Mapped[str] = mapped_column(Text)  # the JSON body
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    timeout_seconds: Mapped[float] = mapped_column(Float, default=10.0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    study_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -4,11 +4,14 @@ or return nonsense, the node killed mid-job."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import textwrap
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import highdicom as hd
 import numpy as np
@@ -150,6 +153,11 @@ class Slow(Plugin):
         time.sleep(6)
         from dicomnode_example_threshold import Threshold, ThresholdParams
         return Threshold().run(inputs, ThresholdParams(), ctx)
+
+class Critical(Plugin):
+    name, version, algorithm_family = "critical", "0.1", FAMILY
+    def run(self, inputs, params, ctx):
+        return Outputs(summary="alarm", critical="test: something critical")
 '''
 
 
@@ -163,7 +171,8 @@ def bad_plugins(tmp_path: Path) -> dict[str, str]:
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bad-plugins\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
         "[dicomnode.plugins]\nraises = bad_plugins:Raises\nhangs = bad_plugins:Hangs\n"
-        "nonsense = bad_plugins:Nonsense\nslow = bad_plugins:Slow\n")
+        "nonsense = bad_plugins:Nonsense\nslow = bad_plugins:Slow\n"
+        "critical = bad_plugins:Critical\n")
     return {"PYTHONPATH": str(root)}
 
 
@@ -367,3 +376,52 @@ def test_jobs_run_in_warm_spare_processes(node_factory, orthanc, tmp_path: Path)
                      timeout=30, what="a new warm spare")
     assert len(new) == 1
     assert orthanc.get("/statistics")["CountInstances"] >= 1
+
+
+class _Alerts(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Alerts.received.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_critical_notification_survives_receiver_down_and_node_crash(  # type: ignore[no-untyped-def]
+        node_factory, orthanc, bad_plugins, tmp_path: Path) -> None:
+    """The webhook is down when the finding is made; the node is killed while it retries;
+    after the restart (webhook up) the notification is delivered, once, and audited."""
+    port = free_port()  # nothing listens yet: connection refused
+    route = {"name": "alarm", "match": {"Modality": "CT"}, "pipeline": [{"plugin": "critical"}],
+             "send_to": ["pacs"], "notify": {"webhook": f"http://127.0.0.1:{port}/alert",
+                                             "attempts": 20, "timeout_seconds": 2}}
+    cfg = pipeline_config(orthanc, [route])
+    node = make_node(node_factory, cfg, env=bad_plugins)
+    files, _ = ct_study(tmp_path)
+    storescu(node.port, files)
+    wait_jobs(node, lambda js: js and js[0]["state"] == "succeeded", "job succeeded")
+    time.sleep(2)  # a few failed attempts
+    assert node.audit("critical-notified") == []
+    node.kill()
+    _Alerts.received = []
+    server = HTTPServer(("127.0.0.1", port), _Alerts)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        node2 = make_node(node_factory, cfg, env=bad_plugins)
+        wait_until(lambda: _Alerts.received, timeout=60, what="the alert after the restart")
+        [alert] = _Alerts.received
+        assert alert["message"] == "critical: test: something critical"
+        assert alert["route"] == "alarm" and alert["notification_id"] >= 1
+        [event] = wait_until(lambda: node2.audit("critical-notified"), timeout=30,
+                             what="the audited delivery")
+        assert event["outcome"] == 0 and event["detail"]["attempts"] >= 2
+        assert event["detail"]["seconds_since_completion"] > 2
+        time.sleep(2)
+        assert len(_Alerts.received) == 1  # delivered once
+        assert node2.cli("audit", "verify").returncode == 0
+    finally:
+        server.shutdown()

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
-from dicomnode.notify import notify_async
+from dicomnode.notify import enqueue
 from dicomnode.plugin import GPU
 from dicomnode.run.execute import child_main, spare_main
 from dicomnode.run.registry import discover
@@ -46,9 +46,12 @@ class _Running:
 
 class EmbeddedRunner:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session],
-                 audit: AuditLog, on_success: Callable[[], None] | None = None) -> None:
+                 audit: AuditLog, on_success: Callable[[], None] | None = None,
+                 on_notify: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self._on_success = on_success or (lambda: None)
+        self._on_notify = on_notify or (lambda: None)
+        self._notified = False
         self.sessions = sessions
         self.audit = audit
         self._ctx = multiprocessing.get_context("spawn")  # CUDA and threads are not fork-safe
@@ -232,7 +235,7 @@ class EmbeddedRunner:
             self._finish(r, outcome)
 
     def _notify(self, s: Session, job: Job, message: str) -> None:
-        """Fire the route's notification for a critical finding (on its own thread)."""
+        """Queue the route's notification of a critical finding (in the job's transaction)."""
         route = next((rc for rc in self.settings.routes if rc.name == job.route), None)
         if route is None or route.notify is None:
             log.warning("job %s: critical finding but route %r has no notify: %s", job.uid,
@@ -247,7 +250,8 @@ class EmbeddedRunner:
                    "patient_id": study.patient.patient_id if study else "",
                    "study_completed_at": completed_at.isoformat() if completed_at else None,
                    "results": len(json.loads(job.results))}
-        notify_async(route.notify, payload, self.audit, self.sessions, completed_at)
+        if enqueue(s, route.notify, job.id, job.route, payload, completed_at):
+            self._notified = True
 
     def _finish(self, r: _Running, outcome: dict[str, Any]) -> None:
         del self._running[r.job_id]
@@ -285,4 +289,7 @@ class EmbeddedRunner:
                  f": {outcome.get('reason')}" if outcome.get("reason") else "")
         if state == "succeeded":
             self._on_success()
+        if self._notified:
+            self._notified = False
+            self._on_notify()
         self._wake.set()
