@@ -210,6 +210,9 @@ class RunnerConfig(_Section):
     # job processes started ahead, imports done, waiting for a job (each still runs one job
     # only): saves the ~2 s of Python imports at the start of every job; 0 = start cold
     warm_spares: int = Field(1, ge=0, le=8)
+    # CPU priority of job processes (nice): receiving is what scanners wait on, so jobs (and
+    # spares warming up) yield the CPU to it; an idle machine runs them at full speed anyway
+    nice: int = Field(10, ge=0, le=19)
 
 
 class LoggingConfig(_Section):

@@ -234,8 +234,13 @@ def _die_with_parent() -> None:
         log.warning("could not set PR_SET_PDEATHSIG; an orphaned job may outlive the node")
 
 
-def _child_setup() -> None:
+def _child_setup(nice: int = 0) -> None:
     _die_with_parent()
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            log.warning("could not lower the job's CPU priority")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs every copied module
@@ -244,8 +249,8 @@ def _child_setup() -> None:
 def child_main(settings_json: str, job_id: int, outcome_path: str,
                gpu_index: int | None = None) -> None:
     """Entry point of a job process started for a job (cold)."""
-    _child_setup()
     settings = Settings.model_validate_json(settings_json)
+    _child_setup(settings.runner.nice)
     run_job(settings, job_id, Path(outcome_path), gpu_index)
 
 
@@ -253,8 +258,8 @@ def spare_main(settings_json: str, conn: Any) -> None:
     """Entry point of a warm spare: do the imports every job needs (the node's packaging, every
     installed plugin and what it imports — not CUDA, which needs the job's GPU slot first),
     then wait for one job, run it and exit. The parent closing the pipe ends it."""
-    _child_setup()
     settings = Settings.model_validate_json(settings_json)
+    _child_setup(settings.runner.nice)
     discover()  # imports every plugin module (a broken one is recorded, not raised)
     import highdicom  # noqa: F401  # SEG, SR and enhanced packaging import it on use
     try:
