@@ -232,3 +232,44 @@ class NodeProc:
                 self.terminate(timeout=30)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class Webhook:
+    """A real HTTP receiver for critical-finding notifications, on ``port``; ``received`` holds
+    the JSON bodies POSTed to it. ``start()`` later than construction to simulate a receiver
+    that is down at first."""
+
+    def __init__(self, port: int | None = None) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        self.port = port or free_port()
+        self.received: list[dict[str, Any]] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append(json.loads(body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server_class, self._handler, self._threading = HTTPServer, Handler, threading
+        self._server: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/alert"
+
+    def start(self) -> Webhook:
+        self._server = self._server_class(("127.0.0.1", self.port), self._handler)
+        self._threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -5,13 +5,10 @@ measures on held-out seeds never used while building the detector."""
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -27,7 +24,7 @@ from dicomnode.plugin import Context, Inputs, NotApplicable
 from dicomnode.run.inputs import series_input
 from dicomnode.simulate import write_ct_series
 from dicomnode.simulate_head import write_head_ct
-from tests.helpers import free_port, storescu, wait_until
+from tests.helpers import Webhook, storescu, wait_until
 from tests.test_pipeline import make_node, pipeline_config
 from tests.validators import dciodvfy_errors, dsrdump_errors
 
@@ -126,29 +123,13 @@ def test_report_objects_are_conformant_and_read_back(tmp_path: Path) -> None:
     assert "Cranial cavity" in text  # finding site
 
 
-class _Hook(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, Any]]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Hook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: ignore[no-untyped-def]
                                                 tmp_path: Path) -> None:
-    port = free_port()
-    server = HTTPServer(("127.0.0.1", port), _Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    _Hook.received = []
+    hook = Webhook().start()
     route = {"name": "ich", "match": {"Modality": "CT",
                                       "SeriesDescription": {"regex": "HEAD"}},
              "pipeline": [{"plugin": "ich-triage"}], "send_to": ["pacs"],
-             "notify": {"webhook": f"http://127.0.0.1:{port}/alert"}}
+             "notify": {"webhook": hook.url}}
     cfg = pipeline_config(orthanc, [route])
     cfg["assemble"] = {"quiet_seconds": 1}
     node = make_node(node_factory, cfg)
@@ -161,8 +142,8 @@ def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: 
         [group] = sr.content.get_volumetric_roi_measurement_groups()
         volume = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
         assert volume[0].value == pytest.approx(truth.lesions[0].volume_ml, rel=0.3)
-        wait_until(lambda: _Hook.received, timeout=30, what="the webhook")
-        [alert] = _Hook.received
+        wait_until(lambda: hook.received, timeout=30, what="the webhook")
+        [alert] = hook.received
         assert alert["event"] == "critical-finding" and "hemorrhage" in alert["message"]
         assert alert["study_uid"] == pydicom.dcmread(files[0]).StudyInstanceUID
         assert alert["patient_id"] == "SYNTH-HEAD-41"
@@ -177,7 +158,7 @@ def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: 
         write_head_ct(tmp_path / "clean", 42, kind="none")
         storescu(node.port, sorted((tmp_path / "clean").glob("*.dcm")), aet="CT_SCANNER")
         wait_until(lambda: len(orthanc.series()) == 4, timeout=90, what="the clean SR")
-        assert len(_Hook.received) == 1
+        assert len(hook.received) == 1
         # a body CT routed here by mistake: not applicable, with the reason; nothing is sent
         storescu(node.port, write_ct_series(tmp_path / "body", n=40, size=96, slice_mm=5.0,
                                             series_description="HEAD? (mislabelled body)"))
@@ -185,6 +166,6 @@ def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: 
                           timeout=60, what="the not-applicable job")
         assert "not a head CT" in jobs[0]["reason"]
         time.sleep(1.0)
-        assert len(orthanc.series()) == 4 and len(_Hook.received) == 1
+        assert len(orthanc.series()) == 4 and len(hook.received) == 1
     finally:
-        server.shutdown()
+        hook.stop()

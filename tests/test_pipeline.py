@@ -4,14 +4,11 @@ or return nonsense, the node killed mid-job."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import textwrap
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -21,6 +18,7 @@ import pytest
 
 from dicomnode.simulate import write_ct_series
 from tests.helpers import (
+    Webhook,
     dcmtk,
     dcmtk_env,
     echoscu,
@@ -378,26 +376,13 @@ def test_jobs_run_in_warm_spare_processes(node_factory, orthanc, tmp_path: Path)
     assert orthanc.get("/statistics")["CountInstances"] >= 1
 
 
-class _Alerts(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, Any]]] = []
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Alerts.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_critical_notification_survives_receiver_down_and_node_crash(  # type: ignore[no-untyped-def]
         node_factory, orthanc, bad_plugins, tmp_path: Path) -> None:
     """The webhook is down when the finding is made; the node is killed while it retries;
     after the restart (webhook up) the notification is delivered, once, and audited."""
-    port = free_port()  # nothing listens yet: connection refused
+    hook = Webhook()  # not started yet: connection refused
     route = {"name": "alarm", "match": {"Modality": "CT"}, "pipeline": [{"plugin": "critical"}],
-             "send_to": ["pacs"], "notify": {"webhook": f"http://127.0.0.1:{port}/alert",
+             "send_to": ["pacs"], "notify": {"webhook": hook.url,
                                              "attempts": 20, "timeout_seconds": 2}}
     cfg = pipeline_config(orthanc, [route])
     node = make_node(node_factory, cfg, env=bad_plugins)
@@ -407,13 +392,11 @@ def test_critical_notification_survives_receiver_down_and_node_crash(  # type: i
     time.sleep(2)  # a few failed attempts
     assert node.audit("critical-notified") == []
     node.kill()
-    _Alerts.received = []
-    server = HTTPServer(("127.0.0.1", port), _Alerts)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hook.start()
     try:
         node2 = make_node(node_factory, cfg, env=bad_plugins)
-        wait_until(lambda: _Alerts.received, timeout=60, what="the alert after the restart")
-        [alert] = _Alerts.received
+        wait_until(lambda: hook.received, timeout=60, what="the alert after the restart")
+        [alert] = hook.received
         assert alert["message"] == "critical: test: something critical"
         assert alert["route"] == "alarm" and alert["notification_id"] >= 1
         [event] = wait_until(lambda: node2.audit("critical-notified"), timeout=30,
@@ -421,7 +404,7 @@ def test_critical_notification_survives_receiver_down_and_node_crash(  # type: i
         assert event["outcome"] == 0 and event["detail"]["attempts"] >= 2
         assert event["detail"]["seconds_since_completion"] > 2
         time.sleep(2)
-        assert len(_Alerts.received) == 1  # delivered once
+        assert len(hook.received) == 1  # delivered once
         assert node2.cli("audit", "verify").returncode == 0
     finally:
-        server.shutdown()
+        hook.stop()
