@@ -363,6 +363,8 @@ def test_jobs_run_in_warm_spare_processes(node_factory, orthanc, tmp_path: Path)
     cfg["runner"]["warm_spares"] = 1
     node = make_node(node_factory, cfg)
     [spare] = wait_until(lambda: _spawned(node) or None, timeout=30, what="a warm spare")
+    # runner.nice: receiving goes first (set by the spare itself as it starts)
+    wait_until(lambda: spare.nice() == 10, timeout=30, what="the spare at nice 10")
     files, _ = ct_study(tmp_path)
     storescu(node.port, files)
     wait_jobs(node, lambda js: js and js[0]["state"] == "succeeded", "job succeeded")

@@ -460,3 +460,25 @@ def test_fast_c_store_response_is_byte_identical(status: int, comment: str | Non
     assert encode_c_store_rsp(p) == reference
     p.OffendingElement = [0x00100010]
     assert encode_c_store_rsp(p) is None  # not covered: pynetdicom encodes it
+
+
+def test_presentation_context_copies_are_independent() -> None:
+    """Associations copy the supported contexts cheaply (shared UIDs); a copy must still be
+    its own object: negotiating one association cannot change another's contexts."""
+    import copy
+
+    from pynetdicom.presentation import build_context
+
+    from dicomnode.receive import dul_patches
+
+    dul_patches.install()
+    original = build_context("1.2.840.10008.5.1.4.1.1.2",
+                             ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    original.context_id = 1
+    [clone] = copy.deepcopy([original])
+    assert clone is not original and clone.context_id == 1
+    assert clone.abstract_syntax == original.abstract_syntax
+    assert clone.transfer_syntax == original.transfer_syntax
+    clone.transfer_syntax = ["1.2.840.10008.1.2"]
+    clone.context_id = 3
+    assert len(original.transfer_syntax) == 2 and original.context_id == 1

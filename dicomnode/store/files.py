@@ -27,6 +27,7 @@ indexing; the sweep still finishes (indexed) or removes (unindexed) anything fou
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import ctypes
 import errno
@@ -79,9 +80,8 @@ class StreamingFile:
     write-back every 256 KiB, so when the last fragment is in, :meth:`finish` (fsync) waits for
     little more than the tail. Same protocol as :meth:`FileStore.stage` from there on; a
     stream that is never finished is removed by :meth:`abort`, or by the start-up sweep after a
-    crash (it is unindexed). Write errors are kept, not raised: the
-    stream is fed from the network thread, and the store answers with the right status when
-    the instance is complete.
+    crash (it is unindexed). Write errors are kept, not raised: the stream is fed from the
+    network thread, and the store answers with the right status when the instance is complete.
     """
 
     def __init__(self, store: FileStore, name: str, fd: int, meta: bytes) -> None:
@@ -330,9 +330,11 @@ class FileStore:
                 found.append(f"{day}{hour}")
         if not found:
             return []
-        newest = time.mktime(time.strptime(found[0], "%Y%m%d%H"))
-        keep = [b for b in found
-                if newest - time.mktime(time.strptime(b, "%Y%m%d%H")) < hours * 3600]
+        def seconds(bucket: str) -> int:  # bucket names are UTC
+            return calendar.timegm(time.strptime(bucket, "%Y%m%d%H"))
+
+        newest = seconds(found[0])
+        keep = [b for b in found if newest - seconds(b) < hours * 3600]
         return [f"objects/{b[:8]}/{b[8:]}" for b in keep]
 
     def sweep(self, indexed_path: Callable[[str], str | None],
