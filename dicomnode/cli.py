@@ -60,7 +60,8 @@ def _print_json(value: Any) -> None:
 def serve(config: ConfigOpt = None) -> None:
     """Run the node until SIGTERM/SIGINT (then finish in-flight instances and stop)."""
     settings = _settings(config)
-    from dicomnode.node import Node, configure_logging, tune_allocator
+    from dicomnode.memory import tune_allocator
+    from dicomnode.node import Node, configure_logging
 
     configure_logging(settings.logging.level)
     tune_allocator()

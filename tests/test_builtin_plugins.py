@@ -133,6 +133,20 @@ def test_reformat_fast_path_equals_general_trilinear() -> None:
         a = resample(np, vol, src, g, [0.0, 0.65])
         b = resample_aligned(np, vol, src, g, [0.0, 0.65], axes)
         assert np.abs(a - b)[:, 1:-1, 1:-1, 1:-1].max() < 0.01, plane
+    # the 1-D interpolation itself, along every axis, with samples outside (air) and on
+    # source samples, against np.interp
+    from dicomnode_reformat import AIR_HU, _lerp_axis
+
+    coords = np.array([-0.5, 0.0, 0.25, 3.0, 7.9, 8.0, 8.2, 12.0])
+    small = rng.normal(0, 100, (9, 10, 11)).astype(np.float32)[:, :9, :9]
+    for axis in range(3):
+        got = _lerp_axis(np, small, axis, coords)
+        moved = np.moveaxis(small, axis, -1)
+        ref = np.apply_along_axis(
+            lambda line: np.interp(coords, np.arange(9), line, left=AIR_HU, right=AIR_HU),
+            -1, moved)
+        ref[..., (coords < -1e-4) | (coords > 8 + 1e-4)] = AIR_HU
+        assert np.allclose(np.moveaxis(got, axis, -1), ref, atol=1e-3), axis
     c, s = math.cos(0.3), math.sin(0.3)
     oblique = Geometry(origin=(0.0, 0.0, 0.0), row_direction=(c, s, 0),
                        column_direction=(-s, c, 0), slice_direction=(0, 0, 1.0),

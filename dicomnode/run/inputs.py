@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicomnode.plugin import Geometry, NotApplicable, PluginError, SeriesInput
 
@@ -23,6 +24,39 @@ def _floats(ds: Any, keyword: str, n: int) -> np.ndarray:
     return np.asarray([float(v) for v in value])
 
 
+_NATIVE_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+
+
+def stored_values(ds: Any) -> np.ndarray:
+    """The stored pixel values of a single-frame grayscale image, as pydicom's ``pixel_array``
+    gives them. Native little-endian data is read in place (a view of the bytes dcmread
+    already holds), the bits above BitsStored cleared or sign-extended only when one is set;
+    anything else (compressed, big endian, multi-frame, colour) goes through pydicom."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    bits = int(ds.get("BitsAllocated") or 0)
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    data = ds.get("PixelData")
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    if (syntax not in _NATIVE_LE or bits not in (8, 16, 32)
+            or int(ds.get("SamplesPerPixel", 1)) != 1
+            or int(ds.get("NumberOfFrames") or 1) != 1 or not isinstance(data, bytes)
+            or len(data) < rows * cols * bits // 8 or rows * cols == 0):
+        return np.asarray(ds.pixel_array)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    raw = np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
+    stored = int(ds.get("BitsStored") or bits)
+    if 0 < stored < bits:
+        if signed:
+            lo, hi = -(1 << (stored - 1)), (1 << (stored - 1)) - 1
+            if raw.min() < lo or raw.max() > hi:
+                shift = dtype.type(bits - stored)
+                raw = (raw << shift) >> shift
+        elif raw.max() >> stored:
+            raw = raw & dtype.type((1 << stored) - 1)
+    return raw
+
+
 def _series(ordered: Sequence[Any], geometry: Geometry, load_pixels: bool) -> SeriesInput:
     """The SeriesInput of datasets already in order; pixels (rescaled, float32) on demand."""
     first = ordered[0]
@@ -33,7 +67,7 @@ def _series(ordered: Sequence[Any], geometry: Geometry, load_pixels: bool) -> Se
             slope = float(ds.get("RescaleSlope", 1) or 1)
             intercept = float(ds.get("RescaleIntercept", 0) or 0)
             plane = out[k]
-            plane[...] = ds.pixel_array  # one conversion pass, no temporaries
+            plane[...] = stored_values(ds)  # one conversion pass, no temporaries
             if slope != 1.0:
                 plane *= np.float32(slope)
             if intercept != 0.0:

@@ -127,6 +127,23 @@ def _lerp_axis(xp: Any, vol: Any, axis: int, coords: np.ndarray) -> Any:
     shape = list(vol.shape)
     shape[axis] = len(coords)
     out = xp.empty(shape, dtype=xp.float32)
+    if axis > 0:
+        # along an inner axis, one leading-axis slab at a time: the gathers stay inside a
+        # cache-sized slab (per output index they would stride across the whole volume)
+        lo_i, hi_i = xp.asarray(i0), xp.asarray(i1)
+        bshape = [1] * (vol.ndim - 1)
+        bshape[axis - 1] = len(coords)
+        wv = xp.asarray(w, dtype=xp.float32).reshape(bshape)
+        outside = None if inside.all() else xp.asarray(~inside)
+        for k in range(vol.shape[0]):
+            dst = out[k]
+            lo = xp.take(vol[k], lo_i, axis=axis - 1)
+            xp.subtract(xp.take(vol[k], hi_i, axis=axis - 1), lo, out=dst)
+            dst *= wv
+            dst += lo
+            if outside is not None:
+                xp.moveaxis(dst, axis - 1, 0)[outside] = AIR_HU
+        return out
     lead: tuple[slice, ...] = (slice(None),) * axis
     # one output slab at a time, in place: slab-sized work stays in cache, and no volume-sized
     # temporaries (np.take + blend made four)
