@@ -198,6 +198,12 @@ class PackageConfig(_Section):
     # enhanced: one Legacy Converted Enhanced CT object per derived series (much faster to
     # write and send; needs a PACS/viewer that supports multi-frame CT)
     derived_series: Literal["classic", "enhanced"] = "classic"
+    # images: every slice of a classic derived series lists the source images it was made
+    # from (SourceImageSequence: for an MPR, the whole source series in every slice); series:
+    # only the source series, once per slice (RelatedSeriesSequence, always present). PACS
+    # store and index each listed reference: Orthanc took 13 ms of CPU per 300-reference
+    # slice against 3 ms without (bench/e2e). Enhanced objects always list the images once.
+    source_references: Literal["images", "series"] = "images"
 
 
 class RunnerConfig(_Section):

@@ -254,9 +254,12 @@ class Job(Base):
 
 
 class Delivery(Base):
-    """Sending one job's results to one destination, with its own retry schedule.
+    """Sending one pipeline step's results to one destination, with its own retry schedule.
 
-    pending → sent | (retry: pending with a later ``next_attempt_at``) | dead (dead letter).
+    pending → sent | (retry: pending with a later ``next_attempt_at``) | dead (dead letter) |
+    cancelled (the job was cancelled before it was sent). A step's results are delivered as
+    soon as that step is packaged and synced, while later steps still run; ``step`` -1 and
+    ``results`` NULL: a delivery of all of the job's results (rows made before 0004).
     """
 
     __tablename__ = "deliveries"
@@ -270,7 +273,11 @@ class Delivery(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
-    __table_args__ = (UniqueConstraint("job_fk", "destination", name="uq_deliveries_job_dest"),)
+    step: Mapped[int] = mapped_column(Integer, default=-1, server_default="-1")
+    results: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON list of files
+    # one delivery per step and destination: a re-run never sends a step twice
+    __table_args__ = (UniqueConstraint("job_fk", "destination", "step",
+                                       name="uq_deliveries_job_dest_step"),)
 
 
 class Notification(Base):

@@ -109,6 +109,10 @@ def test_derived_ct_series_is_valid_and_round_trips(source, prov, tmp_path: Path
     assert first.ImageType[:2] == ["DERIVED", "SECONDARY"]
     refs = {r.ReferencedSOPInstanceUID for r in first.SourceImageSequence}
     assert refs == set(source.sop_instance_uids)
+    [related] = first.RelatedSeriesSequence
+    assert related.SeriesInstanceUID == source.series_uid
+    assert related.StudyInstanceUID == first.StudyInstanceUID
+    assert related.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
     eq = first.ContributingEquipmentSequence[0]
     assert "threshold 1.0.0" in eq.SoftwareVersions
     # a re-run of the same job makes the same UIDs; another job other UIDs
@@ -117,6 +121,17 @@ def test_derived_ct_series_is_valid_and_round_trips(source, prov, tmp_path: Path
     other = image_volume_to_ct(vol, source.datasets, Provenance("job-43", "threshold", "1"), 101)
     assert other[0].SOPInstanceUID != out[0].SOPInstanceUID
     assert output_uid("job-42", "series", 0) == out[0].SeriesInstanceUID
+    # package.source_references: series — the source series only, still conformant
+    lean = image_volume_to_ct(vol, source.datasets, prov, 101, source_references="series")
+    assert [d.SOPInstanceUID for d in lean] == [d.SOPInstanceUID for d in out]
+    lean_paths = save_all(lean, tmp_path / "lean")
+    assert dciodvfy_errors(lean_paths[0]) == []
+    back_lean = pydicom.dcmread(lean_paths[0])
+    assert "SourceImageSequence" not in back_lean
+    assert back_lean.RelatedSeriesSequence[0].SeriesInstanceUID == source.series_uid
+    assert lean_paths[0].stat().st_size < paths[0].stat().st_size
+    with pytest.raises(ValueError, match="source_references"):
+        image_volume_to_ct(vol, source.datasets, prov, 101, source_references="none")
 
 
 def _plugin_outputs(source, tmp_path):  # type: ignore[no-untyped-def]
@@ -201,6 +216,13 @@ def test_package_refuses_what_it_cannot_do_right(source, prov) -> None:  # type:
                          source.datasets, g, prov, 1)
     with pytest.raises(PluginError, match="no label map"):
         findings_to_sr([Finding(tissue, segment=1)], source.datasets, None, prov, 1)
+    from dicomnode.package.seg import _unknown_labels
+
+    gaps = np.array([[0, 1, 3], [3, 0, 0]], np.uint16)
+    assert _unknown_labels(gaps, [1, 3]) == set()
+    assert _unknown_labels(gaps, [1, 2]) == {3}
+    assert _unknown_labels(gaps, [3, 5]) == {1}
+    assert _unknown_labels(np.zeros((2, 2), np.uint16), [1]) == set()
 
 
 def test_key_images_become_a_valid_kos(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -233,8 +255,9 @@ def test_fast_series_encoding_is_byte_identical_to_pydicom(source, prov, tmp_pat
     assert len(cache) == 1  # the shared SourceImageSequence was encoded once
 
 
-@pytest.mark.parametrize("original", [False, True])
-def test_spliced_series_files_are_byte_identical(source, prov, original: bool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("original", "refs"), [(False, "images"), (True, "images"),
+                                               (False, "series")])
+def test_spliced_series_files_are_byte_identical(source, prov, original: bool, refs: str) -> None:  # type: ignore[no-untyped-def]
     """ct_series_part10 re-encodes only what differs between slices; every file must equal
     the one pydicom writes from the full dataset (odd/even UID and number lengths included)."""
     from pydicom.filebase import DicomBytesIO
@@ -250,8 +273,8 @@ def test_spliced_series_files_are_byte_identical(source, prov, original: bool) -
     from datetime import UTC, datetime
 
     prov = replace(prov, created=datetime(2026, 11, 21, 12, 0, 1, 5, tzinfo=UTC))
-    full = image_volume_to_ct(vol, source.datasets, prov, 12, 3)
-    spliced = list(ct_series_part10(vol, source.datasets, prov, 12, 3))
+    full = image_volume_to_ct(vol, source.datasets, prov, 12, 3, refs)
+    spliced = list(ct_series_part10(vol, source.datasets, prov, 12, 3, refs))
     assert len(spliced) == len(full) > 2
     for ds, data in zip(full, spliced, strict=True):
         fp = DicomBytesIO()

@@ -221,6 +221,42 @@ def test_node_killed_mid_job_finishes_after_restart_once(node_factory, orthanc, 
     assert orthanc.get("/statistics")["CountInstances"] == 2  # each result exactly once
 
 
+def test_each_step_is_sent_when_done_and_once_across_a_crash_and_a_failure(  # type: ignore[no-untyped-def]
+        node_factory, orthanc, bad_plugins, tmp_path: Path) -> None:
+    """Step 0's results reach the PACS while step 1 still runs; the node is killed during
+    step 1; after the restart step 0 is kept (not re-run, not re-sent), step 1 runs and is
+    sent; step 2 raises: the job is dead, what the finished steps made was delivered once."""
+    route = {"name": "steps", "match": {"Modality": "CT"},
+             "pipeline": [{"plugin": "threshold", "params": {"hu_min": 300}},
+                          {"plugin": "slow"}, {"plugin": "raises"}],
+             "send_to": ["pacs"]}
+    cfg = pipeline_config(orthanc, [route])
+    node = make_node(node_factory, cfg, env=bad_plugins)
+    files, _ = ct_study(tmp_path)
+    storescu(node.port, files)
+    # step 0 delivered while the job is still running step 1 (slow: 6 s)
+    [job] = wait_jobs(node, lambda js: js and any(d["state"] == "sent"
+                                                  for d in js[0]["deliveries"]),
+                      "step 0 sent", timeout=60)
+    assert job["state"] == "running"
+    assert orthanc.get("/statistics")["CountInstances"] == 2  # SEG + SR of step 0
+    running = psutil.Process(node.proc.pid).children()
+    node.kill()  # SIGKILL during step 1
+    wait_until(lambda: not any(p.is_running() and p.status() != "zombie" for p in running),
+               timeout=10, what="orphaned job process to die")
+    node2 = make_node(node_factory, cfg, env=bad_plugins)
+    [job] = wait_jobs(node2, lambda js: js and js[0]["state"] == "dead"
+                      and len(js[0]["deliveries"]) == 2
+                      and all(d["state"] == "sent" for d in js[0]["deliveries"]),
+                      "job dead, two steps sent", timeout=120)
+    assert "RuntimeError: model weights missing" in job["reason"]
+    assert len(job["results"]) == 4  # what was delivered: two steps, SEG + SR each
+    sent = node2.audit("results-sent")
+    assert sorted(e["detail"]["step"] for e in sent) == [0, 1]  # each step once
+    assert orthanc.get("/statistics")["CountInstances"] == 4
+    assert "step 0 (threshold) finished in an earlier attempt" in node2.log()
+
+
 def test_study_matching_no_route_is_audited(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     route = {**CT_THRESHOLD, "match": {"Modality": "MR"}}
     node = make_node(node_factory, pipeline_config(orthanc, [route]))

@@ -512,3 +512,33 @@ def test_presentation_context_copies_are_independent() -> None:
     clone.transfer_syntax = ["1.2.840.10008.1.2"]
     clone.context_id = 3
     assert len(original.transfer_syntax) == 2 and original.context_id == 1
+
+
+def test_migrations_reach_the_models_and_keep_old_deliveries(db_url: str) -> None:
+    """`dicomnode db upgrade` from 0003 (a delivery of a whole job) to head: the row stays a
+    whole-job delivery (step -1, results from the job), and the migrated schema is the one
+    the models describe (no difference left for autogenerate to find)."""
+    import sqlalchemy as sa
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from dicomnode.schema import Base
+
+    upgrade(db_url, "0003")
+    engine = make_engine(db_url)
+    with engine.begin() as c:
+        c.execute(sa.text(
+            "INSERT INTO jobs (id, uid, route, level, study_uid, revision, series_uids, "
+            "pipeline, send_to, state, attempts, max_attempts, reason, summary, results, "
+            "created_at) VALUES (1, 'j1', 'r', 'study', '1.2', 1, '[]', '[]', '[\"pacs\"]', "
+            "'succeeded', 1, 3, '', '', '[\"a.dcm\"]', CURRENT_TIMESTAMP)"))
+        c.execute(sa.text(
+            "INSERT INTO deliveries (job_fk, destination, state, attempts, next_attempt_at, "
+            "last_status, last_error, created_at) VALUES (1, 'pacs', 'pending', 0, "
+            "CURRENT_TIMESTAMP, '', '', CURRENT_TIMESTAMP)"))
+    upgrade(db_url)
+    with engine.begin() as c:
+        assert c.execute(sa.text("SELECT step, results FROM deliveries")).one() == (-1, None)
+        diff = compare_metadata(MigrationContext.configure(c), Base.metadata)
+    engine.dispose()
+    assert diff == [], diff

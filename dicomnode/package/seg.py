@@ -40,15 +40,30 @@ def _same_grid(a: Geometry, b: Geometry) -> bool:
             and np.allclose(a.column_direction, b.column_direction, atol=1e-5))
 
 
+def _unknown_labels(labels: np.ndarray, numbers: Sequence[int]) -> set[int]:
+    """Values in ``labels`` (besides 0) that no segment has. One pass (max) when the segments
+    are 1…n as usual; otherwise a table lookup, and np.unique only over the strays (np.unique
+    of a whole CT-sized label map sorts it; bincount widened it to 8-byte counts: ~0.5 s)."""
+    if labels.size == 0:
+        return set()
+    top = int(labels.max())
+    known = np.zeros(max(top, *numbers, 0) + 1, dtype=bool)
+    known[0] = True
+    known[list(numbers)] = True
+    if known[: top + 1].all():
+        return set()
+    strays = labels[~known[labels]]
+    return set(np.unique(strays).tolist())
+
+
 def label_map_to_seg(label_map: LabelMap, sources: Sequence[Any], source_geometry: Geometry,
                      prov: Provenance, series_number: int, index: int = 0) -> hd.seg.Segmentation:
     if not _same_grid(label_map.geometry, source_geometry):
         raise PluginError("label map is not on the source series grid (resampled SEG is not "
                           "supported yet)")
-    labels = to_numpy(label_map.array).astype(np.uint16)
+    labels = to_numpy(label_map.array).astype(np.uint16, copy=False)
     numbers = [s.number for s in label_map.segments]
-    present = set(np.flatnonzero(np.bincount(labels.ravel())).tolist()) - {0}  # np.unique sorts
-    unknown = present - set(numbers)
+    unknown = _unknown_labels(labels, numbers)
     if unknown:
         raise PluginError(f"label map has values {sorted(unknown)} with no Segment")
     descriptions = [

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ def _load_inputs(settings: Settings, job: Job, sessions: Any, projections: bool 
 
 
 def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
-             out_dir: Path, derived_series: str = "classic") -> list[str]:
+             out_dir: Path, derived_series: str = "classic",
+             source_references: str = "images") -> list[str]:
     """Write one step's outputs as DICOM files under ``out_dir/step<N>``, durably (synced
     before return)."""
     writer = ResultWriter()
@@ -139,7 +141,8 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
             slices = image_volume_to_ct(vol, src.datasets, prov, base + i, i)
             emit(to_enhanced(slices, src.series_uid, prov, base + i, i), f"volume{i}.dcm")
             continue
-        for k, data in enumerate(ct_series_part10(vol, src.datasets, prov, base + i, i)):
+        for k, data in enumerate(ct_series_part10(vol, src.datasets, prov, base + i, i,
+                                                  source_references)):
             emit(None, f"volume{i}/{k:05d}.dcm", data)
 
     sources = [d for s in inputs.series for d in s.datasets]
@@ -178,11 +181,45 @@ def array_module(gpu_index: int | None) -> tuple[Any, str]:
         return np, "cpu"
 
 
+def step_record(out_dir: Path, step: int) -> Path:
+    """Where a finished step's record is: its result files, summary and critical finding."""
+    return out_dir / f"step{step}.json"
+
+
+def read_step(path: Path) -> dict[str, Any] | None:
+    """A step record, or None when there is none (or a crash left it unreadable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("results"), list) \
+        else None
+
+
+def _write_step(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, json.dumps(record).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
 def run_job(settings: Settings, job_id: int, outcome_path: Path,
             gpu_index: int | None = None,
-            plugins: dict[str, Any] | None = None) -> dict[str, Any]:
+            plugins: dict[str, Any] | None = None,
+            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Execute the job and return (and write) its outcome. Never raises. ``plugins``: what
-    :func:`discover` found, when the caller (a warm spare) already looked."""
+    :func:`discover` found, when the caller (a warm spare) already looked.
+
+    Each step, once its results are packaged and synced, leaves a record
+    (:func:`step_record`) and calls ``progress(step)``: the runner delivers that step's
+    results at once, while later steps run. A re-run (retry, restart after a crash) takes a
+    recorded step as done — its files may be on their way to a PACS and are never rewritten.
+    """
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine, readonly=True)
     outcome: dict[str, Any]
@@ -204,6 +241,17 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
         critical: list[str] = []
         out_dir = settings.storage.path / "results" / job.uid
         for step, spec in enumerate(pipeline):
+            done = read_step(step_record(out_dir, step))
+            if done is not None:
+                log.info("step %d (%s) finished in an earlier attempt: kept", step,
+                         spec["plugin"])
+                results += done["results"]
+                summaries.append(str(done.get("summary", "")))
+                if done.get("critical"):
+                    critical.append(str(done["critical"]))
+                if progress is not None:
+                    progress(step)
+                continue
             info = plugins.get(spec["plugin"])
             if info is None or info.cls is None:
                 raise PluginError(f"plugin {spec['plugin']!r} is not installed or broken")
@@ -235,12 +283,19 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
                 prov = replace(prov, plugin_name=outputs.algorithm[0][:64],
                                plugin_version=outputs.algorithm[1][:64])
             t = time.perf_counter()
-            results += _package(outputs, inputs, prov, step, out_dir,
-                                settings.package.derived_series)
+            written = _package(outputs, inputs, prov, step, out_dir,
+                               settings.package.derived_series,
+                               settings.package.source_references)
             timings["package"] = timings.get("package", 0.0) + time.perf_counter() - t
+            results += written
             summaries.append(f"{cls.name}: {outputs.summary or 'done'}")
             if outputs.critical:
                 critical.append(f"{cls.name}: {outputs.critical}")
+            _write_step(step_record(out_dir, step), {
+                "plugin": cls.name, "results": written, "summary": summaries[-1],
+                "critical": f"{cls.name}: {outputs.critical}" if outputs.critical else ""})
+            if progress is not None:
+                progress(step)
         outcome = {"state": "succeeded", "results": results, "summary": "; ".join(summaries),
                    "critical": "; ".join(critical),
                    "timings": {k: round(v, 3) for k, v in timings.items()}}
@@ -298,12 +353,22 @@ def _exit_now() -> None:
     os._exit(0)
 
 
+def _progress_to(conn: Any) -> Callable[[int], None]:
+    """Tell the runner through ``conn`` that a step is done (best effort: the runner also
+    looks for step records when the job ends)."""
+    def progress(step: int) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            conn.send(("step", step))
+    return progress
+
+
 def child_main(settings_json: str, job_id: int, outcome_path: str,
-               gpu_index: int | None = None) -> None:
+               gpu_index: int | None = None, conn: Any = None) -> None:
     """Entry point of a job process started for a job (cold)."""
     settings = Settings.model_validate_json(settings_json)
     _child_setup(settings.runner.nice)
-    run_job(settings, job_id, Path(outcome_path), gpu_index)
+    run_job(settings, job_id, Path(outcome_path), gpu_index,
+            progress=_progress_to(conn) if conn is not None else None)
     _exit_now()
 
 
@@ -334,8 +399,7 @@ def spare_main(settings_json: str, conn: Any) -> None:
     try:
         job_id, outcome_path, gpu_index = conn.recv()
     except (EOFError, OSError):
-        return  # the runner stopped
-    finally:
         conn.close()
-    run_job(settings, int(job_id), Path(outcome_path), gpu_index, plugins)
+        return  # the runner stopped
+    run_job(settings, int(job_id), Path(outcome_path), gpu_index, plugins, _progress_to(conn))
     _exit_now()

@@ -3,8 +3,10 @@
 The interface the rest of the node uses is ``submit(job_id)``: a Celery runner (several machines)
 will implement the same, and nothing here assumes one process (all state is in SQL; the
 runner process is only the one writer of job state transitions). After a crash, jobs left
-``running`` are queued again; a job's deliveries are created in the same transaction as its
-success, so each finished job's results are sent once.
+``running`` are queued again. Each pipeline step's results are delivered as soon as the job
+process reports that step done (its record synced: see :func:`~dicomnode.run.execute.run_job`),
+while later steps still run; one delivery per step and destination (a unique key), and a
+re-run keeps recorded steps, so each result is sent once.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
 from dicomnode.notify import enqueue
 from dicomnode.plugin import GPU
-from dicomnode.run.execute import child_main, spare_main
+from dicomnode.run.execute import child_main, read_step, spare_main, step_record
 from dicomnode.run.registry import discover
 from dicomnode.schema import Completion, Delivery, Job, Study, utcnow
 
@@ -42,6 +44,9 @@ class _Running:
     outcome: Path
     deadline: float
     gpu: int | None = None
+    conn: Any = None  # the job process reports finished steps here
+    progress: threading.Event | None = None  # set when it did
+    delivered: set[int] | None = None  # steps whose deliveries exist
 
 
 class EmbeddedRunner:
@@ -147,24 +152,43 @@ class EmbeddedRunner:
             outcome = self.settings.storage.path / "results" / uid / "outcome.json"
             outcome.parent.mkdir(parents=True, exist_ok=True)
             outcome.unlink(missing_ok=True)
-            p = self._warm_process(job_id, outcome, gpu_index)
-            if p is None:
+            warm = self._warm_process(job_id, outcome, gpu_index)
+            if warm is not None:
+                p, conn = warm
+            else:
+                conn, child = self._ctx.Pipe(duplex=False)
                 p = self._ctx.Process(target=child_main, name=f"job-{job_id}",
                                       args=(self._settings_json, job_id, str(outcome),
-                                            gpu_index))
+                                            gpu_index, child))
                 p.start()
-            self._running[job_id] = _Running(job_id, uid, p, outcome,
-                                             time.monotonic() + timeout, gpu_index)
-            # reap it the moment it exits, not at the next poll
-            threading.Thread(target=self._wake_on_exit, args=(p,), name=f"job-{job_id}-exit",
+                child.close()
+            r = _Running(job_id, uid, p, outcome, time.monotonic() + timeout, gpu_index,
+                         conn, threading.Event(), set())
+            self._running[job_id] = r
+            # reap it the moment it exits, deliver a step the moment it is done
+            threading.Thread(target=self._watch, args=(r,), name=f"job-{job_id}-watch",
                              daemon=True).start()
             log.info("job %d started (pid %d%s)", job_id, p.pid,
                      f", GPU slot {gpu_index}" if gpu_index is not None else "")
 
-    def _wake_on_exit(self, process: Any) -> None:
-        # waits on the exit sentinel without reaping: _reap (the runner thread) joins it
-        multiprocessing.connection.wait([process.sentinel])
-        self._wake.set()
+    def _watch(self, r: _Running) -> None:
+        """Wake the runner when the job process reports a step done, and when it exits (waits
+        on the exit sentinel without reaping: _reap, on the runner thread, joins it)."""
+        conn: Any = r.conn
+        waiting = [r.process.sentinel, conn]
+        while r.process.sentinel in waiting:
+            for ready in multiprocessing.connection.wait(waiting):
+                if ready == r.process.sentinel:
+                    waiting.remove(ready)
+                    continue
+                try:
+                    conn.recv()
+                    assert r.progress is not None
+                    r.progress.set()
+                except (EOFError, OSError):
+                    waiting.remove(conn)
+            self._wake.set()
+        conn.close()
 
     def _keep_spares(self) -> None:
         """Keep ``runner.warm_spares`` job processes started, imports done, waiting.
@@ -190,15 +214,15 @@ class EmbeddedRunner:
             child.close()
             self._spares.append((p, parent))
 
-    def _warm_process(self, job_id: int, outcome: Path, gpu_index: int | None) -> Any:
-        """Hand the job to a warm spare; None when there is none alive."""
+    def _warm_process(self, job_id: int, outcome: Path,
+                      gpu_index: int | None) -> tuple[Any, Any] | None:
+        """Hand the job to a warm spare: (process, its pipe); None when there is none alive."""
         while self._spares:
             p, conn = self._spares.pop(0)
             try:
                 if p.is_alive():
                     conn.send((job_id, str(outcome), gpu_index))
-                    conn.close()
-                    return p
+                    return p, conn
             except OSError:  # died between the check and the send
                 pass
             conn.close()
@@ -222,6 +246,11 @@ class EmbeddedRunner:
                 r.process.join(5)
             self._finish(r, {"state": "cancelled", "reason": "cancelled by admin"})
         for r in list(self._running.values()):
+            if r.progress is not None and r.progress.is_set():
+                r.progress.clear()
+                with self.sessions() as s, s.begin():
+                    self._deliver_steps(s, s.get_one(Job, r.job_id), r)
+                self._on_success()  # wake the senders
             if r.process.is_alive():
                 if time.monotonic() > r.deadline:
                     r.process.terminate()
@@ -259,6 +288,31 @@ class EmbeddedRunner:
         if enqueue(s, route.notify, job.id, job.route, payload, completed_at):
             self._notified = True
 
+    def _deliver_steps(self, s: Session, job: Job, r: _Running) -> list[str]:
+        """Deliveries (one per destination) for every step the job process has recorded as
+        done and that has none yet; returns the result files of all recorded steps."""
+        out_dir = r.outcome.parent
+        delivered = r.delivered if r.delivered is not None else set()
+        files: list[str] = []
+        for step in range(len(json.loads(job.pipeline))):
+            record = read_step(step_record(out_dir, step))
+            if record is None:
+                continue
+            files += record["results"]
+            if step in delivered:
+                continue
+            have = set(s.execute(select(Delivery.destination).where(
+                Delivery.job_fk == job.id, Delivery.step == step)).scalars())
+            for dest in json.loads(job.send_to):
+                if dest not in have:
+                    s.add(Delivery(job_fk=job.id, destination=dest, state="pending",
+                                   attempts=0, next_attempt_at=utcnow(), created_at=utcnow(),
+                                   step=step, results=json.dumps(record["results"])))
+            delivered.add(step)
+            log.info("job %d: step %d done, %d result(s) queued for sending", job.id, step,
+                     len(record["results"]))
+        return files
+
     def _finish(self, r: _Running, outcome: dict[str, Any]) -> None:
         del self._running[r.job_id]
         state = outcome["state"]
@@ -266,13 +320,19 @@ class EmbeddedRunner:
             job = s.get_one(Job, r.job_id)
             job.finished_at = utcnow()
             job.reason = str(outcome.get("reason", ""))[:4000]
+            if state == "cancelled":
+                # nothing more is sent: deliveries of steps done before the cancel wait no more
+                s.execute(update(Delivery).where(Delivery.job_fk == job.id,
+                                                 Delivery.state == "pending")
+                          .values(state="cancelled"))
+            else:
+                # every step recorded as done is delivered, even when a later one failed
+                sent = self._deliver_steps(s, job, r)
+                job.results = json.dumps(outcome.get("results", sent)
+                                         if state == "succeeded" else sent)
             if state == "succeeded":
                 job.state = "succeeded"
-                job.results = json.dumps(outcome.get("results", []))
                 job.summary = str(outcome.get("summary", ""))[:4000]
-                for dest in json.loads(job.send_to):
-                    s.add(Delivery(job_fk=job.id, destination=dest, state="pending",
-                                   attempts=0, next_attempt_at=utcnow(), created_at=utcnow()))
             elif state in ("not-applicable", "cancelled"):
                 job.state = state
             elif outcome.get("retry") and job.attempts < job.max_attempts:

@@ -138,15 +138,18 @@ class DestinationWorker:
     def _send_one(self) -> bool:
         with self.sessions() as s:
             row = s.execute(
-                select(Delivery.id, Job.results, Job.uid, Job.id, Job.study_uid)
+                select(Delivery.id, Delivery.results, Job.results, Job.uid, Job.id,
+                       Job.study_uid, Delivery.step)
                 .join(Job, Delivery.job_fk == Job.id)
                 .where(Delivery.destination == self.name, Delivery.state == "pending",
                        Delivery.next_attempt_at <= utcnow())
                 .order_by(Delivery.next_attempt_at).limit(1)).first()
         if row is None or self._stop.is_set():
             return False
-        delivery_id, results, job_uid, job_id, study_uid = row
-        files = [Path(p) for p in json.loads(results)]
+        delivery_id, step_results, job_results, job_uid, job_id, study_uid, step = row
+        # a step's own results; a whole-job delivery (made before step deliveries) the job's
+        files = [Path(p) for p in json.loads(step_results if step_results is not None
+                                             else job_results)]
         t0 = time.monotonic()
         try:
             n = send_files(self.dest, self.calling_aet, files) if files else 0
@@ -162,7 +165,7 @@ class DestinationWorker:
             self.audit.record(EventKind.RESULTS_SENT, session=s, source_aet=self.calling_aet,
                               dest_aet=self.dest.ae_title, destination=self.name,
                               host=f"{self.dest.host}:{self.dest.port}", job_id=job_id,
-                              job_uid=job_uid, study_uid=study_uid, instances=n,
+                              job_uid=job_uid, study_uid=study_uid, step=step, instances=n,
                               seconds=round(time.monotonic() - t0, 3))
         log.info("job %d: %d object(s) sent to %s", job_id, n, self.name)
         return True
