@@ -293,7 +293,8 @@ def jobs_list(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = F
             "max_attempts": j.max_attempts, "reason": j.reason, "summary": j.summary,
             "results": json.loads(j.results), "created_at": j.created_at,
             "started_at": j.started_at, "finished_at": j.finished_at,
-            "deliveries": [{"id": d.id, "destination": d.destination, "state": d.state,
+            "deliveries": [{"id": d.id, "destination": d.destination, "step": d.step,
+                            "state": d.state,
                             "attempts": d.attempts, "next_attempt_at": d.next_attempt_at,
                             "last_error": d.last_error, "sent_at": d.sent_at}
                            for d in deliveries if d.job_fk == j.id],
@@ -303,7 +304,8 @@ def jobs_list(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = F
         return
     table = Table("job", "route", "study", "state", "tries", "deliveries", "reason / summary")
     for j in data:
-        dl = ", ".join(f"{d['destination']}: {d['state']}" for d in j["deliveries"])
+        dl = ", ".join(f"{d['destination']}" + (f" (step {d['step']})" if d["step"] >= 0 else "")
+                       + f": {d['state']}" for d in j["deliveries"])
         color = {"succeeded": "green", "dead": "red", "failed": "red"}.get(j["state"], "yellow")
         table.add_row(str(j["id"]), j["route"], j["study_uid"][-24:],
                       f"[{color}]{j['state']}[/{color}]", f"{j['attempts']}/{j['max_attempts']}",

@@ -250,6 +250,7 @@ def test_each_step_is_sent_when_done_and_once_across_a_crash_and_a_failure(  # t
                       and all(d["state"] == "sent" for d in js[0]["deliveries"]),
                       "job dead, two steps sent", timeout=120)
     assert "RuntimeError: model weights missing" in job["reason"]
+    assert sorted(d["step"] for d in job["deliveries"]) == [0, 1]
     assert len(job["results"]) == 4  # what was delivered: two steps, SEG + SR each
     sent = node2.audit("results-sent")
     assert sorted(e["detail"]["step"] for e in sent) == [0, 1]  # each step once
