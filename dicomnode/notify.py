@@ -54,14 +54,15 @@ def _send(channel: str, target: str, body: bytes, timeout: float) -> str:
 
 
 def enqueue(s: Session, cfg: NotifyConfig, job_fk: int, route: str, payload: dict[str, Any],
-            completed_at: datetime | None) -> int:
+            completed_at: datetime | None, step: int = -1) -> int:
     """Add the pending notification rows of one critical finding (in the caller's transaction).
     Returns how many channels were queued."""
     now = utcnow()
     channels = ([("webhook", cfg.webhook)] if cfg.webhook else []) + (
         [("command", json.dumps(cfg.command))] if cfg.command else [])
     for channel, target in channels:
-        row = Notification(job_fk=job_fk, route=route, channel=channel, target=target,
+        row = Notification(job_fk=job_fk, step=step, route=route, channel=channel,
+                           target=target,
                            payload="", state="pending", attempts=0,
                            max_attempts=cfg.attempts, timeout_seconds=cfg.timeout_seconds,
                            next_attempt_at=now, last_error="", study_completed_at=completed_at,

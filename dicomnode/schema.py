@@ -300,5 +300,6 @@ class Notification(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     last_error: Mapped[str] = mapped_column(Text, default="")
     study_completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    step: Mapped[int] = mapped_column(Integer, default=-1, server_default="-1")  # which made it
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

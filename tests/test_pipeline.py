@@ -258,6 +258,29 @@ def test_each_step_is_sent_when_done_and_once_across_a_crash_and_a_failure(  # t
     assert "step 0 (threshold) finished in an earlier attempt" in node2.log()
 
 
+def test_critical_finding_of_a_step_is_notified_even_when_a_later_step_fails(  # type: ignore[no-untyped-def]
+        node_factory, orthanc, bad_plugins, tmp_path: Path) -> None:
+    """Step 0's results (and so its finding) go out when step 0 is done; the page must go with
+    them, not wait for a job success that never comes (step 1 raises)."""
+    hook = Webhook()
+    hook.start()
+    try:
+        route = {"name": "alarm", "match": {"Modality": "CT"},
+                 "pipeline": [{"plugin": "critical"}, {"plugin": "raises"}],
+                 "send_to": ["pacs"], "notify": {"webhook": hook.url}}
+        node = make_node(node_factory, pipeline_config(orthanc, [route]), env=bad_plugins)
+        files, _ = ct_study(tmp_path)
+        storescu(node.port, files)
+        wait_jobs(node, lambda js: js and js[0]["state"] == "dead", "job dead", timeout=90)
+        [alert] = wait_until(lambda: hook.received, timeout=30, what="the alert")
+        assert alert["message"] == "critical: test: something critical"
+        assert alert["step"] == 0
+        time.sleep(2)
+        assert len(hook.received) == 1  # once, across the job's two attempts
+    finally:
+        hook.stop()
+
+
 def test_study_matching_no_route_is_audited(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     route = {**CT_THRESHOLD, "match": {"Modality": "MR"}}
     node = make_node(node_factory, pipeline_config(orthanc, [route]))

@@ -1,4 +1,4 @@
-"""deliveries per pipeline step (results sent while later steps run)
+"""deliveries and notifications per pipeline step (results sent while later steps run)
 
 Revision ID: 0004
 Revises: 0003
@@ -23,9 +23,13 @@ def upgrade() -> None:
         batch.drop_constraint('uq_deliveries_job_dest', type_='unique')
         batch.create_unique_constraint('uq_deliveries_job_dest_step',
                                        ['job_fk', 'destination', 'step'])
+    with op.batch_alter_table('notifications') as batch:
+        batch.add_column(sa.Column('step', sa.Integer(), nullable=False, server_default='-1'))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('notifications') as batch:
+        batch.drop_column('step')
     with op.batch_alter_table('deliveries') as batch:
         batch.drop_constraint('uq_deliveries_job_dest_step', type_='unique')
         batch.create_unique_constraint('uq_deliveries_job_dest', ['job_fk', 'destination'])

@@ -65,7 +65,8 @@ class ResultWriter:
     data instead of write → fsync → rename per file: the syncs no longer wait one by one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
+        self.root = root  # the job's folder: directories up to it (and its entry) are synced
         self.paths: list[Path] = []
 
     def write(self, path: Path, ds: Any = None, data: bytes | None = None) -> None:
@@ -91,10 +92,14 @@ class ResultWriter:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        for d in sorted({p.parent for p in self.paths}, key=lambda p: -len(p.parts)):
+        dirs = {self.root.parent}
+        for p in self.paths:
+            d = p.parent
+            while d != self.root.parent and d not in dirs:
+                dirs.add(d)
+                d = d.parent
+        for d in sorted(dirs, key=lambda p: -len(p.parts)):  # deepest first
             _fsync_dir(d)
-        if self.paths:
-            _fsync_dir(self.paths[0].parents[1])  # the step's directory entry in the job's
         self.paths.clear()
 
 
@@ -120,7 +125,7 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
              source_references: str = "images") -> list[str]:
     """Write one step's outputs as DICOM files under ``out_dir/step<N>``, durably (synced
     before return)."""
-    writer = ResultWriter()
+    writer = ResultWriter(out_dir)
     by_uid = {s.series_uid: s for s in inputs.series}
     written: list[str] = []
     base = 9000 + 10 * step  # series numbers of results: 9000, 9010, … per pipeline step

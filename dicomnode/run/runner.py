@@ -31,7 +31,7 @@ from dicomnode.notify import enqueue
 from dicomnode.plugin import GPU
 from dicomnode.run.execute import child_main, read_step, spare_main, step_record
 from dicomnode.run.registry import discover
-from dicomnode.schema import Completion, Delivery, Job, Study, utcnow
+from dicomnode.schema import Completion, Delivery, Job, Notification, Study, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,9 @@ class EmbeddedRunner:
                 with self.sessions() as s, s.begin():
                     self._deliver_steps(s, s.get_one(Job, r.job_id), r)
                 self._on_success()  # wake the senders
+                if self._notified:
+                    self._notified = False
+                    self._on_notify()
             if r.process.is_alive():
                 if time.monotonic() > r.deadline:
                     r.process.terminate()
@@ -269,8 +272,9 @@ class EmbeddedRunner:
                            "reason": f"job process died (exit code {r.process.exitcode})"}
             self._finish(r, outcome)
 
-    def _notify(self, s: Session, job: Job, message: str) -> None:
-        """Queue the route's notification of a critical finding (in the job's transaction)."""
+    def _notify(self, s: Session, job: Job, message: str, step: int, results: int) -> None:
+        """Queue the route's notification of a critical finding, in the transaction that
+        queues the results of the step that made it (so before they can reach a PACS)."""
         route = next((rc for rc in self.settings.routes if rc.name == job.route), None)
         if route is None or route.notify is None:
             log.warning("job %s: critical finding but route %r has no notify: %s", job.uid,
@@ -284,13 +288,15 @@ class EmbeddedRunner:
                    "accession_number": study.accession_number if study else "",
                    "patient_id": study.patient.patient_id if study else "",
                    "study_completed_at": completed_at.isoformat() if completed_at else None,
-                   "results": len(json.loads(job.results))}
-        if enqueue(s, route.notify, job.id, job.route, payload, completed_at):
+                   "step": step, "results": results}
+        if enqueue(s, route.notify, job.id, job.route, payload, completed_at, step):
             self._notified = True
 
     def _deliver_steps(self, s: Session, job: Job, r: _Running) -> list[str]:
         """Deliveries (one per destination) for every step the job process has recorded as
-        done and that has none yet; returns the result files of all recorded steps."""
+        done and that has none yet, and the notification of a critical finding the step made
+        (once: none is queued for a step that has one); returns the result files of all
+        recorded steps."""
         out_dir = r.outcome.parent
         delivered = r.delivered if r.delivered is not None else set()
         files: list[str] = []
@@ -308,6 +314,9 @@ class EmbeddedRunner:
                     s.add(Delivery(job_fk=job.id, destination=dest, state="pending",
                                    attempts=0, next_attempt_at=utcnow(), created_at=utcnow(),
                                    step=step, results=json.dumps(record["results"])))
+            if record.get("critical") and s.execute(select(Notification.id).where(
+                    Notification.job_fk == job.id, Notification.step == step)).first() is None:
+                self._notify(s, job, str(record["critical"]), step, len(record["results"]))
             delivered.add(step)
             log.info("job %d: step %d done, %d result(s) queued for sending", job.id, step,
                      len(record["results"]))
@@ -349,8 +358,6 @@ class EmbeddedRunner:
                 seconds=round(took, 3), reason=job.reason[:500],
                 results=len(json.loads(job.results)), summary=job.summary[:500],
                 timings=outcome.get("timings", {}))
-            if state == "succeeded" and outcome.get("critical"):
-                self._notify(s, job, str(outcome["critical"]))
         log.info("job %d %s%s", r.job_id, state,
                  f": {outcome.get('reason')}" if outcome.get("reason") else "")
         if state == "succeeded":
