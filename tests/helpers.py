@@ -273,3 +273,14 @@ class Webhook:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def cupy_or_none() -> Any:
+    """CuPy when a CUDA device is usable here (a lent GPU), else None: GPU tests skip."""
+    try:
+        import cupy as cp
+
+        cp.cuda.runtime.getDeviceCount()
+        return cp
+    except Exception:
+        return None

@@ -20,6 +20,7 @@ from dicomnode.package.stl import mesh_to_stl
 from dicomnode.plugin import Context, Inputs, PluginError
 from dicomnode.run.inputs import series_input
 from dicomnode.simulate import write_ct_series
+from tests.helpers import cupy_or_none
 from tests.validators import dciodvfy_errors
 
 
@@ -152,3 +153,25 @@ def test_reformat_fast_path_equals_general_trilinear() -> None:
                        column_direction=(-s, c, 0), slice_direction=(0, 0, 1.0),
                        spacing=(1.0, 1.0, 1.0), shape=(5, 5, 5), frame_of_reference_uid="1")
     assert _axis_map(oblique, output_grid(oblique, "coronal", 1.0, 1.0)) is None
+
+
+_cupy = cupy_or_none
+
+
+@pytest.mark.skipif(_cupy() is None, reason="no CUDA GPU with CuPy here (checked on a lent GPU)")
+@pytest.mark.parametrize("projection", ["none", "mip", "average"])
+def test_reformat_on_the_gpu_equals_the_cpu(tmp_path: Path, projection: str) -> None:
+    """The same plugin code with ctx.xp = CuPy (a job holding a GPU) gives the CPU's volumes."""
+    cp = _cupy()
+    rng = np.random.default_rng(5)
+    hu = rng.normal(0, 300, (24, 48, 40)).astype(np.float32)
+    si = load(tmp_path, hu, pixel_mm=0.8, slice_mm=1.5)
+    params = ReformatParams(planes=["axial", "coronal", "sagittal"], spacing_mm=1.3,
+                            projection=projection, slab_mm=0 if projection == "none" else 4)
+    cpu = Reformat().run(Inputs("1", (si,), {}), params, ctx(tmp_path))
+    gpu = Reformat().run(Inputs("1", (si,), {}), params,
+                         Context("job", cp, "cuda:0", tmp_path, logging.getLogger("test")))
+    for a, b in zip(cpu.volumes, gpu.volumes, strict=True):
+        assert a.geometry == b.geometry
+        assert np.allclose(np.asarray(a.array), cp.asnumpy(b.array), atol=0.05), \
+            a.series_description

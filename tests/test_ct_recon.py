@@ -37,6 +37,7 @@ from dicomnode.simulate_ct import (
     shepp_logan_hu,
     simulate_ct,
 )
+from tests.helpers import cupy_or_none
 
 N, FOV = 128, 250.0
 DX = FOV / N
@@ -340,14 +341,7 @@ def test_output_grid_defaults() -> None:
     assert grid.nx * grid.dx <= 250.0 + 1e-6
 
 
-def _gpu() -> Any:
-    try:
-        import cupy as cp
-
-        cp.cuda.runtime.getDeviceCount()
-        return cp
-    except Exception:
-        return None
+_gpu = cupy_or_none
 
 
 @pytest.mark.skipif(_gpu() is None, reason="no CUDA GPU with CuPy here (checked on a lent GPU)")

