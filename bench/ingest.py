@@ -7,7 +7,8 @@ empty storage folder. Prints median seconds per receiver and the ratios node/Ort
 node/storescp, then the same with N concurrent senders, then node peak RSS for a small and a
 full-size study (memory must not grow with study size).
 
-    python bench/ingest.py [--instances 300] [--rounds 3] [--senders 4] [--json out.json]
+    python bench/ingest.py [--instances 300] [--rounds 3] [--senders 4]
+                           [--receiver-processes 1] [--json out.json]
 
 Receivers as configured: dicomnode with its defaults (SQLite WAL synchronous=FULL, fsync of
 file and directories before each acknowledgement); Orthanc (Debian package) with its defaults
@@ -109,11 +110,13 @@ def wait_idle(pid: int, timeout: float = 30.0) -> None:
 
 class Node(Receiver):
     name = "dicomnode"
+    receiver_processes = 1  # node.receiver_processes (--receiver-processes)
 
     def start(self) -> None:
         cfg = self.work / "node.yaml"
         cfg.write_text(json.dumps({
-            "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": self.port},
+            "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": self.port,
+                     "receiver_processes": self.receiver_processes},
             "storage": {"path": str(self.work / "data"), "min_free_mb": 100},
             "logging": {"level": "WARNING"}}))
         self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config",
@@ -240,15 +243,19 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--senders", type=int, default=4)
+    ap.add_argument("--receiver-processes", type=int, default=1,
+                    help="the node's node.receiver_processes (peak RSS: the node process)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    Node.receiver_processes = args.receiver_processes
 
     root = Path(tempfile.mkdtemp(prefix="dicomnode-bench-"))
     try:
         files = generate_study(root / "study", args.instances)
         mb = sum(f.stat().st_size for f in files) / 1e6
         print(f"study: {len(files)} × 512² CT, {mb:.0f} MB (synthetic phantom); "
-              f"{os.cpu_count()} CPU(s); {args.rounds} rounds\n")
+              f"{os.cpu_count()} CPU(s); {args.rounds} rounds; node.receiver_processes "
+              f"{args.receiver_processes}\n")
         results: dict[str, Any] = {"instances": len(files), "megabytes": round(mb, 1)}
         k = args.senders
         for label, groups in (("1 association", [files]),

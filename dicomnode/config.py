@@ -56,6 +56,9 @@ class NodeConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(10, ge=1, le=1000)
+    # processes receiving (each its own GIL): the node hands each accepted connection to the
+    # least busy; max_associations is split across them. 1: receive in the node process only.
+    receiver_processes: int = Field(1, ge=1, le=16)
     max_pdu_bytes: int = Field(
         4 * 1024 * 1024,
         ge=4096,
@@ -74,6 +77,11 @@ class NodeConfig(_Section):
     @classmethod
     def _ae(cls, v: str) -> str:
         return _check_ae(v)
+
+    @property
+    def associations_per_process(self) -> int:
+        """Each receiving process's share of max_associations (rounded up)."""
+        return -(-self.max_associations // self.receiver_processes)
 
 
 class StorageConfig(_Section):
@@ -195,8 +203,9 @@ class PackageConfig(_Section):
     """How results are encoded."""
 
     # classic: one CT Image Storage object per slice (every PACS and viewer shows it);
-    # enhanced: one Legacy Converted Enhanced CT object per derived series (much faster to
-    # write and send; needs a PACS/viewer that supports multi-frame CT)
+    # enhanced: one Legacy Converted Enhanced CT object per derived series, listing every
+    # source image once (much faster to write, send and store; needs a PACS/viewer that
+    # supports multi-frame CT; bench/e2e: ~6 s against ~10 s for classic)
     derived_series: Literal["classic", "enhanced"] = "classic"
     # images: every slice of a classic derived series lists the source images it was made
     # from (SourceImageSequence: for an MPR, the whole source series in every slice); series:

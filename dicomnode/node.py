@@ -26,6 +26,7 @@ from dicomnode.config import Settings
 from dicomnode.database import make_engine, make_sessionmaker, upgrade
 from dicomnode.notify import Notifier
 from dicomnode.receive.scp import Receiver, finish_association
+from dicomnode.receive.workers import ReceiverPool
 from dicomnode.route import compile_routes
 from dicomnode.route.router import Router
 from dicomnode.run.registry import discover
@@ -66,7 +67,10 @@ class Node:
                                    level=settings.assemble.level,
                                    poll_seconds=settings.assemble.poll_seconds,
                                    index_lock=self.index_lock, started_at=self.started_at)
-        self.receiver = Receiver(settings, self.store, self.sessions, self.audit)
+        self.pool = (ReceiverPool(settings, self.sessions, self.audit, self.files.root)
+                     if settings.node.receiver_processes > 1 else None)
+        self.receiver = Receiver(settings, self.store, self.sessions, self.audit,
+                                 report=self.pool.local_report if self.pool else None)
         self.sender = Sender(settings, self.sessions, self.audit)
         self.notifier = Notifier(self.sessions, self.audit)
         self.runner = EmbeddedRunner(settings, self.sessions, self.audit,
@@ -105,14 +109,22 @@ class Node:
         self.runner.start()
         self.sender.start()
         self.notifier.start()  # goes on with notifications a crash left pending
+        if self.pool is not None:
+            self.pool.start()  # after the sweep and recovery above
         self.receiver.start()
+        if self.pool is not None:
+            self.pool.install(self.receiver.server)
 
     def stop(self, reason: str = "requested") -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
         log.info("stopping (%s): finishing in-flight instances", reason)
+        if self.pool is not None:
+            self.pool.begin_stop()  # workers drain while the node's own receiver does
         self.receiver.stop(self.settings.node.shutdown_grace_seconds)
+        if self.pool is not None:
+            self.pool.stop(self.settings.node.shutdown_grace_seconds)
         self.assembler.stop()
         self.router.stop()
         self.runner.stop()

@@ -245,6 +245,9 @@ def test_concurrent_associations(node, tmp_path) -> None:  # type: ignore[no-unt
     assert len(node.completions()) == 5  # one completion each, the spread study included
     senders = {e["source_aet"] for e in node.audit("instances-received")}
     assert senders == {f"SENDER{k}" for k in range(7)}
+    # every sender released properly: none recorded as aborted (the peer's close can race
+    # pynetdicom's own "released" mark)
+    assert {e["detail"]["ended"] for e in node.audit("instances-received")} == {"released"}
     assert os.listdir(node.storage / "tmp") == []
 
 
@@ -290,3 +293,75 @@ def test_busy_node_rejects_and_audits(node_factory) -> None:  # type: ignore[no-
     rej = rejected[-1]
     assert rej["source_aet"] == "SECOND" and "max_associations" in rej["detail"]["reason"]
     assert echoscu(node.port).returncode == 0  # capacity back once the first one is gone
+
+
+def test_receiver_processes_share_concurrent_senders(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """node.receiver_processes: 2 — four senders at once are spread over the node and its
+    receiver worker; every instance stored bit-exact and indexed, one completion per study,
+    the audit chain intact (two processes appending), and SIGTERM stops both."""
+    import psutil
+
+    node = node_factory(node={"receiver_processes": 2}).start()
+    batches, studies = [], []
+    for s in range(4):
+        study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        studies.append(study)
+        files = []
+        for i in range(12):
+            f = tmp_path / f"s{s}_{i}.dcm"
+            # a 512² CT without trailing padding (storescu drops CT_small's (FFFC,FFFC))
+            with_new_uids(_sample("693_UNCR.dcm"), f, study_uid=study, series_uid=series,
+                          InstanceNumber=i + 1)
+            files.append(f)
+        batches.append(files)
+    env = dcmtk_env()
+    # -xe: explicit VR little endian only, as the files are (storescu would otherwise
+    # convert them to the implicit VR the node lists first), so stored bytes must be the files'
+    procs = [subprocess.Popen([dcmtk("storescu"), "-xe", "-aec", "DICOMNODE", "-aet",
+                               f"SENDER{k}", "127.0.0.1", str(node.port), *map(str, b)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for k, b in enumerate(batches)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err.decode()
+    inst = node.instances()
+    assert len(inst) == 48
+    for f in (f for b in batches for f in b):
+        sop = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+        assert split_part10(node.storage / inst[sop]["path"])[1] == split_part10(f)[1]
+    wait_until(lambda: len(node.completions()) == 4, what="4 completions")
+    assert sorted(c["study_uid"] for c in node.completions()) == sorted(studies)
+    assert all(c["num_instances"] == 12 for c in node.completions())
+    pids = {e["detail"]["pid"] for e in node.audit("association-accepted")
+            if e["source_aet"].startswith("SENDER")}
+    assert node.proc.pid in pids and len(pids) == 2, pids  # both processes received
+    [worker] = pids - {node.proc.pid}
+    assert psutil.Process(worker).ppid() == node.proc.pid
+    assert {e["detail"]["ended"] for e in node.audit("instances-received")} == {"released"}
+    assert node.cli("audit", "verify").returncode == 0
+    assert node.terminate(timeout=60) == 0
+    assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"
+    assert "Traceback" not in node.log()
+
+
+def test_max_associations_is_shared_by_receiver_processes(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """node.max_associations: 2 over node.receiver_processes: 2 — one association each; a
+    third at once is rejected as busy (each process alone would have taken two)."""
+    node = node_factory(node={"max_associations": 2, "receiver_processes": 2}).start()
+    held = []
+    for aet in ("FIRST", "SECOND"):
+        ae = verbatim_scu(aet)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        # the harness's readiness probe may hold a slot for a few milliseconds more
+        held.append(wait_until(lambda ae=ae: (lambda a: a if a.is_established else None)(
+            ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")), timeout=10,
+            what=f"association {aet}"))
+    pids = {e["detail"]["pid"] for e in node.audit("association-accepted")}
+    assert len(pids) == 2  # one in the node, one in the worker
+    assert echoscu(node.port, aet="THIRD").returncode != 0
+    rej = [e for e in node.audit("association-rejected") if e["source_aet"] == "THIRD"]
+    assert rej and "max_associations" in rej[-1]["detail"]["reason"]
+    for a in held:
+        a.release()
+    wait_until(lambda: echoscu(node.port, aet="FOURTH").returncode == 0, timeout=10,
+               what="capacity back")

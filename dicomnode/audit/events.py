@@ -38,6 +38,7 @@ class EventKind(Enum):
     STUDY_COMPLETED = ("study-completed", "DN0001", "Study Completed", "E")
     SERIES_COMPLETED = ("series-completed", "DN0002", "Series Completed", "E")
     INSTANCES_SWEPT = ("instances-swept", "110100", "Application Activity", "E")
+    RECEIVER_PROCESS_DIED = ("receiver-process-died", "110100", "Application Activity", "E")
     ROUTE_MATCHED = ("route-matched", "DN0003", "Routed", "E")
     NO_ROUTE = ("no-route", "DN0004", "Not Routed", "E")
     JOB_FINISHED = ("job-finished", "DN0005", "Job Finished", "E")

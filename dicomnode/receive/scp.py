@@ -8,14 +8,18 @@ bytes, exactly as they arrived, to the store stage and answers with the status i
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -60,10 +64,28 @@ class _AssocStats:
     stream: StreamingFile | None = None  # the instance being received, if streamed
 
 
+class _HandedOverServer(ThreadedAssociationServer):
+    """A receiver worker's server: it never listens; the node hands it connected sockets
+    (see :mod:`dicomnode.receive.workers`), which it runs as pynetdicom's server would."""
+
+    def server_bind(self) -> None:
+        if self.socket is not None:
+            self.socket.close()
+        self.server_address = ("", 0)
+
+    def server_activate(self) -> None:
+        pass
+
+
 class Receiver:
     def __init__(self, settings: Settings, store: InstanceStore, sessions: sessionmaker[Session],
-                 audit: AuditLog) -> None:
+                 audit: AuditLog, report: Callable[[str], None] | None = None) -> None:
+        """``report`` (receiving in several processes, :mod:`dicomnode.receive.workers`):
+        told of association rows opened and finished, files being received and stored, and
+        connections closed — the node's view of a worker's load, and what to clean up if the
+        worker dies."""
         self.settings = settings
+        self._report = report
         self.store = store
         self.files = store.files
         self.sessions = sessions
@@ -73,6 +95,7 @@ class Receiver:
         self._inflight = 0
         self._inflight_cv = threading.Condition()
         self.server: Any = None
+        self._unbound = False  # a receiver worker's server (start_unbound)
         self.ae_title = settings.node.ae_title
         self.ae = self._build_ae()
 
@@ -86,7 +109,8 @@ class Receiver:
         n = self.settings.node
         ae = AE(ae_title=n.ae_title)
         ae.maximum_pdu_size = n.max_pdu_bytes
-        ae.maximum_associations = n.max_associations
+        # node.max_associations is shared by the receiving processes (node.receiver_processes)
+        ae.maximum_associations = n.associations_per_process
         ae.network_timeout = n.network_timeout_seconds
         ae.acse_timeout = n.acse_timeout_seconds
         ae.dimse_timeout = n.dimse_timeout_seconds
@@ -119,6 +143,8 @@ class Receiver:
             if st.stream is not None:
                 st.stream.abort()  # a message abandoned half-way (cannot happen in order)
             st.stream = stream
+        if self._report is not None:
+            self._report(f"stream {stream.path}")
         return stream
 
     def handlers(self) -> list[Any]:
@@ -138,36 +164,65 @@ class Receiver:
                                            evt_handlers=self.handlers())
         log.info("listening as %s on %s:%d", n.ae_title, n.host, n.port)
 
+    def start_unbound(self) -> None:
+        """In a receiver worker: a server that runs the connections given to :meth:`take`."""
+        self.server = self.ae.make_server(("", 0), evt_handlers=self.handlers(),
+                                          server_class=_HandedOverServer)
+        self._unbound = True
+
+    def take(self, conn: socket.socket, address: tuple[Any, ...]) -> None:
+        """Run an association on a connection the node accepted (receiver workers)."""
+        conn.setblocking(True)  # as the node's accept() gives it
+        self.server.process_request(conn, address)
+
     @property
     def port(self) -> int:
         return int(self.server.server_address[1])
 
     def stop(self, grace_seconds: float) -> None:
-        """Stop accepting, let in-flight C-STOREs finish (up to the grace period), then close."""
+        """Stop accepting, let in-flight C-STOREs finish (up to the grace period), then close.
+
+        The associations are aborted as soon as the instances being stored are done: a
+        scanner that goes on sending while we stop gets no further acknowledgement and
+        re-sends the rest to whoever runs next (socketserver's shutdown can take up to its
+        0.5 s poll interval, during which a fast sender would otherwise get ~100 more
+        instances acknowledged by a node that was told to stop)."""
         if self.server is None:
             return
-        # stop the accept loop and close the listening socket; associations keep running
         t0 = time.monotonic()
-        self.server.shutdown()
-        log.info("stopped listening (%.2fs)", time.monotonic() - t0)
+        closing: threading.Thread | None = None
+        if not self._unbound:
+            # stop the accept loop and close the listening socket while we drain
+            closing = threading.Thread(target=self.server.shutdown, daemon=True,
+                                       name="stop-listening")
+            closing.start()
         deadline = time.monotonic() + grace_seconds
         with self._inflight_cv:
             while self._inflight and time.monotonic() < deadline:
                 self._inflight_cv.wait(timeout=max(0.0, deadline - time.monotonic()))
         log.info("in-flight instances done (%.2fs); closing %d association(s)",
                  time.monotonic() - t0, len(self.ae.active_associations))
-        established = [a for a in self.ae.active_associations if a.is_established]
-        for assoc in list(self.ae.active_associations):
-            if assoc.is_established:
-                assoc.abort()  # A-ABORT to the peer: it will re-send what was not acknowledged
-            else:
-                # still negotiating, or a bare TCP connection: pynetdicom's thread sits in a
-                # queue wait until acse_timeout; it is a daemon holding nothing of ours
-                assoc.kill()
+        established = self._close_associations()
+        if closing is not None:
+            closing.join()
+            log.info("stopped listening (%.2fs)", time.monotonic() - t0)
+            established += self._close_associations()  # any accepted meanwhile
         for assoc in established:
             assoc.join(timeout=5)
         log.info("associations closed (%.2fs)", time.monotonic() - t0)
         self.server = None
+
+    def _close_associations(self) -> list[Any]:
+        established = [a for a in self.ae.active_associations if a.is_established]
+        for assoc in list(self.ae.active_associations):
+            if assoc.is_established:
+                # A-ABORT to the peer: it will re-send what was not acknowledged
+                assoc.abort(block=False)
+            else:
+                # still negotiating, or a bare TCP connection: pynetdicom's thread sits in a
+                # queue wait until acse_timeout; it is a daemon holding nothing of ours
+                assoc.kill()
+        return established
 
     # -- association bookkeeping -----------------------------------------------------------
     def _stats_for(self, assoc: Any) -> _AssocStats:
@@ -191,10 +246,12 @@ class Receiver:
             s.add(row)
             s.flush()
             st.row_id = row.id
+            if self._report is not None:
+                self._report(f"open {row.id}")
             self.audit.record(EventKind.ASSOCIATION_ACCEPTED, session=s, source_aet=calling,
                               source_host=host, dest_aet=called, association_id=row.id,
                               event_type_code="110126 Node Authentication",
-                              contexts=len(event.assoc.accepted_contexts))
+                              contexts=len(event.assoc.accepted_contexts), pid=os.getpid())
 
     def _on_rejected(self, event: Any) -> None:
         calling, host, _, called = self._peer(event.assoc)
@@ -229,12 +286,27 @@ class Receiver:
             # pynetdicom would keep its thread, and a max_associations slot, until
             # acse_timeout; a None on the DUL queue is its own "timed out" signal: end it now.
             assoc.dul.to_user_queue.put(None)
-        # a peer that just drops the TCP connection: make sure the row is closed
-        self._finish(assoc, "aborted")
+        if assoc.is_established and assoc is not threading.current_thread():
+            # A peer closes the connection as soon as it has our A-RELEASE-RP, which
+            # pynetdicom sends just before it marks the association released: this (the DUL
+            # thread) can get here first. Say how it ended once the association thread has
+            # (released, aborted, or the connection dropped), without holding this thread.
+            threading.Thread(target=self._closed, args=(assoc, True), daemon=True,
+                             name="association-closed").start()
+            return
+        self._closed(assoc, False)
+
+    def _closed(self, assoc: Any, wait: bool) -> None:
+        if wait:
+            assoc.join(timeout=10)
+        # released, or a peer that just dropped the TCP connection: make sure the row is closed
+        self._finish(assoc, "released" if assoc.is_released else "aborted")
         with self._stats_lock:
-            st = self._stats.pop(id(event.assoc), None)
+            st = self._stats.pop(id(assoc), None)
         if st is not None and st.stream is not None:
             st.stream.abort()  # the connection went away mid-instance: nothing to keep
+        if self._report is not None:
+            self._report("closed")
 
     def _finish(self, assoc: Any, how: str) -> None:
         with self._stats_lock:
@@ -246,6 +318,8 @@ class Receiver:
         finish_association(self.sessions, self.audit, st.row_id, how, calling=calling,
                            host=host, called=called, duplicates=st.duplicates,
                            refusals=st.refusals)
+        if self._report is not None:
+            self._report(f"finished {st.row_id}")
 
     # -- services --------------------------------------------------------------------------
     def _on_echo(self, event: Any) -> int:
@@ -282,6 +356,8 @@ class Receiver:
                 sop_class_uid=str(req.AffectedSOPClassUID),
                 sop_instance_uid=str(req.AffectedSOPInstanceUID), association_id=st.row_id,
                 calling_aet=calling, peer_host=host))
+        if stream is not None and self._report is not None:
+            self._report(f"stored {stream.path}")  # indexed, or refused and removed
         rsp = Dataset()
         rsp.Status = int(result.status)
         if result.ok:
