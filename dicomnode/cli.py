@@ -421,8 +421,10 @@ def simulate_ct(
     phantom: Annotated[str, typer.Option(
         help="shepp-logan (analytic, exact line integrals) or a FILE.npy HU volume (2D or 3D, "
              "centred on the isocentre).")] = "shepp-logan",
-    geometry: Annotated[str, typer.Option(help="parallel | fan | cone (circular)")] = "fan",
-    views: Annotated[int, typer.Option(min=2, help="Projections over the arc.")] = 720,
+    geometry: Annotated[str, typer.Option(
+        help="parallel | fan | cone (circular) | helical (cone beam, moving table)")] = "fan",
+    views: Annotated[int, typer.Option(
+        min=2, help="Projections over the arc (helical: per turn).")] = 720,
     detector_pixels: Annotated[int, typer.Option(min=2, help="Detector columns.")] = 736,
     rows: Annotated[int, typer.Option(min=1, help="Detector rows (cone beam: > 1).")] = 1,
     detector: Annotated[str, typer.Option(help="cylindrical | flat")] = "cylindrical",
@@ -434,12 +436,17 @@ def simulate_ct(
     voxel_mm: Annotated[float, typer.Option(help="Voxel size of a FILE.npy phantom.")] = 0.5,
     fov_mm: Annotated[float, typer.Option(help="Field the detector covers.")] = 250.0,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 0,
+    pitch: Annotated[float, typer.Option(
+        help="Helical: table feed per turn ÷ detector z coverage at the isocentre.")] = 0.5,
+    turns: Annotated[float, typer.Option(help="Helical: number of turns.")] = 4.0,
 ) -> None:
     """Simulate a CT scan and write it as DICOM-CT-PD raw data (one file per projection)."""
     from dicomnode.simulate_ct import simulate_ct as run
 
-    if geometry not in ("parallel", "fan", "cone") or detector not in ("cylindrical", "flat"):
-        err.print("error: --geometry is parallel, fan or cone; --detector cylindrical or flat")
+    if geometry not in ("parallel", "fan", "cone", "helical") or \
+            detector not in ("cylindrical", "flat"):
+        err.print("error: --geometry is parallel, fan, cone or helical; --detector cylindrical "
+                  "or flat")
         raise typer.Exit(2)
     if phantom != "shepp-logan" and not Path(phantom).is_file():
         err.print(f"error: phantom {phantom!r} is neither shepp-logan nor a .npy file")
@@ -447,11 +454,12 @@ def simulate_ct(
     try:
         g, _ = run(out, phantom, geometry, views, detector_pixels, rows, detector=detector,
                    noise_i0=noise_i0, voxel_mm=voxel_mm, arc_deg=arc_deg, seed=seed,
-                   fov_mm=fov_mm)
+                   fov_mm=fov_mm, pitch=pitch, turns=turns)
     except ValueError as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from None
-    console.print(f"wrote {g.views} {g.kind}-beam projections ({g.rows}×{g.columns}, "
+    shape = f"helical {g.kind} (pitch {g.pitch:.2f})" if g.helical else g.kind
+    console.print(f"wrote {g.views} {shape}-beam projections ({g.rows}×{g.columns}, "
                   f"{g.detector}) to {out}")
 
 

@@ -74,7 +74,8 @@ class RawDataError(ValueError):
 
 @dataclass(frozen=True)
 class ScanGeometry:
-    """Everything a reconstruction needs to know about one circular scan.
+    """Everything a reconstruction needs to know about one scan: circular, or helical (the
+    source moves along z at a constant feed per radian; ``z_per_view`` holds its positions).
 
     Angles are the source's azimuth φ (rad, unwrapped, in acquisition order); positions in the
     scanner frame (x, y in the gantry plane, z along the table; mm), with the isocentre at the
@@ -92,8 +93,33 @@ class ScanGeometry:
     v0: float
     sod: float  # source (focal spot) to isocentre, mm (0 for parallel)
     sdd: float  # source to detector, mm (0 for parallel)
-    z: float  # axial position of the source (mm)
+    z: float  # axial position of the source (mm); helical: at the first view
     mu_water: float  # mm⁻¹
+    z_per_view: np.ndarray | None = None  # helical: source z (mm) of each view
+
+    @property
+    def helical(self) -> bool:
+        return self.z_per_view is not None
+
+    @property
+    def source_z(self) -> np.ndarray:
+        """Axial source position (mm) of each view."""
+        if self.z_per_view is not None:
+            return np.asarray(self.z_per_view, dtype=np.float64)
+        return np.full(self.views, self.z, dtype=np.float64)
+
+    @property
+    def feed_per_turn(self) -> float:
+        """Table feed per rotation (mm, signed; 0 for a circular scan)."""
+        if self.z_per_view is None or self.views < 2:
+            return 0.0
+        zs = self.source_z
+        return float((zs[-1] - zs[0]) / (self.angles[-1] - self.angles[0]) * 2 * np.pi)
+
+    @property
+    def pitch(self) -> float:
+        """Helical pitch: feed per rotation ÷ the detector's z coverage at the isocentre."""
+        return abs(self.feed_per_turn) / (self.rows * self.dv / self.magnification)
 
     @property
     def views(self) -> int:
@@ -209,9 +235,10 @@ def read_scan(datasets: Sequence[Dataset]) -> tuple[ScanGeometry, np.ndarray]:
                                            and np.isclose(other, scan[key], rtol=1e-5)):
                 raise RawDataError(f"{key} differs between projections ({scan[key]} vs "
                                    f"{other}): more than one scan in this series?")
-    if str(scan["TypeofProjectionData"]).upper() != "AXIAL":
-        raise RawDataError(f"TypeofProjectionData {scan['TypeofProjectionData']!r}: only AXIAL "
-                           "(circular) scans are reconstructed; helical is not supported yet")
+    data_type = str(scan["TypeofProjectionData"]).upper()
+    if data_type not in ("AXIAL", "HELICAL"):
+        raise RawDataError(f"TypeofProjectionData {data_type!r} is not AXIAL or HELICAL")
+    helical = data_type == "HELICAL"
     rows, cols = int(scan["NumberofDetectorRows"]), int(scan["NumberofDetectorColumns"])
     if rows < 1 or cols < 2:
         raise RawDataError(f"detector of {rows} rows × {cols} columns")
@@ -240,8 +267,17 @@ def read_scan(datasets: Sequence[Dataset]) -> tuple[ScanGeometry, np.ndarray]:
             raise RawDataError(f"angular step {abs(step):.5f} rad does not match "
                                f"NumberofSourceAngularSteps {per_rotation}")
     z = per_view["DetectorFocalCenterAxialPosition"] + per_view["SourceAxialPositionShift"]
-    if np.ptp(z) > 1e-3:
-        raise RawDataError("the source moves along z: helical data is not supported yet")
+    if not helical and np.ptp(z) > 1e-3:
+        raise RawDataError("the source moves along z but TypeofProjectionData is AXIAL")
+    if helical:
+        if parallel or int(scan["NumberofDetectorRows"]) < 2:
+            raise RawDataError("helical data is reconstructed from a cone beam (FANBEAM "
+                               "geometry with two or more detector rows)")
+        dz = np.diff(z)
+        feed = float(np.median(dz)) if dz.size else 0.0
+        if feed == 0 or np.max(np.abs(dz - feed)) > 0.01 * abs(feed) + 1e-4:
+            raise RawDataError("helical scan: the source must advance along z by an even step "
+                               "per view (missing views, or mixed scans?)")
     rho = per_view["DetectorFocalCenterRadialDistance"] + per_view["SourceRadialDistanceShift"]
     if not parallel and (np.ptp(rho) > 1e-3 or rho[0] <= 0):
         raise RawDataError("DetectorFocalCenterRadialDistance must be positive and constant")
@@ -261,7 +297,8 @@ def read_scan(datasets: Sequence[Dataset]) -> tuple[ScanGeometry, np.ndarray]:
         rows=rows, columns=cols, du=float(scan["DetectorElementTransverseSpacing"]),
         dv=float(scan["DetectorElementAxialSpacing"]), u0=float(central[0]) - 1,
         v0=float(central[1]) - 1, sod=0.0 if parallel else float(rho[0]),
-        sdd=sdd if not parallel else 0.0, z=float(z[0]), mu_water=mu)
+        sdd=sdd if not parallel else 0.0, z=float(z[0]), mu_water=mu,
+        z_per_view=z.astype(np.float64) if helical else None)
     if geometry.du <= 0 or geometry.dv <= 0:
         raise RawDataError("detector element spacings must be positive")
     sino = np.empty((len(ordered), rows, cols), dtype=np.float32)
@@ -286,7 +323,7 @@ def write_tags(ds: Dataset, g: ScanGeometry, view: int) -> None:
     put(ds, "DetectorElementAxialSpacing", g.dv)
     put(ds, "DetectorShape", "FLAT" if g.kind == "parallel" else g.detector.upper())
     put(ds, "DetectorFocalCenterAngularPosition", float(np.mod(g.angles[view], 2 * np.pi)))
-    put(ds, "DetectorFocalCenterAxialPosition", g.z)
+    put(ds, "DetectorFocalCenterAxialPosition", float(g.source_z[view]))
     put(ds, "DetectorFocalCenterRadialDistance", g.sod)
     put(ds, "ConstantRadialDistance", g.sdd)
     put(ds, "DetectorCentralElement", [g.u0 + 1, g.v0 + 1])
@@ -296,6 +333,6 @@ def write_tags(ds: Dataset, g: ScanGeometry, view: int) -> None:
     put(ds, "FlyingFocalSpotMode", "FFSNONE")
     step = abs(float(np.median(np.diff(g.angles)))) if g.views > 1 else 2 * np.pi
     put(ds, "NumberofSourceAngularSteps", round(2 * np.pi / step))
-    put(ds, "TypeofProjectionData", "AXIAL")
+    put(ds, "TypeofProjectionData", "HELICAL" if g.helical else "AXIAL")
     put(ds, "TypeofProjectionGeometry", "PARALLEL" if g.kind == "parallel" else "FANBEAM")
     put(ds, "WaterAttenuationCoefficient", g.mu_water)

@@ -94,7 +94,7 @@ def detector_rays(g: ScanGeometry, view: int) -> tuple[np.ndarray, np.ndarray]:
         origins = (uu[..., None] * eu + (vv + g.z)[..., None] * ez) - far * n
         dirs = np.broadcast_to(n, origins.shape).copy()
         return origins, dirs
-    source = np.array([-g.sod * np.sin(phi), g.sod * np.cos(phi), g.z])
+    source = np.array([-g.sod * np.sin(phi), g.sod * np.cos(phi), g.source_z[view]])
     if g.detector == "cylindrical":
         gamma = uu / g.sdd
         pts = (source + g.sdd * (np.cos(gamma)[..., None] * n + np.sin(gamma)[..., None] * eu)
@@ -155,11 +155,28 @@ def project_volume(hu: np.ndarray, voxel_mm: float, g: ScanGeometry,
 def make_geometry(kind: str, views: int, columns: int, rows: int = 1, *,
                   detector: str = "cylindrical", sod: float = 595.0, sdd: float = 1085.6,
                   fov_mm: float = 250.0, arc_deg: float = 360.0, row_mm: float | None = None,
-                  mu_water: float = MU_WATER) -> ScanGeometry:
+                  mu_water: float = MU_WATER, pitch: float = 0.5,
+                  turns: float = 4.0) -> ScanGeometry:
     """A circular scan whose detector covers ``fov_mm`` at the isocentre (default distances
-    are those of a clinical scanner). Parallel scans cover 180° unless ``arc_deg`` says."""
+    are those of a clinical scanner). Parallel scans cover 180° unless ``arc_deg`` says.
+
+    ``helical``: a cone beam whose source advances along z by ``pitch`` × the detector's z
+    coverage at the isocentre per turn, for ``turns`` turns of ``views`` views each, centred
+    on z = 0."""
+    if kind == "helical":
+        if rows < 2:
+            raise ValueError("a helical scan needs a detector of two or more rows")
+        if not 0 < pitch <= 2 or turns < 1:
+            raise ValueError("helical: 0 < pitch ≤ 2 and at least one turn")
+        base = make_geometry("cone", views, columns, rows, detector=detector, sod=sod, sdd=sdd,
+                             fov_mm=fov_mm, row_mm=row_mm, mu_water=mu_water)
+        total = round(views * turns)
+        angles = np.arange(total) * 2 * np.pi / views
+        feed = pitch * rows * base.dv / base.magnification
+        zs = (angles / (2 * np.pi) - total / views / 2) * feed
+        return replace(base, angles=angles, z=float(zs[0]), z_per_view=zs)
     if kind not in ("parallel", "fan", "cone"):
-        raise ValueError(f"geometry {kind!r} is not parallel, fan or cone")
+        raise ValueError(f"geometry {kind!r} is not parallel, fan, cone or helical")
     if kind == "fan" and rows != 1:
         raise ValueError("a fan-beam scan has one detector row (use cone for more)")
     if kind == "parallel" and arc_deg == 360.0:
@@ -200,7 +217,7 @@ def write_ctpd_series(out: Path, g: ScanGeometry, sino: np.ndarray, *,
         ds = ct_dataset(path, study_uid, series, frame, patient_id=patient_id,
                         patient_name="Synthetic^Phantom", accession="SYNRAW1",
                         series_number=2, instance_number=k + 1, description=description)
-        ds.ImagePositionPatient = [0, 0, ds_value(g.z)]
+        ds.ImagePositionPatient = [0, 0, ds_value(float(g.source_z[k]))]
         ds.PixelSpacing, ds.SliceThickness = [ds_value(g.dv), ds_value(g.du)], ds_value(g.dv)
         ds.Rows, ds.Columns = g.rows, g.columns
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -216,19 +233,17 @@ def write_ctpd_series(out: Path, g: ScanGeometry, sino: np.ndarray, *,
 def simulate_ct(out: Path, phantom: str, kind: str, views: int, columns: int, rows: int = 1,
                 *, detector: str = "cylindrical", noise_i0: float | None = None,
                 voxel_mm: float = 0.5, arc_deg: float = 360.0, seed: int = 0,
-                fov_mm: float = 250.0) -> tuple[ScanGeometry, np.ndarray]:
+                fov_mm: float = 250.0, pitch: float = 0.5,
+                turns: float = 4.0) -> tuple[ScanGeometry, np.ndarray]:
     """Simulate and write one scan; returns what was written (geometry, line integrals)."""
+    hu = None if phantom == "shepp-logan" else np.load(phantom)
+    if hu is not None and hu.ndim not in (2, 3):
+        raise ValueError(f"{phantom}: a phantom is a 2D or 3D array, not {hu.ndim}D")
+    # a 3D volume on a multi-row detector: one row per voxel layer at the isocentre
+    row_mm = voxel_mm if hu is not None and hu.ndim == 3 and rows > 1 else None
     g = make_geometry(kind, views, columns, rows, detector=detector, arc_deg=arc_deg,
-                      fov_mm=fov_mm)
-    if phantom == "shepp-logan":
-        sino = project_shepp_logan(g)
-    else:
-        hu = np.load(phantom)
-        if hu.ndim not in (2, 3):
-            raise ValueError(f"{phantom}: a phantom is a 2D or 3D array, not {hu.ndim}D")
-        if hu.ndim == 3 and rows > 1:
-            g = replace(g, dv=voxel_mm * g.magnification)
-        sino = project_volume(hu, voxel_mm, g)
+                      fov_mm=fov_mm, pitch=pitch, turns=turns, row_mm=row_mm)
+    sino = project_shepp_logan(g) if hu is None else project_volume(hu, voxel_mm, g)
     if noise_i0:
         sino = add_noise(sino, noise_i0, seed)
     write_ctpd_series(out, g, sino)

@@ -1,11 +1,12 @@
 """``ct-recon``: CT reconstruction from raw projections (DICOM-CT-PD) to a diagnostic CT series.
 
-Parallel, fan (flat or equiangular detector) and circular cone-beam scans; FBP (FDK for cone
-beam) with Ram-Lak, Shepp–Logan, cosine or Hann filters and Parker short-scan weights, or
-iterative SIRT, OS-SART, CGLS and TV (Chambolle–Pock) on a matched projector pair. Runs on the
-GPU through CuPy when the job holds one (``ctx.xp``), else on the CPU (Numba kernels): the same
-algorithms, the same arithmetic. Output: ``ORIGINAL\\PRIMARY\\AXIAL`` CT slices in HU (water
-attenuation from the raw data), centred on the isocentre, in the raw data's frame of reference.
+Parallel, fan (flat or equiangular detector), circular and helical cone-beam scans; FBP (FDK
+for cone beam, generalised FDK for helical) with Ram-Lak, Shepp–Logan, cosine or Hann filters
+and Parker short-scan weights, or iterative SIRT, OS-SART, CGLS and TV (Chambolle–Pock) on a
+matched projector pair. Runs on the GPU through CuPy when the job holds one (``ctx.xp``), else
+on the CPU (Numba kernels): the same algorithms, the same arithmetic. Output:
+``ORIGINAL\\PRIMARY\\AXIAL`` CT slices in HU (water attenuation from the raw data), centred
+on the isocentre, in the raw data's frame of reference.
 """
 
 from __future__ import annotations
@@ -68,6 +69,18 @@ def output_grid(g: ctpd.ScanGeometry, params: CTReconParams) -> Grid:
                     params.slice_thickness_mm or g.dv / g.magnification)
     pitch = g.dv / g.magnification  # row pitch at the isocentre
     thickness = params.slice_thickness_mm or pitch
+    if g.helical:
+        # slices whose every voxel (within the FOV) is seen over at least a full turn: half the
+        # detector's z coverage (at the FOV edge nearest the source) in from each end
+        zs = g.source_z
+        half = g.rows * pitch / 2 * (1 - (fov / 2) / g.sod)
+        lo, hi = float(zs.min()) + half, float(zs.max()) - half
+        if hi < lo:
+            raise PluginError(f"helical scan of {abs(zs[-1] - zs[0]):.1f} mm covers less than "
+                              "the detector's width: nothing is seen over a full turn")
+        n = params.slices or int(np.floor((hi - lo) / thickness)) + 1
+        z = (lo + hi) / 2 + (np.arange(n) - (n - 1) / 2) * thickness
+        return Grid(params.matrix, params.matrix, dx, z, thickness)
     # cone beam: the slab every view sees fully shrinks with distance from the isocentre
     covered = g.rows * pitch * (1 - (fov / 2) / g.sod) if g.kind == "cone" else g.rows * pitch
     n = params.slices or max(1, int(np.floor(covered / thickness)))
@@ -114,8 +127,9 @@ class CTRecon(Plugin[CTReconParams]):
         if params.algorithm == "fdk" and g.kind != "cone":
             ctx.log.info("fdk asked for %s-beam data: plain FBP is the same method", g.kind)
         grid = output_grid(g, params)
-        ctx.log.info("%s %s/%s, %d views × %d×%d → %s on %s", params.algorithm, g.kind,
-                     g.detector, g.views, g.rows, g.columns, grid.shape, ctx.device)
+        ctx.log.info("%s %s%s/%s, %d views × %d×%d → %s on %s", params.algorithm,
+                     "helical " if g.helical else "", g.kind, g.detector, g.views, g.rows,
+                     g.columns, grid.shape, ctx.device)
         mu = reconstruct(sino, g, grid, params, ctx.xp)
         hu = to_hu(mu, g.mu_water)
         frame = str(src.datasets[0].get("FrameOfReferenceUID", "")) or \
@@ -127,6 +141,7 @@ class CTRecon(Plugin[CTReconParams]):
                             frame_of_reference_uid=frame)
         algo = "FDK" if params.algorithm in ("fbp", "fdk") and g.kind == "cone" else \
             params.algorithm.upper()
+        beam = f"helical {g.kind} (pitch {g.pitch:.2f})" if g.helical else g.kind
         how = (f"{algo} {params.filter}" if params.algorithm in ("fbp", "fdk")
                else f"{algo} {params.iterations or DEFAULT_ITERATIONS[params.algorithm]} it")
         attributes: dict[str, str | float] = {
@@ -140,10 +155,10 @@ class CTRecon(Plugin[CTReconParams]):
         volume = ImageVolume(
             array=hu.astype(ctx.xp.float32), geometry=geometry,
             series_description=f"CT recon {how}"[:64],
-            derivation=(f"{how} reconstruction from {g.views} {g.kind}-beam projections "
+            derivation=(f"{how} reconstruction from {g.views} {beam}-beam projections "
                         f"({g.detector} detector), {grid.dx:.3f} mm pixels"),
             source_series_uid=src.series_uid, original=True, window=params.window,
             attributes=attributes)
         return Outputs(volumes=(volume,),
                        summary=f"{how}: {grid.shape[0]}×{grid.ny}×{grid.nx} from "
-                               f"{g.views} {g.kind}-beam views")
+                               f"{g.views} {beam}-beam views")

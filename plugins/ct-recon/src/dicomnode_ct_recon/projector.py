@@ -16,9 +16,12 @@ linear interpolation. ``weighting``:
   distance source → voxel);
 * ``"matched"``: voxel volume ÷ the footprint of one detector cell at the voxel, so that the
   forward projection approximates line integrals (mm) and the backprojection is its exact
-  transpose (adjoint test in the test suite).
+  transpose (adjoint test in the test suite);
+* ``"unit"``: 1 — backprojecting ones then counts, per voxel, the views whose rays reach it
+  (helical FDK normalises by that count).
 
-Conventions (from :mod:`dicomnode.ctpd`): source at (−R sin φ, R cos φ, z_s); central ray
+Conventions (from :mod:`dicomnode.ctpd`): source at (−R sin φ, R cos φ, z_s), z_s per view
+(constant for a circular scan, advancing for a helical one); central ray
 n = (sin φ, −cos φ, 0); columns along e_u = (cos φ, sin φ, 0); rows along +z.
 """
 
@@ -37,6 +40,7 @@ from numba import njit, prange
 from dicomnode.ctpd import ScanGeometry
 
 MODES = {"parallel": 0, "flat": 1, "cylindrical": 2}
+WEIGHTINGS = {"fbp": 0, "matched": 1, "unit": 2}
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,17 @@ def mode_of(g: ScanGeometry) -> int:
 @njit(inline="always", fastmath=True)
 def _map(mode: int, x: float, y: float, z: float, c: float, s: float, sod: float, sdd: float,
          du: float, dv: float, u0: float, v0: float, zs: float, two_d: bool, vox: float,
-         matched: bool) -> tuple[float, float, float]:
-    """(column, row, weight) of voxel (x, y, z) in the view with cos φ = c, sin φ = s."""
+         wmode: int) -> tuple[float, float, float]:
+    """(column, row, weight) of voxel (x, y, z) in the view with cos φ = c, sin φ = s and
+    source height zs; ``wmode``: 0 FBP distance weight, 1 matched, 2 unit."""
+    matched = wmode == 1
     b = x * c + y * s
     if mode == 0:
         col = b / du + u0
         row = 0.0 if two_d else (z - zs) / dv + v0
         w = (vox / du if two_d else vox / (du * dv)) if matched else 1.0
         return col, row, w
+    unit = wmode == 2
     a = x * s - y * c + sod
     if a <= 1e-6:
         return -1e9, 0.0, 0.0
@@ -88,7 +95,7 @@ def _map(mode: int, x: float, y: float, z: float, c: float, s: float, sod: float
             wu = du * a / sdd * a / lin  # cell width at the voxel, perpendicular to the ray
             w = vox / wu if two_d else vox / (wu * dv * a / sdd)
         else:
-            w = (sod / a) * (sod / a)
+            w = 1.0 if unit else (sod / a) * (sod / a)
         return col, row, w
     lin = math.sqrt(a * a + b * b)
     col = math.atan2(b, a) * sdd / du + u0
@@ -97,15 +104,15 @@ def _map(mode: int, x: float, y: float, z: float, c: float, s: float, sod: float
         wu = du / sdd * lin
         w = vox / wu if two_d else vox / (wu * dv * lin / sdd)
     else:
-        w = (sod / lin) * (sod / lin)
+        w = 1.0 if unit else (sod / lin) * (sod / lin)
     return col, row, w
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _bp_numba(sino: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray,
               x0: float, y0: float, dx: float, zc: np.ndarray, mode: int, sod: float,
-              sdd: float, du: float, dv: float, u0: float, v0: float, zs: float, vox: float,
-              matched: bool) -> None:
+              sdd: float, du: float, dv: float, u0: float, v0: float, zs: np.ndarray,
+              vox: float, wmode: int) -> None:
     nv, nrow, ncol = sino.shape
     nz, ny, nx = out.shape
     two_d = nrow == 1 and nz == 1
@@ -123,7 +130,7 @@ def _bp_numba(sino: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarra
                 # the hot path of 2D parallel FBP: the column is linear in x
                 col = (x0 * c + y * s) / du + u0
                 step = dx * c / du
-                wgt = vox / du if matched else 1.0
+                wgt = vox / du if wmode == 1 else 1.0
                 for ix in range(nx):
                     i0 = int(math.floor(col))
                     if 0 <= i0 < ncol - 1:
@@ -133,8 +140,8 @@ def _bp_numba(sino: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarra
                 continue
             for ix in range(nx):
                 x = x0 + ix * dx
-                col, row, w = _map(mode, x, y, z, c, s, sod, sdd, du, dv, u0, v0, zs, two_d,
-                                   vox, matched)
+                col, row, w = _map(mode, x, y, z, c, s, sod, sdd, du, dv, u0, v0, zs[k],
+                                   two_d, vox, wmode)
                 i0 = int(math.floor(col))
                 if i0 < 0 or i0 >= ncol - 1:
                     continue
@@ -156,7 +163,7 @@ def _bp_numba(sino: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarra
 @njit(parallel=True, fastmath=True, cache=True)
 def _fp_numba(vol: np.ndarray, cos: np.ndarray, sin: np.ndarray, sino: np.ndarray,
               x0: float, y0: float, dx: float, zc: np.ndarray, mode: int, sod: float,
-              sdd: float, du: float, dv: float, u0: float, v0: float, zs: float,
+              sdd: float, du: float, dv: float, u0: float, v0: float, zs: np.ndarray,
               vox: float) -> None:
     """Exact transpose of ``_bp_numba(matched=True)``: splat each voxel into its cells."""
     nv, nrow, ncol = sino.shape
@@ -175,8 +182,8 @@ def _fp_numba(vol: np.ndarray, cos: np.ndarray, sin: np.ndarray, sino: np.ndarra
                     if val == 0.0:
                         continue
                     x = x0 + ix * dx
-                    col, row, w = _map(mode, x, y, z, c, s, sod, sdd, du, dv, u0, v0, zs,
-                                       two_d, vox, True)
+                    col, row, w = _map(mode, x, y, z, c, s, sod, sdd, du, dv, u0, v0, zs[k],
+                                       two_d, vox, 1)
                     i0 = int(math.floor(col))
                     if i0 < 0 or i0 >= ncol - 1:
                         continue
@@ -208,6 +215,7 @@ class Projector:
         self.mode = mode_of(g)
         self.cos = np.cos(g.angles).astype(np.float64)
         self.sin = np.sin(g.angles).astype(np.float64)
+        self.zs = g.source_z
         self.vox = grid.dx * grid.dx * (1.0 if self._two_d else grid.dz)
         self.gpu = backend == "xp" or (backend is None and xp is not np)
         if self.gpu:
@@ -223,21 +231,23 @@ class Projector:
     def sino_shape(self) -> tuple[int, int, int]:
         return (self.g.views, self.g.rows, self.g.columns)
 
-    def _args(self) -> tuple[Any, ...]:
+    def _args(self, idx: np.ndarray) -> tuple[Any, ...]:
         g, grid = self.g, self.grid
         return (grid.x0, grid.y0, grid.dx, np.asarray(grid.z, dtype=np.float64), self.mode,
-                g.sod, g.sdd, g.du, g.dv, g.u0, g.v0, g.z, self.vox)
+                g.sod, g.sdd, g.du, g.dv, g.u0, g.v0, np.ascontiguousarray(self.zs[idx]),
+                self.vox)
 
     def back(self, sino: Any, weighting: str = "matched", views: Any = None) -> Any:
-        """Backprojection of ``sino`` [views, rows, columns] onto the grid."""
-        matched = weighting == "matched"
+        """Backprojection of ``sino`` [views, rows, columns] onto the grid; ``weighting``:
+        ``"matched"`` (A.T), ``"fbp"`` or ``"unit"`` (see the module docstring)."""
+        wmode = WEIGHTINGS[weighting]
         idx = np.arange(self.g.views) if views is None else np.asarray(views)
         if self.gpu:
-            return self._back_xp(sino, matched, idx)
+            return self._back_xp(sino, wmode, idx)
         out = np.zeros(self.grid.shape, dtype=np.float32)
         _bp_numba(  # type: ignore[call-arg]
             np.ascontiguousarray(sino, dtype=np.float32), self.cos[idx], self.sin[idx],
-            out, *self._args(), matched)
+            out, *self._args(idx), wmode)
         return out
 
     def forward(self, vol: Any, views: Any = None) -> Any:
@@ -247,20 +257,21 @@ class Projector:
             return self._forward_xp(vol, idx)
         sino = np.zeros((idx.size, self.g.rows, self.g.columns), dtype=np.float32)
         _fp_numba(np.ascontiguousarray(vol, dtype=np.float32), self.cos[idx], self.sin[idx],
-                  sino, *self._args())
+                  sino, *self._args(idx))
         return sino
 
     # --- the xp (NumPy/CuPy) path -------------------------------------------------------------
 
-    def _map_xp(self, k: int, matched: bool) -> tuple[Any, Any, Any]:
+    def _map_xp(self, k: int, wmode: int) -> tuple[Any, Any, Any]:
         xp, g = self.xp, self.g
         x, y, z = self._xyz
-        c, s = float(self.cos[k]), float(self.sin[k])
+        matched, unit = wmode == 1, wmode == 2
+        c, s, zs = float(self.cos[k]), float(self.sin[k]), float(self.zs[k])
         b = x * c + y * s
         two_d = self._two_d
         if self.mode == 0:
             col = b / g.du + g.u0
-            row = xp.zeros_like(col) if two_d else (z - g.z) / g.dv + g.v0
+            row = xp.zeros_like(col) if two_d else (z - zs) / g.dv + g.v0
             w = xp.full_like(col, self.vox / g.du if two_d else self.vox / (g.du * g.dv)) \
                 if matched else xp.ones_like(col)
             return col, row, w
@@ -268,20 +279,20 @@ class Projector:
         lin = xp.sqrt(a * a + b * b)
         if self.mode == 1:
             col = b * g.sdd / (a * g.du) + g.u0
-            row = xp.zeros_like(col) if two_d else (z - g.z) * g.sdd / (a * g.dv) + g.v0
+            row = xp.zeros_like(col) if two_d else (z - zs) * g.sdd / (a * g.dv) + g.v0
             if matched:
                 wu = g.du * a / g.sdd * a / lin
                 w = self.vox / wu if two_d else self.vox / (wu * g.dv * a / g.sdd)
             else:
-                w = (g.sod / a) ** 2
+                w = xp.ones_like(col) if unit else (g.sod / a) ** 2
             return col, row, w
         col = xp.arctan2(b, a) * g.sdd / g.du + g.u0
-        row = xp.zeros_like(col) if two_d else (z - g.z) * g.sdd / (lin * g.dv) + g.v0
+        row = xp.zeros_like(col) if two_d else (z - zs) * g.sdd / (lin * g.dv) + g.v0
         if matched:
             wu = g.du / g.sdd * lin
             w = self.vox / wu if two_d else self.vox / (wu * g.dv * lin / g.sdd)
         else:
-            w = (g.sod / lin) ** 2
+            w = xp.ones_like(col) if unit else (g.sod / lin) ** 2
         return col, row, w
 
     def _taps(self, col: Any, row: Any, w: Any) -> list[tuple[Any, Any]]:
@@ -304,13 +315,13 @@ class Projector:
         return [(base, wv * (1 - gg) * (1 - f)), (base + 1, wv * (1 - gg) * f),
                 (base + g.columns, wv * gg * (1 - f)), (base + g.columns + 1, wv * gg * f)]
 
-    def _back_xp(self, sino: Any, matched: bool, idx: np.ndarray) -> Any:
+    def _back_xp(self, sino: Any, wmode: int, idx: np.ndarray) -> Any:
         xp = self.xp
         sino = xp.asarray(sino, dtype=xp.float32)
         acc = xp.zeros(self._xyz[0].shape, dtype=xp.float32)
         for n, k in enumerate(idx):
             proj = sino[n].ravel()
-            for where, wt in self._taps(*self._map_xp(int(k), matched)):
+            for where, wt in self._taps(*self._map_xp(int(k), wmode)):
                 acc += wt * proj[where]
         return acc.reshape(self.grid.shape)
 
@@ -321,7 +332,7 @@ class Projector:
         out = xp.zeros((idx.size, self.g.rows, self.g.columns), dtype=xp.float32)
         for n, k in enumerate(idx):
             proj = xp.zeros(size, dtype=xp.float32)
-            for where, wt in self._taps(*self._map_xp(int(k), True)):
+            for where, wt in self._taps(*self._map_xp(int(k), 1)):
                 proj += xp.bincount(where, weights=wt * v, minlength=size)[:size]
             out[n] = proj.reshape(self.g.rows, self.g.columns)
         return out
