@@ -458,8 +458,9 @@ def simulate_ct(
     except ValueError as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from None
-    shape = f"helical {g.kind} (pitch {g.pitch:.2f})" if g.helical else g.kind
-    console.print(f"wrote {g.views} {shape}-beam projections ({g.rows}×{g.columns}, "
+    shape = f"helical {g.kind}-beam" if g.helical else f"{g.kind}-beam"
+    pitch = f", pitch {g.pitch:.2f}" if g.helical else ""
+    console.print(f"wrote {g.views} {shape} projections ({g.rows}×{g.columns}{pitch}, "
                   f"{g.detector}) to {out}")
 
 

@@ -84,8 +84,16 @@ def test_simulate_ct_writes_readable_raw_data(tmp_path: Path) -> None:
     assert simulate("--out", str(tmp_path / "npy"), "--phantom", str(tmp_path / "p.npy"),
                     "--geometry", "parallel", "--views", "10",
                     "--detector-pixels", "16").returncode == 0
+    r = simulate("--out", str(tmp_path / "helix"), "--geometry", "helical", "--views", "12",
+                 "--detector-pixels", "32", "--rows", "4", "--turns", "2", "--pitch", "0.8")
+    assert r.returncode == 0, r.stderr
+    assert "24 helical cone-beam projections (4×32, pitch 0.80" in r.stdout
+    g, _ = ctpd.read_scan([pydicom.dcmread(f) for f in sorted((tmp_path / "helix").glob("*"))])
+    assert g.helical and g.pitch == pytest.approx(0.8, rel=1e-3)
+    bad = simulate("--out", str(tmp_path / "x"), "--geometry", "helical", "--rows", "1")
+    assert bad.returncode == 2 and "two or more rows" in bad.stderr
     bad = simulate("--out", str(tmp_path / "x"), "--geometry", "helix")
-    assert bad.returncode == 2 and "parallel, fan or cone" in bad.stderr
+    assert bad.returncode == 2 and "parallel, fan, cone or helical" in bad.stderr
     bad = simulate("--out", str(tmp_path / "x"), "--phantom", "nope.npy")
     assert bad.returncode == 2 and "neither shepp-logan" in bad.stderr
     bad = simulate("--out", str(tmp_path / "x"), "--geometry", "fan", "--rows", "4")

@@ -379,7 +379,7 @@ def test_helical_raw_data_round_trip_and_plugin(tmp_path: Path) -> None:
     z = [vol.geometry.to_patient([k, 0, 0])[2] for k in range(vol.geometry.shape[0])]
     half = 16 * back.dv / back.magnification / 2
     assert min(z) >= g.source_z.min() + half * 0.7 and max(z) <= g.source_z.max() - half * 0.7
-    assert len(z) > 5 and "helical cone (pitch 0.50)" in vol.derivation
+    assert len(z) > 5 and "helical cone-beam (pitch 0.50)" in vol.derivation
     mid = np.asarray(vol.array)[len(z) // 2]
     ref = truth(64, z=z[len(z) // 2])
     brain = (ref > 15) & (ref < 25) & (np.hypot(*np.mgrid[-1:1:64j, -1:1:64j]) < 0.9)

@@ -141,7 +141,8 @@ class CTRecon(Plugin[CTReconParams]):
                             frame_of_reference_uid=frame)
         algo = "FDK" if params.algorithm in ("fbp", "fdk") and g.kind == "cone" else \
             params.algorithm.upper()
-        beam = f"helical {g.kind} (pitch {g.pitch:.2f})" if g.helical else g.kind
+        beam = (f"helical {g.kind}-beam (pitch {g.pitch:.2f})" if g.helical
+                else f"{g.kind}-beam")
         how = (f"{algo} {params.filter}" if params.algorithm in ("fbp", "fdk")
                else f"{algo} {params.iterations or DEFAULT_ITERATIONS[params.algorithm]} it")
         attributes: dict[str, str | float] = {
@@ -155,10 +156,10 @@ class CTRecon(Plugin[CTReconParams]):
         volume = ImageVolume(
             array=hu.astype(ctx.xp.float32), geometry=geometry,
             series_description=f"CT recon {how}"[:64],
-            derivation=(f"{how} reconstruction from {g.views} {beam}-beam projections "
+            derivation=(f"{how} reconstruction from {g.views} {beam} projections "
                         f"({g.detector} detector), {grid.dx:.3f} mm pixels"),
             source_series_uid=src.series_uid, original=True, window=params.window,
             attributes=attributes)
         return Outputs(volumes=(volume,),
                        summary=f"{how}: {grid.shape[0]}×{grid.ny}×{grid.nx} from "
-                               f"{g.views} {beam}-beam views")
+                               f"{g.views} {beam} views")
