@@ -459,8 +459,8 @@ def simulate_ct(
         err.print(f"error: {e}")
         raise typer.Exit(2) from None
     shape = f"helical {g.kind}-beam" if g.helical else f"{g.kind}-beam"
-    pitch = f", pitch {g.pitch:.2f}" if g.helical else ""
-    console.print(f"wrote {g.views} {shape} projections ({g.rows}×{g.columns}{pitch}, "
+    pitch_note = f", pitch {g.pitch:.2f}" if g.helical else ""
+    console.print(f"wrote {g.views} {shape} projections ({g.rows}×{g.columns}{pitch_note}, "
                   f"{g.detector}) to {out}")
 
 
