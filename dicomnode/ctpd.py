@@ -270,7 +270,7 @@ def read_scan(datasets: Sequence[Dataset]) -> tuple[ScanGeometry, np.ndarray]:
     if not helical and np.ptp(z) > 1e-3:
         raise RawDataError("the source moves along z but TypeofProjectionData is AXIAL")
     if helical:
-        if parallel or int(scan["NumberofDetectorRows"]) < 2:
+        if parallel or rows < 2:
             raise RawDataError("helical data is reconstructed from a cone beam (FANBEAM "
                                "geometry with two or more detector rows)")
         dz = np.diff(z)

@@ -202,19 +202,21 @@ class Receiver:
                 self._inflight_cv.wait(timeout=max(0.0, deadline - time.monotonic()))
         log.info("in-flight instances done (%.2fs); closing %d association(s)",
                  time.monotonic() - t0, len(self.ae.active_associations))
-        established = self._close_associations()
+        established = self._close_associations([])
         if closing is not None:
             closing.join()
             log.info("stopped listening (%.2fs)", time.monotonic() - t0)
-            established += self._close_associations()  # any accepted meanwhile
+            established += self._close_associations(established)  # any accepted meanwhile
         for assoc in established:
             assoc.join(timeout=5)
         log.info("associations closed (%.2fs)", time.monotonic() - t0)
         self.server = None
 
-    def _close_associations(self) -> list[Any]:
-        established = [a for a in self.ae.active_associations if a.is_established]
-        for assoc in list(self.ae.active_associations):
+    def _close_associations(self, done: list[Any]) -> list[Any]:
+        """A-ABORT (or end) every association not in ``done``; returns the established ones."""
+        current = [a for a in self.ae.active_associations if a not in done]
+        established = [a for a in current if a.is_established]
+        for assoc in current:
             if assoc.is_established:
                 # A-ABORT to the peer: it will re-send what was not acknowledged
                 assoc.abort(block=False)

@@ -16,9 +16,7 @@ linear interpolation. ``weighting``:
   distance source → voxel);
 * ``"matched"``: voxel volume ÷ the footprint of one detector cell at the voxel, so that the
   forward projection approximates line integrals (mm) and the backprojection is its exact
-  transpose (adjoint test in the test suite);
-* ``"unit"``: 1 — backprojecting ones then counts, per voxel, the views whose rays reach it
-  (helical FDK normalises by that count).
+  transpose (adjoint test in the test suite).
 
 Conventions (from :mod:`dicomnode.ctpd`): source at (−R sin φ, R cos φ, z_s), z_s per view
 (constant for a circular scan, advancing for a helical one); central ray
@@ -40,7 +38,6 @@ from numba import njit, prange
 from dicomnode.ctpd import ScanGeometry
 
 MODES = {"parallel": 0, "flat": 1, "cylindrical": 2}
-WEIGHTINGS = {"fbp": 0, "matched": 1, "unit": 2}
 
 
 @dataclass(frozen=True)
@@ -73,17 +70,15 @@ def mode_of(g: ScanGeometry) -> int:
 @njit(inline="always", fastmath=True)
 def _map(mode: int, x: float, y: float, z: float, c: float, s: float, sod: float, sdd: float,
          du: float, dv: float, u0: float, v0: float, zs: float, two_d: bool, vox: float,
-         wmode: int) -> tuple[float, float, float]:
+         matched: bool) -> tuple[float, float, float]:
     """(column, row, weight) of voxel (x, y, z) in the view with cos φ = c, sin φ = s and
-    source height zs; ``wmode``: 0 FBP distance weight, 1 matched, 2 unit."""
-    matched = wmode == 1
+    source height zs."""
     b = x * c + y * s
     if mode == 0:
         col = b / du + u0
         row = 0.0 if two_d else (z - zs) / dv + v0
         w = (vox / du if two_d else vox / (du * dv)) if matched else 1.0
         return col, row, w
-    unit = wmode == 2
     a = x * s - y * c + sod
     if a <= 1e-6:
         return -1e9, 0.0, 0.0
@@ -95,7 +90,7 @@ def _map(mode: int, x: float, y: float, z: float, c: float, s: float, sod: float
             wu = du * a / sdd * a / lin  # cell width at the voxel, perpendicular to the ray
             w = vox / wu if two_d else vox / (wu * dv * a / sdd)
         else:
-            w = 1.0 if unit else (sod / a) * (sod / a)
+            w = (sod / a) * (sod / a)
         return col, row, w
     lin = math.sqrt(a * a + b * b)
     col = math.atan2(b, a) * sdd / du + u0
@@ -104,7 +99,7 @@ def _map(mode: int, x: float, y: float, z: float, c: float, s: float, sod: float
         wu = du / sdd * lin
         w = vox / wu if two_d else vox / (wu * dv * lin / sdd)
     else:
-        w = 1.0 if unit else (sod / lin) * (sod / lin)
+        w = (sod / lin) * (sod / lin)
     return col, row, w
 
 
@@ -112,7 +107,7 @@ def _map(mode: int, x: float, y: float, z: float, c: float, s: float, sod: float
 def _bp_numba(sino: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray,
               x0: float, y0: float, dx: float, zc: np.ndarray, mode: int, sod: float,
               sdd: float, du: float, dv: float, u0: float, v0: float, zs: np.ndarray,
-              vox: float, wmode: int) -> None:
+              vox: float, matched: bool) -> None:
     nv, nrow, ncol = sino.shape
     nz, ny, nx = out.shape
     two_d = nrow == 1 and nz == 1
@@ -130,7 +125,7 @@ def _bp_numba(sino: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarra
                 # the hot path of 2D parallel FBP: the column is linear in x
                 col = (x0 * c + y * s) / du + u0
                 step = dx * c / du
-                wgt = vox / du if wmode == 1 else 1.0
+                wgt = vox / du if matched else 1.0
                 for ix in range(nx):
                     i0 = int(math.floor(col))
                     if 0 <= i0 < ncol - 1:
@@ -141,7 +136,7 @@ def _bp_numba(sino: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarra
             for ix in range(nx):
                 x = x0 + ix * dx
                 col, row, w = _map(mode, x, y, z, c, s, sod, sdd, du, dv, u0, v0, zs[k],
-                                   two_d, vox, wmode)
+                                   two_d, vox, matched)
                 i0 = int(math.floor(col))
                 if i0 < 0 or i0 >= ncol - 1:
                     continue
@@ -183,7 +178,7 @@ def _fp_numba(vol: np.ndarray, cos: np.ndarray, sin: np.ndarray, sino: np.ndarra
                         continue
                     x = x0 + ix * dx
                     col, row, w = _map(mode, x, y, z, c, s, sod, sdd, du, dv, u0, v0, zs[k],
-                                       two_d, vox, 1)
+                                       two_d, vox, True)
                     i0 = int(math.floor(col))
                     if i0 < 0 or i0 >= ncol - 1:
                         continue
@@ -239,15 +234,15 @@ class Projector:
 
     def back(self, sino: Any, weighting: str = "matched", views: Any = None) -> Any:
         """Backprojection of ``sino`` [views, rows, columns] onto the grid; ``weighting``:
-        ``"matched"`` (A.T), ``"fbp"`` or ``"unit"`` (see the module docstring)."""
-        wmode = WEIGHTINGS[weighting]
+        ``"matched"`` (A.T) or ``"fbp"`` (see the module docstring)."""
+        matched = weighting == "matched"
         idx = np.arange(self.g.views) if views is None else np.asarray(views)
         if self.gpu:
-            return self._back_xp(sino, wmode, idx)
+            return self._back_xp(sino, matched, idx)
         out = np.zeros(self.grid.shape, dtype=np.float32)
         _bp_numba(  # type: ignore[call-arg]
             np.ascontiguousarray(sino, dtype=np.float32), self.cos[idx], self.sin[idx],
-            out, *self._args(idx), wmode)
+            out, *self._args(idx), matched)
         return out
 
     def forward(self, vol: Any, views: Any = None) -> Any:
@@ -262,10 +257,9 @@ class Projector:
 
     # --- the xp (NumPy/CuPy) path -------------------------------------------------------------
 
-    def _map_xp(self, k: int, wmode: int) -> tuple[Any, Any, Any]:
+    def _map_xp(self, k: int, matched: bool) -> tuple[Any, Any, Any]:
         xp, g = self.xp, self.g
         x, y, z = self._xyz
-        matched, unit = wmode == 1, wmode == 2
         c, s, zs = float(self.cos[k]), float(self.sin[k]), float(self.zs[k])
         b = x * c + y * s
         two_d = self._two_d
@@ -284,7 +278,7 @@ class Projector:
                 wu = g.du * a / g.sdd * a / lin
                 w = self.vox / wu if two_d else self.vox / (wu * g.dv * a / g.sdd)
             else:
-                w = xp.ones_like(col) if unit else (g.sod / a) ** 2
+                w = (g.sod / a) ** 2
             return col, row, w
         col = xp.arctan2(b, a) * g.sdd / g.du + g.u0
         row = xp.zeros_like(col) if two_d else (z - zs) * g.sdd / (lin * g.dv) + g.v0
@@ -292,7 +286,7 @@ class Projector:
             wu = g.du / g.sdd * lin
             w = self.vox / wu if two_d else self.vox / (wu * g.dv * lin / g.sdd)
         else:
-            w = xp.ones_like(col) if unit else (g.sod / lin) ** 2
+            w = (g.sod / lin) ** 2
         return col, row, w
 
     def _taps(self, col: Any, row: Any, w: Any) -> list[tuple[Any, Any]]:
@@ -315,13 +309,13 @@ class Projector:
         return [(base, wv * (1 - gg) * (1 - f)), (base + 1, wv * (1 - gg) * f),
                 (base + g.columns, wv * gg * (1 - f)), (base + g.columns + 1, wv * gg * f)]
 
-    def _back_xp(self, sino: Any, wmode: int, idx: np.ndarray) -> Any:
+    def _back_xp(self, sino: Any, matched: bool, idx: np.ndarray) -> Any:
         xp = self.xp
         sino = xp.asarray(sino, dtype=xp.float32)
         acc = xp.zeros(self._xyz[0].shape, dtype=xp.float32)
         for n, k in enumerate(idx):
             proj = sino[n].ravel()
-            for where, wt in self._taps(*self._map_xp(int(k), wmode)):
+            for where, wt in self._taps(*self._map_xp(int(k), matched)):
                 acc += wt * proj[where]
         return acc.reshape(self.grid.shape)
 
@@ -332,7 +326,7 @@ class Projector:
         out = xp.zeros((idx.size, self.g.rows, self.g.columns), dtype=xp.float32)
         for n, k in enumerate(idx):
             proj = xp.zeros(size, dtype=xp.float32)
-            for where, wt in self._taps(*self._map_xp(int(k), 1)):
+            for where, wt in self._taps(*self._map_xp(int(k), True)):
                 proj += xp.bincount(where, weights=wt * v, minlength=size)[:size]
             out[n] = proj.reshape(self.g.rows, self.g.columns)
         return out
