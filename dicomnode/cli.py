@@ -476,6 +476,9 @@ def simulate_head_ct(
     slice_mm: Annotated[float, typer.Option(help="Slice thickness = spacing.")] = 4.0,
     size: Annotated[int, typer.Option(help="Matrix (pixels per side).")] = 256,
     pixel_mm: Annotated[float, typer.Option()] = 0.9,
+    orientation: Annotated[str, typer.Option(
+        help="axial | tilted (gantry tilt 10–25°: a sheared stack) | oblique | coronal | "
+             "sagittal")] = "axial",
 ) -> None:
     """Write a synthetic head CT (with or without hemorrhage) and its ground truth."""
     from dicomnode.simulate_head import write_head_ct
@@ -483,7 +486,7 @@ def simulate_head_ct(
     try:
         files, truth = write_head_ct(out, seed, kind=hemorrhage, volume_ml=volume_ml,
                                      slices=slices, slice_mm=slice_mm, size=size,
-                                     pixel_mm=pixel_mm)
+                                     pixel_mm=pixel_mm, orientation=orientation)
     except ValueError as e:
         err.print(f"error: {e}")
         raise typer.Exit(2) from None
@@ -502,12 +505,20 @@ def simulate_chest_ct(
     slice_mm: Annotated[float, typer.Option(help="Slice thickness = spacing.")] = 1.25,
     size: Annotated[int, typer.Option(help="Matrix (pixels per side).")] = 320,
     pixel_mm: Annotated[float, typer.Option()] = 0.8,
+    orientation: Annotated[str, typer.Option(
+        help="axial | tilted (gantry tilt 10–25°: a sheared stack) | oblique | coronal | "
+             "sagittal")] = "axial",
 ) -> None:
     """Write a synthetic chest CT (vessels, 0–4 solid or ground-glass nodules) + ground truth."""
     from dicomnode.simulate_chest import write_chest_ct
 
-    files, truth = write_chest_ct(out, seed, nodules=nodules, slices=slices,
-                                  slice_mm=slice_mm, size=size, pixel_mm=pixel_mm)
+    try:
+        files, truth = write_chest_ct(out, seed, nodules=nodules, slices=slices,
+                                      slice_mm=slice_mm, size=size, pixel_mm=pixel_mm,
+                                      orientation=orientation)
+    except ValueError as e:
+        err.print(f"error: {e}")
+        raise typer.Exit(2) from None
     what = ", ".join(f"{n.kind} {n.diameter_mm:.1f} mm" for n in truth.nodules) or "no nodule"
     console.print(f"wrote {len(files)} slices ({what}) and truth.json to {out}")
 

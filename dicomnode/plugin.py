@@ -129,6 +129,12 @@ class Geometry:
     ``row_direction`` is the direction of increasing column index (DICOM's first orientation
     vector), ``column_direction`` of increasing row index, ``slice_direction`` of increasing
     slice index; ``spacing`` is (slice, row, column) in mm.
+
+    ``slice_direction`` is the step from one slice's origin to the next, and is the plane normal
+    for nearly every series. A CT with *gantry tilt* is sheared: its slices are tilted planes
+    stacked along the table, so ``slice_direction`` leans off the normal and ``spacing[0]`` is
+    the step along it. Use :attr:`slice_gap_mm` (distance between the planes) and
+    :attr:`voxel_ml` rather than ``spacing[0]`` and ``prod(spacing)``; they are right for both.
     """
 
     origin: tuple[float, float, float]
@@ -148,6 +154,12 @@ class Geometry:
             v = np.asarray(getattr(self, name), dtype=float)
             if not np.isclose(np.linalg.norm(v), 1.0, atol=1e-4):
                 raise ValueError(f"Geometry.{name} must be a unit vector, got {tuple(v)}")
+        row, col = np.asarray(self.row_direction), np.asarray(self.column_direction)
+        if abs(float(row @ col)) > 1e-3:
+            raise ValueError("Geometry.row_direction and column_direction must be orthogonal")
+        if abs(float(np.asarray(self.slice_direction) @ np.cross(row, col))) < 0.5:
+            raise ValueError("Geometry.slice_direction must leave the image plane (it is the "
+                             "normal, or within 60° of it for a gantry-tilted stack)")
 
     @property
     def affine(self) -> np.ndarray:
@@ -159,10 +171,71 @@ class Geometry:
         a[:3, 3] = self.origin
         return a
 
+    @property
+    def normal(self) -> tuple[float, float, float]:
+        """Unit normal of the image planes (row × column direction), on the side the slices
+        advance to."""
+        n = np.cross(self.row_direction, self.column_direction)
+        n = n / np.linalg.norm(n)
+        if float(n @ np.asarray(self.slice_direction)) < 0:
+            n = -n
+        return (float(n[0]), float(n[1]), float(n[2]))
+
+    @property
+    def slice_gap_mm(self) -> float:
+        """Distance between neighbouring image planes, along their normal (= ``spacing[0]``
+        unless the stack is sheared by gantry tilt)."""
+        return float(self.spacing[0] * abs(np.asarray(self.slice_direction) @ self.normal))
+
+    @property
+    def sheared(self) -> bool:
+        """True when slices are stacked off their normal (gantry tilt)."""
+        return abs(float(np.asarray(self.slice_direction) @ self.normal)) < 1 - 1e-6
+
+    @property
+    def voxel_ml(self) -> float:
+        """Volume of one voxel in mL (the parallelepiped's, so right for sheared stacks)."""
+        return self.slice_gap_mm * self.spacing[1] * self.spacing[2] / 1000.0
+
     def to_patient(self, index: Sequence[float]) -> tuple[float, float, float]:
         """(slice, row, column) index, fractional allowed → LPS mm."""
         p = self.affine @ np.array([*index, 1.0])
         return (float(p[0]), float(p[1]), float(p[2]))
+
+
+def axial_grid(g: Geometry, spacing: tuple[float, float, float]) -> Geometry:
+    """An axial grid (rows along LPS +y, columns along +x, slices along +z) that covers the
+    volume of ``g``, with ``spacing`` (slice, row, column) mm: where to look at an oblique,
+    coronal or sagittal series with methods that work slice by slice on axial images."""
+    corners = np.array([g.to_patient([k, i, j]) for k in (0, g.shape[0] - 1)
+                        for i in (0, g.shape[1] - 1) for j in (0, g.shape[2] - 1)])
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    step = np.array([spacing[2], spacing[1], spacing[0]])  # x, y, z
+    n = np.floor((hi - lo) / step + 1e-6).astype(int) + 1
+    return Geometry(origin=(float(lo[0]), float(lo[1]), float(lo[2])),
+                    row_direction=(1.0, 0.0, 0.0), column_direction=(0.0, 1.0, 0.0),
+                    slice_direction=(0.0, 0.0, 1.0), spacing=spacing,
+                    shape=(int(n[2]), int(n[1]), int(n[0])),
+                    frame_of_reference_uid=g.frame_of_reference_uid)
+
+
+def resample(volume: Any, src: Geometry, dst: Geometry, xp: Any = np, order: int = 1,
+             cval: float = 0.0) -> Any:
+    """``volume`` (on grid ``src``) sampled at the voxel centres of ``dst`` (same patient
+    coordinates): trilinear (``order=1``) for images, nearest (``order=0``) for label maps;
+    ``cval`` outside. One output slice at a time, so memory stays at one slice of
+    coordinates; on ``xp``'s device (NumPy or CuPy)."""
+    ndi = ndimage(xp)
+    to_src = np.linalg.inv(src.affine) @ dst.affine  # dst index → src index
+    m = xp.asarray(to_src[:3, :3], dtype=xp.float32)
+    i, j = xp.meshgrid(xp.arange(dst.shape[1], dtype=xp.float32),
+                       xp.arange(dst.shape[2], dtype=xp.float32), indexing="ij")
+    out = xp.empty(dst.shape, dtype=volume.dtype)
+    for k in range(dst.shape[0]):
+        t = xp.asarray(to_src[:3, 3] + to_src[:3, 0] * k, dtype=xp.float32)
+        coords = (m[:, 1, None, None] * i + m[:, 2, None, None] * j + t[:, None, None])
+        out[k] = ndi.map_coordinates(volume, coords, order=order, mode="constant", cval=cval)
+    return out
 
 
 @dataclass(frozen=True)

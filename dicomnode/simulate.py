@@ -8,7 +8,9 @@ the one CT header every simulator writes (``simulate_ct``, ``simulate_head``,
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -29,6 +31,94 @@ def ellipse_phantom(shape: tuple[int, int, int], seed: int = 7) -> np.ndarray:
         hu[((xx - 0.3) ** 2 + (yy + 0.1) ** 2) < 0.01 * (1 + np.sin(i / 20))] = 700
         out[i] = hu
     return out
+
+
+ORIENTATIONS = ("axial", "tilted", "oblique", "coronal", "sagittal")
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """Where a simulator's slices lie (LPS mm): in-plane directions, the step from one slice to
+    the next and the centre of the first slice. ``tilted`` is a gantry-tilted acquisition: the
+    planes lean about the patient's left–right axis and are stacked along the table (z), so the
+    stack is sheared, as real tilted head CTs are; ``oblique`` planes are turned about two axes
+    and stacked along their normal; ``coronal``/``sagittal`` are the usual planes."""
+
+    orientation: str
+    row: tuple[float, float, float]
+    col: tuple[float, float, float]
+    step: tuple[float, float, float]
+    centre0: tuple[float, float, float]
+    thickness_mm: float
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row, self.col)
+
+    def centre(self, k: float) -> np.ndarray:
+        return np.asarray(self.centre0) + k * np.asarray(self.step)
+
+    def points(self, k: int, yx: np.ndarray, depth: float = 0.0) -> np.ndarray:
+        """Patient coordinates [rows, cols, 3] of slice ``k``'s pixel centres, ``depth`` mm
+        along the normal (to integrate over the slice's thickness)."""
+        yy, xx = np.meshgrid(yx, yx, indexing="ij")
+        return np.asarray(self.centre(k) + depth * self.normal
+                          + xx[..., None] * np.asarray(self.row)
+                          + yy[..., None] * np.asarray(self.col))
+
+    def geometry(self, shape: tuple[int, int, int], pixel_mm: float,
+                 frame_of_reference_uid: str = "") -> Any:
+        from dicomnode.plugin import Geometry
+
+        half = (shape[2] - 1) / 2 * pixel_mm
+        origin = self.centre(0) - half * np.asarray(self.row) - half * np.asarray(self.col)
+        step = np.asarray(self.step)
+        return Geometry(origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+                        row_direction=self.row, column_direction=self.col,
+                        slice_direction=tuple(float(v) for v in step / np.linalg.norm(step)),  # type: ignore[arg-type]
+                        spacing=(float(np.linalg.norm(step)), pixel_mm, pixel_mm),
+                        shape=shape, frame_of_reference_uid=frame_of_reference_uid)
+
+
+def _unit(v: Sequence[float]) -> tuple[float, float, float]:
+    a = np.asarray(v, dtype=float)
+    a = a / np.linalg.norm(a)
+    return (float(a[0]), float(a[1]), float(a[2]))
+
+
+def slice_plan(orientation: str, rng: np.random.Generator, slices: int, slice_mm: float,
+               offset_mm: float = 0.0) -> SlicePlan:
+    """A :class:`SlicePlan` of ``slices`` planes ``slice_mm`` apart (along their normal),
+    centred ``offset_mm`` along the normal from the origin; tilt angles are drawn from
+    ``rng``."""
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation {orientation!r} is not one of {', '.join(ORIENTATIONS)}")
+    row: tuple[float, float, float]
+    col: tuple[float, float, float]
+    if orientation == "axial":
+        row, col = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
+    elif orientation == "coronal":
+        row, col = (1.0, 0.0, 0.0), (0.0, 0.0, -1.0)
+    elif orientation == "sagittal":
+        row, col = (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)
+    elif orientation == "tilted":  # gantry tilt 10–25° either way, about the x axis
+        t = np.radians(rng.uniform(10, 25) * rng.choice([-1, 1]))
+        row, col = (1.0, 0.0, 0.0), (0.0, float(np.cos(t)), float(np.sin(t)))
+    else:  # oblique: about x by 10–25° and about y by 5–20°, either way
+        a = np.radians(rng.uniform(10, 25) * rng.choice([-1, 1]))
+        b = np.radians(rng.uniform(5, 20) * rng.choice([-1, 1]))
+        rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+        m = ry @ rx
+        row, col = _unit(m[:, 0]), _unit(m[:, 1])
+    normal = np.cross(row, col)
+    if orientation == "tilted":  # planes slice_mm apart, the table moves along z
+        step = np.array([0.0, 0.0, slice_mm / normal[2]])
+    else:
+        step = slice_mm * normal
+    c0 = offset_mm * normal - (slices - 1) / 2 * step
+    return SlicePlan(orientation, row, col, (float(step[0]), float(step[1]), float(step[2])),
+                     (float(c0[0]), float(c0[1]), float(c0[2])), slice_mm)
 
 
 def ct_dataset(path: Path, study_uid: str, series_uid: str, frame_uid: str, *,
@@ -67,9 +157,9 @@ def write_ct_series(out: Path, hu: np.ndarray | None = None, *, n: int = 8, size
                     patient_id: str = "SYNTH001",
                     hu_fn: Callable[[tuple[int, int, int]], np.ndarray] | None = None,
                     z_mm: Sequence[float] | None = None, patient_name: str = "Synthetic^Phantom",
-                    ) -> list[Path]:
+                    plan: SlicePlan | None = None) -> list[Path]:
     """Write a CT Image Storage series, one file per slice (slice k at z = -k·slice_mm, or
-    at ``z_mm[k]``)."""
+    at ``z_mm[k]``, or where ``plan`` puts it)."""
     if hu is None:
         hu = (hu_fn or ellipse_phantom)((n, size, size))
     n, rows, cols = hu.shape
@@ -83,8 +173,19 @@ def write_ct_series(out: Path, hu: np.ndarray | None = None, *, n: int = 8, size
         ds = ct_dataset(path, study_uid, series, frame, patient_id=patient_id,
                         patient_name=patient_name, accession="SYN1", series_number=1,
                         instance_number=i + 1, description=series_description)
-        ds.ImagePositionPatient = [ds_value(-half), ds_value(-half),
-                                   ds_value(-i * slice_mm if z_mm is None else z_mm[i])]
+        if plan is not None:
+            ds.ImageOrientationPatient = [ds_value(v) for v in (*plan.row, *plan.col)]
+            ds.ImagePositionPatient = [ds_value(v) for v in (
+                plan.centre(i) - half * np.asarray(plan.row) - half * np.asarray(plan.col))]
+            if plan.orientation != "axial":
+                ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if plan.orientation == "tilted"
+                                else "REFORMATTED"]
+            if plan.orientation == "tilted":  # degrees, + when the top of the gantry leans
+                ds.GantryDetectorTilt = ds_value(float(np.degrees(  # toward the feet
+                    np.arctan2(-plan.col[2], plan.col[1]))))
+        else:
+            ds.ImagePositionPatient = [ds_value(-half), ds_value(-half),
+                                       ds_value(-i * slice_mm if z_mm is None else z_mm[i])]
         ds.PixelSpacing = [ds_value(pixel_mm), ds_value(pixel_mm)]
         ds.SliceThickness = ds_value(slice_mm)
         ds.Rows, ds.Columns = rows, cols

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.simulate import write_ct_series
+from dicomnode.simulate import SlicePlan, slice_plan, write_ct_series
 
 
 @dataclass
@@ -38,6 +38,8 @@ class ChestTruth:
     slice_mm: float = 1.25
     pixel_mm: float = 0.8
     z_mm: list[float] = field(default_factory=list)
+    orientation: str = "axial"
+    plan: SlicePlan | None = None  # where the slices lie (the DICOM files say the same)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -87,20 +89,26 @@ def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray
 def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
              slice_mm: float = 1.25, size: int = 320, pixel_mm: float = 0.8,
              sub: int = 2, specs: list[tuple[str, float]] | None = None,
+             orientation: str = "axial",
              ) -> tuple[np.ndarray, ChestTruth, np.ndarray]:
-    """(HU [z, y, x], truth, nodule labels [z, y, x]). ``specs``: (kind, diameter mm) of each
-    nodule instead of random ones."""
+    """(HU [slice, row, column], truth, nodule labels, same shape). ``specs``: (kind, diameter
+    mm) of each nodule instead of random ones; ``orientation``: one of
+    :data:`dicomnode.simulate.ORIENTATIONS`."""
     rng = np.random.default_rng(seed)
     count = int(rng.choice([0, 0, 1, 1, 2, 3, 4])) if nodules is None else nodules
     if specs is not None:
         count = len(specs)
-    z = (np.arange(slices) - (slices - 1) / 2) * slice_mm
+    plan = slice_plan(orientation, np.random.default_rng([seed, 1]), slices, slice_mm)
+    geometry = plan.geometry((slices, size, size), pixel_mm)
+    to_index = np.linalg.inv(geometry.affine)
+    z = np.array([plan.centre(k)[2] for k in range(slices)])
     yx = (np.arange(size) - (size - 1) / 2) * pixel_mm
     vessels = _vessel_tree(rng)
     truth = ChestTruth(seed=seed, slice_mm=slice_mm, pixel_mm=pixel_mm,
-                       z_mm=[float(v) for v in z])
+                       z_mm=[float(v) for v in z], orientation=orientation, plan=plan)
     placed: list[tuple[np.ndarray, float, str, float, list[tuple[int, float]]]] = []
-    zmin, zmax = z[0] + 10, z[-1] - 10
+    zmin, zmax = (z[0] + 10, z[-1] - 10) if orientation == "axial" else (-85.0, 85.0)
+    margin = np.array([10.0 / slice_mm, 10.0 / pixel_mm, 10.0 / pixel_mm])
     for n_i in range(count):
         for _attempt in range(500):
             c = np.array([rng.choice([-1, 1]) * rng.uniform(40, 100), rng.uniform(-60, 55),
@@ -109,6 +117,9 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
                 else specs[n_i][1]
             probe = c + rng.normal(0, d / 4, (40, 3))
             if not _inside_lungs(probe).all():
+                continue
+            index = (to_index @ np.append(c, 1.0))[:3]  # inside the imaged slab, 10 mm in
+            if np.any(index < margin) or np.any(index > np.array(geometry.shape) - 1 - margin):
                 continue
             if any(np.linalg.norm(c - o[0]) < (d + o[1]) / 2 + 5 for o in placed):
                 continue
@@ -126,13 +137,13 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
 
     texture = gaussian_filter(texture, (0.5, 2.0, 2.0))
     texture /= texture.std() + 1e-6
-    yy, xx = np.meshgrid(yx, yx, indexing="ij")
-    for k, zc in enumerate(z):
+    normal, row, col = plan.normal, np.asarray(plan.row), np.asarray(plan.col)
+    for k in range(slices):
         acc = np.zeros((size, size), dtype=np.float32)
         frac = np.zeros((len(placed), size, size), dtype=np.float32)
         for dz in (np.arange(sub) - (sub - 1) / 2) * slice_mm / sub:
-            zz = zc + dz
-            p = np.stack([xx, yy, np.full_like(xx, zz)], axis=-1)
+            p = plan.points(k, yx, dz)
+            xx, yy, zz = p[..., 0], p[..., 1], p[..., 2]
             hu = np.full((size, size), -1000.0, dtype=np.float32)
             body = (xx / 160) ** 2 + (yy / 115) ** 2 <= 1
             hu[body] = -100.0  # fat
@@ -142,31 +153,42 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
             hu[lungs] = -860.0 + 25 * texture[k][lungs]
             spine = ((xx / 18) ** 2 + ((yy - 80) / 18) ** 2) <= 1
             hu[spine] = 700.0
+            ang = np.arctan2(yy, xx)
+            ring = np.abs(np.hypot(xx / 150, yy / 106) - 0.93) < 0.03
             for rib_angle in np.linspace(0.35, np.pi - 0.35, 7):
-                ang = np.arctan2(yy, xx)
-                ring = np.abs(np.hypot(xx / 150, yy / 106) - 0.93) < 0.03
                 hu[ring & (np.abs(((ang - rib_angle + zz / 60) + np.pi) % (2 * np.pi) - np.pi)
                            < 0.12)] = 650.0
                 hu[ring & (np.abs(((ang + rib_angle + zz / 60) + np.pi) % (2 * np.pi) - np.pi)
                            < 0.12)] = 650.0
-            # vessels: only segments whose slab reaches this z
+            # vessels: each segment only in the window of pixels its bounding box covers
+            centre = plan.centre(k) + dz * normal
             for a, b, r in vessels:
-                if min(a[2], b[2]) - r > zz or max(a[2], b[2]) + r < zz:
+                lo = np.minimum(a, b) - r - 1
+                hi = np.maximum(a, b) + r + 1
+                corners = np.array([[x, y, w] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                                    for w in (lo[2], hi[2])]) - centre
+                depth = corners @ normal
+                if depth.min() > 0 or depth.max() < 0:
                     continue
-                lo = np.minimum(a[:2], b[:2]) - r - 1
-                hi = np.maximum(a[:2], b[:2]) + r + 1
-                sel = (xx >= lo[0]) & (xx <= hi[0]) & (yy >= lo[1]) & (yy <= hi[1]) & lungs
+                u = corners @ row / pixel_mm + (size - 1) / 2  # column index
+                v = corners @ col / pixel_mm + (size - 1) / 2  # row index
+                c0, c1 = max(int(u.min()), 0), min(int(np.ceil(u.max())) + 1, size)
+                r0, r1 = max(int(v.min()), 0), min(int(np.ceil(v.max())) + 1, size)
+                if c0 >= c1 or r0 >= r1:
+                    continue
+                sel = lungs[r0:r1, c0:c1]
                 if not sel.any():
                     continue
-                dist = _segment_distance(p[sel], a, b)
-                hu[np.where(sel)] = np.where(dist <= r, 40.0, hu[sel])
+                dist = _segment_distance(p[r0:r1, c0:c1][sel], a, b)
+                window = hu[r0:r1, c0:c1]
+                window[sel] = np.where(dist <= r, 40.0, window[sel])
             for i, (c, d, _kind, nhu, lobes) in enumerate(placed):
-                rel = p - c
-                if abs(rel[0, 0, 2]) > d:
+                if abs(float((c - centre) @ normal)) > d:
                     continue
+                rel = p - c
                 rr = np.linalg.norm(rel, axis=-1)
-                ang = np.arctan2(rel[..., 1], rel[..., 0])
-                bump = 1 + sum(0.08 * np.cos(kk * ang + ph) for kk, ph in lobes)
+                ang_n = np.arctan2(rel[..., 1], rel[..., 0])
+                bump = 1 + sum(0.08 * np.cos(kk * ang_n + ph) for kk, ph in lobes)
                 m = (rr <= d / 2 * bump) & lungs
                 hu[m] = nhu
                 frac[i] += m
@@ -175,24 +197,21 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
         labels_frac[:, k] = frac / sub
     vol += rng.normal(0, 12.0 * np.sqrt(1.25 / slice_mm), vol.shape).astype(np.float32)
     labels = np.zeros((slices, size, size), dtype=np.uint8)
-    voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000
     for i, (_c, d, kind, nhu, _) in enumerate(placed):
         f = labels_frac[i]
         labels[f >= 0.5] = i + 1
         idx = np.argwhere(f > 0)
         w = f[f > 0]
         cen = (idx * w[:, None]).sum(0) / w.sum()
-        truth.nodules.append(Nodule(kind, float(d), float(w.sum() * voxel_ml),
-                                    (float(yx[0] + cen[2] * pixel_mm),
-                                     float(yx[0] + cen[1] * pixel_mm),
-                                     float(z[0] + cen[0] * slice_mm)), nhu))
+        truth.nodules.append(Nodule(kind, float(d), float(w.sum() * geometry.voxel_ml),
+                                    geometry.to_patient(cen), nhu))
     return vol, truth, labels
 
 
 def write_chest_ct(out: Path, seed: int, **kw: Any) -> tuple[list[Path], ChestTruth]:
     hu, truth, labels = chest_ct(seed, **kw)
     files = write_ct_series(out, hu=hu, pixel_mm=truth.pixel_mm, slice_mm=truth.slice_mm,
-                            series_description="SYNTHETIC CHEST CT", z_mm=truth.z_mm,
+                            series_description="SYNTHETIC CHEST CT", plan=truth.plan,
                             patient_id=f"SYNTH-CHEST-{seed}")
     (out / "truth.json").write_text(truth.to_json())
     np.save(out / "truth-mask.npy", labels)

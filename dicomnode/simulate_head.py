@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.simulate import write_ct_series
+from dicomnode.simulate import SlicePlan, slice_plan, write_ct_series
 
 KINDS = ("iph", "sdh", "edh")
 HEAD = np.array([72.0, 92.0, 78.0])  # outer semi-axes (x, y, z) mm
@@ -50,6 +50,8 @@ class HeadTruth:
     yaw_deg: float = 0.0
     pitch_deg: float = 0.0
     z_mm: list[float] = field(default_factory=list)  # slice centres (LPS z), slice order
+    orientation: str = "axial"
+    plan: SlicePlan | None = None  # where the slices lie (the DICOM files say the same)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -139,11 +141,14 @@ def _lesion_params(kind: str, rng: np.random.Generator, inner: np.ndarray,
 
 def head_ct(seed: int, *, kind: str | None = "random", volume_ml: float | None = None,
             slices: int = 40, slice_mm: float = 4.0, size: int = 256, pixel_mm: float = 0.9,
-            sub: int = 3) -> tuple[np.ndarray, HeadTruth, np.ndarray]:
-    """(HU volume [z, y, x], truth, lesion label mask [z, y, x] (0 = none, k = lesion k)).
+            sub: int = 3, orientation: str = "axial",
+            ) -> tuple[np.ndarray, HeadTruth, np.ndarray]:
+    """(HU volume [slice, row, column], truth, lesion label mask, same shape (0 = none,
+    k = lesion k)).
 
     ``kind``: "random" (none in ~40 % of studies), "none", or one of iph/sdh/edh;
-    ``volume_ml``: lesion volume (default random, log-uniform 0.5–50 mL)."""
+    ``volume_ml``: lesion volume (default random, log-uniform 0.5–50 mL); ``orientation``:
+    one of :data:`dicomnode.simulate.ORIENTATIONS` (``tilted``: gantry tilt, a sheared stack)."""
     rng = np.random.default_rng(seed)
     if kind == "random":
         kind = None if rng.random() < 0.4 else str(rng.choice(KINDS))
@@ -154,7 +159,11 @@ def head_ct(seed: int, *, kind: str | None = "random", volume_ml: float | None =
     yaw, pitch = rng.uniform(-12, 12), rng.uniform(-10, 10)
     rot = _rotation(np.radians(yaw), np.radians(pitch))
     shapes = _Shapes(rng)
-    z = (np.arange(slices) - (slices - 1) / 2) * slice_mm + rng.uniform(-8, 8)
+    offset = rng.uniform(-8, 8)
+    # the plane's angles come from their own stream: one seed is one head and one bleed in
+    # every orientation
+    plan = slice_plan(orientation, np.random.default_rng([seed, 1]), slices, slice_mm, offset)
+    z = np.array([plan.centre(k)[2] for k in range(slices)])
     sub_z = (np.arange(sub) - (sub - 1) / 2) * slice_mm / sub
     yx = (np.arange(size) - (size - 1) / 2) * pixel_mm
     vol = np.zeros((slices, size, size), dtype=np.float32)
@@ -169,10 +178,8 @@ def head_ct(seed: int, *, kind: str | None = "random", volume_ml: float | None =
     texture = _smooth_field(rng, (slices, size, size), 1.5)
     lesion_hu = float(rng.uniform(55, 85)) if kind else 0.0
 
-    def head_coords(zz: float) -> np.ndarray:
-        yy, xx = np.meshgrid(yx, yx, indexing="ij")
-        p = np.stack([xx, yy, np.full_like(xx, zz)], axis=-1)
-        return np.asarray(p @ rot)  # patient → head frame (rot is orthonormal)
+    def head_coords(k: int, depth: float) -> np.ndarray:
+        return np.asarray(plan.points(k, yx, depth) @ rot)  # patient → head frame (orthonormal)
 
     # solve the lesion's size for the requested volume (bisection on a coarse rendering)
     size_param = 1.0
@@ -192,11 +199,11 @@ def head_ct(seed: int, *, kind: str | None = "random", volume_ml: float | None =
             got = m.sum() * 2.0**3 / 1000
             lo, hi = (mid, hi) if got < target else (lo, mid)
         size_param = (lo + hi) / 2
-    for k, zc in enumerate(z):
+    for k in range(slices):
         acc = np.zeros((size, size), dtype=np.float32)
         les = np.zeros((size, size), dtype=np.float32)
         for dz in sub_z:
-            q = head_coords(zc + dz)
+            q = head_coords(k, dz)
             outer = _rho(q, HEAD)
             bone_out = _rho(q, HEAD - SCALP_MM)
             inner = _rho(q, shapes.inner)
@@ -233,14 +240,13 @@ def head_ct(seed: int, *, kind: str | None = "random", volume_ml: float | None =
     truth = HeadTruth(seed=seed, hemorrhage=kind is not None and bool(lesion_frac.any()),
                       slice_mm=slice_mm,
                       pixel_mm=pixel_mm, yaw_deg=float(yaw), pitch_deg=float(pitch),
-                      z_mm=[float(v) for v in z])
+                      z_mm=[float(v) for v in z], orientation=orientation, plan=plan)
     if kind is not None and lesion_frac.any():  # (a short slab may miss the lesion: then
         voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000  # the study truly shows none)
         idx = np.argwhere(lesion_frac > 0)
         w = lesion_frac[lesion_frac > 0]
         c = (idx * w[:, None]).sum(axis=0) / w.sum()
-        centroid = (float(yx[0] + c[2] * pixel_mm), float(yx[0] + c[1] * pixel_mm),
-                    float(z[0] + c[0] * slice_mm))
+        centroid = plan.geometry(vol.shape, pixel_mm).to_patient(c)
         truth.lesions.append(Lesion(kind, float(w.sum() * voxel_ml), centroid, lesion_hu))
     return vol, truth, labels.astype(np.uint8) * (1 if kind else 0)
 
@@ -256,5 +262,5 @@ def write_head_ct(out: Path, seed: int, **kw: Any) -> tuple[list[Path], HeadTrut
 
 def _write(out: Path, hu: np.ndarray, truth: HeadTruth) -> list[Path]:
     return write_ct_series(out, hu=hu, pixel_mm=truth.pixel_mm, slice_mm=truth.slice_mm,
-                           series_description="SYNTHETIC HEAD CT", z_mm=truth.z_mm,
+                           series_description="SYNTHETIC HEAD CT", plan=truth.plan,
                            patient_id=f"SYNTH-HEAD-{truth.seed}")

@@ -104,14 +104,24 @@ def test_every_simulator_writes_conformant_dicom(tmp_path: Path) -> None:
     """What `dicomnode simulate` writes is DICOM the node made: dciodvfy must pass it too."""
     from tests.validators import dciodvfy_errors
 
-    for args in (["ct", "--geometry", "fan", "--views", "8", "--detector-pixels", "32"],
+    for i, args in enumerate((
+                 ["ct", "--geometry", "fan", "--views", "8", "--detector-pixels", "32"],
                  ["ct", "--geometry", "cone", "--views", "8", "--detector-pixels", "32",
                   "--rows", "4", "--detector", "flat"],
                  ["head-ct", "--slices", "3", "--size", "64", "--hemorrhage", "iph"],
-                 ["chest-ct", "--slices", "3", "--size", "64", "--nodules", "0"]):
-        out = tmp_path / args[0] / str(len(args))
+                 ["chest-ct", "--slices", "3", "--size", "64", "--nodules", "0"],
+                 ["head-ct", "--slices", "3", "--size", "64", "--orientation", "tilted"],
+                 ["chest-ct", "--slices", "3", "--size", "64", "--nodules", "0",
+                  "--orientation", "sagittal"])):
+        out = tmp_path / args[0] / str(i)
         r = run("simulate", *args, "--out", str(out))
         assert r.returncode == 0, r.stderr
         assert "Warning" not in r.stderr  # e.g. numpy on a lesion outside a short slab
         first = sorted(out.glob("*.dcm"))[0]
         assert dciodvfy_errors(first) == [], (args, first)
+    tilted = pydicom.dcmread(sorted((tmp_path / "head-ct" / "4").glob("*.dcm"))[0])
+    assert 10 <= abs(float(tilted.GantryDetectorTilt)) <= 25
+    sagittal = pydicom.dcmread(sorted((tmp_path / "chest-ct" / "5").glob("*.dcm"))[0])
+    assert [float(v) for v in sagittal.ImageOrientationPatient] == [0, 1, 0, 0, 0, -1]
+    bad = run("simulate", "head-ct", "--orientation", "diagonal", "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "not one of axial, tilted" in bad.stderr

@@ -124,8 +124,7 @@ class _SliceMaker:
             "SOPInstanceUID": output_uid(self.prov.job_id, "series", self.index, "slice", k),
             "InstanceNumber": k + 1,
             "ImagePositionPatient": [ds_value(v) for v in g.to_patient([k, 0, 0])],
-            "SliceLocation": ds_value(float(np.dot(g.to_patient([k, 0, 0]),
-                                                   g.slice_direction))),
+            "SliceLocation": ds_value(float(np.dot(g.to_patient([k, 0, 0]), g.normal))),
             "PixelData": np.ascontiguousarray(self.stored[k]).tobytes(),
         }
 
@@ -133,7 +132,7 @@ class _SliceMaker:
         volume, src, prov, g = self.volume, self.src, self.prov, self.g
         when = self.when
         # Image Type value 3 (PS3.3 C.8.2.1.1.1): AXIAL for transverse slices, else REFORMATTED
-        plane_term = "AXIAL" if abs(g.slice_direction[2]) > 0.99 else "REFORMATTED"
+        plane_term = "AXIAL" if abs(g.normal[2]) > 0.99 else "REFORMATTED"
         var = self.varying(k)
         ds = Dataset()
         copy_patient_study(src, ds)
@@ -171,8 +170,8 @@ class _SliceMaker:
         ds.ImageOrientationPatient = [round(v, 8) for v in (*g.row_direction,
                                                              *g.column_direction)]
         ds.PixelSpacing = [ds_value(g.spacing[1]), ds_value(g.spacing[2])]
-        ds.SliceThickness = ds_value(g.spacing[0])
-        ds.SpacingBetweenSlices = ds_value(g.spacing[0])
+        ds.SliceThickness = ds_value(g.slice_gap_mm)
+        ds.SpacingBetweenSlices = ds_value(g.slice_gap_mm)
         ds.SliceLocation = var["SliceLocation"]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -344,7 +343,7 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
     ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
     # enhanced Image Type: value 2 is enumerated PRIMARY (dciodvfy rejects SECONDARY there),
     # value 4 (derived pixel contrast) NONE
-    plane_term = "AXIAL" if abs(g.slice_direction[2]) > 0.99 else "REFORMATTED"
+    plane_term = "AXIAL" if abs(g.normal[2]) > 0.99 else "REFORMATTED"
     image_type = ["ORIGINAL" if volume.original else "DERIVED", "PRIMARY", plane_term, "NONE"]
     ds.ImageType = image_type
     ds.PixelPresentation, ds.VolumetricProperties = "MONOCHROME", "VOLUME"
@@ -400,8 +399,8 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
     shared = Dataset()
     measures = Dataset()
     measures.PixelSpacing = [ds_value(g.spacing[1]), ds_value(g.spacing[2])]
-    measures.SliceThickness = ds_value(g.spacing[0])
-    measures.SpacingBetweenSlices = ds_value(g.spacing[0])
+    measures.SliceThickness = ds_value(g.slice_gap_mm)
+    measures.SpacingBetweenSlices = ds_value(g.slice_gap_mm)
     shared.PixelMeasuresSequence = [measures]
     orientation = Dataset()
     orientation.ImageOrientationPatient = [round(v, 8) for v in (*g.row_direction,
@@ -444,8 +443,7 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
         position = Dataset()
         position.ImagePositionPatient = [ds_value(v) for v in g.to_patient([k, 0, 0])]
         classic = Dataset()  # the classic per-slice attribute without a functional group
-        classic.SliceLocation = ds_value(float(np.dot(g.to_patient([k, 0, 0]),
-                                                      g.slice_direction)))
+        classic.SliceLocation = ds_value(float(np.dot(g.to_patient([k, 0, 0]), g.normal)))
         frame = Dataset()
         frame.FrameContentSequence = [content]
         frame.PlanePositionSequence = [position]

@@ -98,25 +98,36 @@ def series_input(datasets: Sequence[Any], load_pixels: bool = True) -> SeriesInp
     ordered = sorted(datasets, key=lambda d: float(_floats(d, "ImagePositionPatient", 3) @ normal))
     positions = np.array([_floats(d, "ImagePositionPatient", 3) for d in ordered])
     spacing_rc = _floats(first, "PixelSpacing", 2)
+    slice_dir = normal
     if len(ordered) > 1:
         steps = np.diff(positions @ normal)
         if np.any(steps < _TOL_MM):
             raise PluginError("two slices at the same position (duplicate or mixed series)")
-        slice_spacing = float(np.median(steps))
-        if np.max(np.abs(steps - slice_spacing)) > max(0.01 * slice_spacing, 0.01):
+        gap = float(np.median(steps))
+        if np.max(np.abs(steps - gap)) > max(0.01 * gap, 0.01):
             raise PluginError(f"uneven slice spacing ({steps.min():.3f}–{steps.max():.3f} mm)")
-        # slices must stack along the normal (no gantry tilt shear in this version)
-        lateral = (positions - positions[0]) - np.outer(positions @ normal - positions[0] @ normal,
-                                                        normal)
-        if np.max(np.abs(lateral)) > 0.01:
-            raise PluginError("slices are sheared (gantry tilt): not supported yet")
+        # slices stack along the normal, or, with gantry tilt, along the table: then every
+        # slice is shifted in its plane by the same step (a shear); anything else is refused
+        step = (positions[-1] - positions[0]) / (len(ordered) - 1)
+        off = positions - positions[0] - np.outer(np.arange(len(ordered)), step)
+        if np.max(np.abs(off)) > max(0.01 * gap, 0.05):
+            raise PluginError("slice positions do not lie on one line (mixed series, or a "
+                              "varying gantry tilt)")
+        slice_spacing = float(np.linalg.norm(step))
+        slice_dir = step / slice_spacing
+        tilt = float(np.degrees(np.arccos(np.clip(slice_dir @ normal, -1.0, 1.0))))
+        if tilt > 45:
+            raise PluginError(f"slices stacked {tilt:.0f}° off their normal: not a gantry tilt "
+                              "this node accepts (≤ 45°)")
+        if tilt < 0.01:
+            slice_dir = normal  # exact, no rounding noise
     else:
         slice_spacing = float(first.get("SliceThickness") or 1.0)
     geometry = Geometry(
         origin=tuple(float(x) for x in positions[0]),  # type: ignore[arg-type]
         row_direction=tuple(float(x) for x in row_dir),  # type: ignore[arg-type]
         column_direction=tuple(float(x) for x in col_dir),  # type: ignore[arg-type]
-        slice_direction=tuple(float(x) for x in normal),  # type: ignore[arg-type]
+        slice_direction=tuple(float(x) for x in slice_dir),  # type: ignore[arg-type]
         spacing=(slice_spacing, float(spacing_rc[0]), float(spacing_rc[1])),
         shape=(len(ordered), int(first.Rows), int(first.Columns)),
         frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),

@@ -52,7 +52,7 @@ class Threshold(Plugin[ThresholdParams]):
         if voxels == 0:
             return Outputs(summary=f"no voxel at or above {params.hu_min} HU")
         g = series.geometry
-        ml = voxels * g.spacing[0] * g.spacing[1] * g.spacing[2] / 1000.0
+        ml = voxels * g.voxel_ml
         centre = g.to_patient([float(c) for c in to_numpy(xp.argwhere(mask).mean(axis=0))])
         labels = to_numpy(mask).astype("uint8")
         ctx.log.info("threshold %s HU: %d voxels, %.2f mL", params.hu_min, voxels, ml)

@@ -111,7 +111,7 @@ class Surface(Plugin[SurfaceParams]):
         # normals point outward, as STL readers and 3D printers expect
         if trimesh.Trimesh(vertices, faces, process=False).volume < 0:
             faces = faces[:, ::-1]
-        ml = voxels * float(np.prod(g.spacing)) / 1000.0
+        ml = voxels * g.voxel_ml
         area = float(mesh.area)
         centre = g.to_patient([float(c) for c in np.argwhere(crop).mean(axis=0) + lo])
         ctx.log.info("%d voxels, %.2f mL, %d faces, %.0f mm2", voxels, ml, len(faces), area)
