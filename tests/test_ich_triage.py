@@ -24,7 +24,7 @@ from dicomnode.plugin import Context, Inputs, NotApplicable
 from dicomnode.run.inputs import series_input
 from dicomnode.simulate import write_ct_series
 from dicomnode.simulate_head import write_head_ct
-from tests.helpers import Webhook, storescu, wait_until
+from tests.helpers import Webhook, cupy_or_none, storescu, wait_until
 from tests.test_pipeline import make_node, pipeline_config
 from tests.validators import dciodvfy_errors, dsrdump_errors
 
@@ -70,6 +70,47 @@ def test_finds_the_hemorrhage_and_measures_it(tmp_path: Path, seed: int, kind: s
     assert overlap.sum() > 0.5 * (np.asarray(lm.array) > 0).sum()  # mostly on the truth
 
 
+@pytest.mark.parametrize("orientation,slice_mm,kind", [
+    ("tilted", 2.5, "sdh"), ("tilted", 5.0, "iph"), ("oblique", 4.0, "iph"),
+    ("coronal", 2.5, "edh"), ("sagittal", 2.0, "sdh")])
+def test_any_plane_and_gantry_tilt(tmp_path: Path, orientation: str, slice_mm: float,
+                                   kind: str) -> None:
+    """The same head and bleed (one seed) acquired tilted (a sheared stack), oblique, coronal
+    and sagittal: found, measured, placed and sided as in the axial study. Coronal and
+    sagittal series are resampled to axial inside the plugin and the SEG comes back on the
+    series' own slices."""
+    slices = round((160 if orientation in ("tilted", "oblique") else 200) / slice_mm)
+    inputs, truth, _ = study(tmp_path, 16, kind=kind, volume_ml=6.0, orientation=orientation,
+                             slice_mm=slice_mm, slices=slices)
+    g = inputs.primary.geometry
+    assert g.sheared == (orientation == "tilted")
+    out = ICHTriage().run(inputs, ICHParams(), ctx(tmp_path))
+    [les] = truth.lesions
+    found = lesions(out)
+    assert found, f"missed {kind} {les.volume_ml:.1f} mL, {orientation}"
+    best = found[0]
+    assert best.measurements[0].value == pytest.approx(les.volume_ml, rel=0.3)
+    assert np.linalg.norm(np.subtract(best.location, les.centroid_lps)) < 10.0
+    if kind != "iph":  # this seed's extra-axial bleeds lie 40 mm right of the midline
+        assert les.centroid_lps[0] < -30
+        assert best.laterality is not None and best.laterality.meaning == "Right"
+    [lm] = out.label_maps
+    assert lm.geometry == g  # on the series' own voxels
+    overlap = (np.asarray(lm.array) > 0) & (np.load(
+        tmp_path / "head16" / "truth-mask.npy") > 0)
+    assert overlap.sum() > 0.5 * (np.asarray(lm.array) == 1).sum()
+    if orientation in ("tilted", "sagittal"):  # SEG/SR over a sheared stack, a sagittal one
+        src = inputs.primary
+        prov = Provenance("job-16", "ich-triage", "1.0.0",
+                          algorithm_family=("123104", "DCM", "Morphological Operations"))
+        seg = label_map_to_seg(out.label_maps[0], src.datasets, src.geometry, prov, 9005)
+        sr = findings_to_sr(out.findings, src.datasets, seg, prov, 9008)
+        for name, obj in (("seg", seg), ("sr", sr)):
+            obj.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+            assert dciodvfy_errors(tmp_path / f"{name}.dcm") == [], name
+        assert dsrdump_errors(tmp_path / "sr.dcm") == []
+
+
 @pytest.mark.parametrize("seed", [21, 22, 23])
 def test_no_hemorrhage_no_alarm(tmp_path: Path, seed: int) -> None:
     inputs, truth, _ = study(tmp_path, seed, kind="none")
@@ -93,6 +134,10 @@ def test_refuses_what_is_not_a_head_ct(tmp_path: Path) -> None:
         ds.Modality = "MR"
     with pytest.raises(NotApplicable, match="needs CT"):
         ICHTriage().run(Inputs("1", (series_input(mr),), {}), ICHParams(), ctx(tmp_path))
+    thick = write_head_ct(tmp_path / "sag", 4, kind="none", orientation="sagittal",
+                          slice_mm=4.0)[0]
+    with pytest.raises(NotApplicable, match=r"90° off axial with slices 4\.0 mm apart"):
+        run(thick)
     nospacing = [pydicom.dcmread(f) for f in five]
     for ds in nospacing:
         del ds.PixelSpacing
@@ -169,3 +214,21 @@ def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: 
         assert len(orthanc.series()) == 4 and len(hook.received) == 1
     finally:
         hook.stop()
+
+
+@pytest.mark.skipif(cupy_or_none() is None,
+                    reason="no CUDA GPU with CuPy here (checked on a lent GPU)")
+@pytest.mark.parametrize("orientation", ["axial", "sagittal"])
+def test_gpu_matches_cpu(tmp_path: Path, orientation: str) -> None:
+    """The same run with ctx.xp = CuPy: the same lesions, volumes and label map."""
+    cp = cupy_or_none()
+    inputs, _, _ = study(tmp_path, 16, kind="sdh", volume_ml=6.0, orientation=orientation,
+                         slice_mm=2.0, slices=100)
+    cpu = ICHTriage().run(inputs, ICHParams(), ctx(tmp_path))
+    gpu = ICHTriage().run(inputs, ICHParams(), Context("job", cp, "cuda:0", tmp_path,
+                                                       logging.getLogger("test")))
+    assert len(lesions(gpu)) == len(lesions(cpu)) >= 1
+    for a, b in zip(lesions(cpu), lesions(gpu), strict=True):
+        assert b.measurements[0].value == pytest.approx(a.measurements[0].value, rel=0.02)
+    agree = (np.asarray(cpu.label_maps[0].array) == np.asarray(gpu.label_maps[0].array)).mean()
+    assert agree > 0.9999

@@ -20,7 +20,7 @@ from dicomnode.plugin import Context, Inputs, NotApplicable
 from dicomnode.run.inputs import series_input
 from dicomnode.simulate_chest import write_chest_ct
 from dicomnode.simulate_head import write_head_ct
-from tests.helpers import storescu
+from tests.helpers import cupy_or_none, storescu
 from tests.test_pipeline import make_node, pipeline_config
 from tests.validators import dciodvfy_errors, dsrdump_errors
 
@@ -130,3 +130,42 @@ def test_chest_ct_to_orthanc(node_factory, orthanc, tmp_path: Path) -> None:  # 
                  .value for g in groups]
     assert any(abs(d - truth.nodules[0].diameter_mm) < 0.3 * truth.nodules[0].diameter_mm
                for d in diameters)
+
+
+@pytest.mark.parametrize("orientation", ["coronal", "tilted"])
+def test_coronal_and_gantry_tilted_series(tmp_path: Path, orientation: str) -> None:
+    """The same chest (one seed) as a coronal series and as a gantry-tilted (sheared) one:
+    every nodule found where the truth has it, on the right side, sized within 30 %."""
+    files, truth = write_chest_ct(tmp_path / orientation, 52, orientation=orientation,
+                                  specs=[("solid", 9.0), ("ground-glass", 14.0)], **SMALL)
+    inputs = Inputs("1", (series_input([pydicom.dcmread(f) for f in files]),), {})
+    assert inputs.primary.geometry.sheared == (orientation == "tilted")
+    out = LungNodules().run(inputs, NoduleParams(), ctx(tmp_path))
+    assert len(out.findings) <= len(truth.nodules) + 1  # at most one false positive
+    for nodule in truth.nodules:
+        near = [f for f in out.findings
+                if np.linalg.norm(np.subtract(f.location, nodule.centroid_lps)) < 3.0]
+        assert near, f"missed {nodule.kind} {nodule.diameter_mm:.0f} mm ({orientation})"
+        values = {m.name.meaning: m.value for m in near[0].measurements}
+        assert values["Diameter"] == pytest.approx(nodule.diameter_mm, rel=0.3)
+        assert near[0].laterality.meaning == ("Left" if nodule.centroid_lps[0] > 0
+                                              else "Right")
+
+
+@pytest.mark.skipif(cupy_or_none() is None,
+                    reason="no CUDA GPU with CuPy here (checked on a lent GPU)")
+def test_gpu_matches_cpu(tmp_path: Path) -> None:
+    """The same run with ctx.xp = CuPy (lung mask, Hessians, peaks on the GPU): the same
+    nodules and measurements."""
+    cp = cupy_or_none()
+    files, _ = write_chest_ct(tmp_path / "c", 51, specs=[("solid", 10.0),
+                                                        ("ground-glass", 16.0)], **SMALL)
+    inputs = Inputs("1", (series_input([pydicom.dcmread(f) for f in files]),), {})
+    cpu = LungNodules().run(inputs, NoduleParams(), ctx(tmp_path))
+    gpu = LungNodules().run(inputs, NoduleParams(), Context("job", cp, "cuda:0", tmp_path,
+                                                            logging.getLogger("test")))
+    assert len(gpu.findings) == len(cpu.findings) >= 2
+    for a, b in zip(cpu.findings, gpu.findings, strict=True):
+        assert np.linalg.norm(np.subtract(a.location, b.location)) < 0.5
+        for ma, mb in zip(a.measurements, b.measurements, strict=True):
+            assert mb.value == pytest.approx(ma.value, rel=0.05, abs=0.2)

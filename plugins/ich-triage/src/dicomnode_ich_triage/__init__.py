@@ -51,7 +51,9 @@ from dicomnode.plugin import (
     Params,
     Plugin,
     Segment,
+    axial_grid,
     ndimage,
+    resample,
     to_numpy,
 )
 
@@ -71,16 +73,25 @@ class ICHParams(Params):
     median_mm: float = 2.0  # in-plane median filter size
     max_slice_mm: float = 10.0
     min_slices: int = Field(8, ge=1)
+    # series whose planes are more than this off axial are resampled to an axial grid with
+    # this slice spacing (gantry tilts up to 30° are processed as they are)
+    max_tilt_deg: float = Field(30.0, ge=0, le=90)
+    axial_slice_mm: float = Field(2.5, gt=0)
+    max_reformat_slice_mm: float = Field(3.0, gt=0)  # thicker non-axial series are refused
 
 
 
-def intracranial_mask(hu: np.ndarray, bone_hu: float, ndi: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(cavity inside the skull, bone) per slice."""
+IN_PLANE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # 2D cross, per slice
+PATIENT_LEFT = np.array([1.0, 0.0, 0.0])  # LPS +x
+
+
+def intracranial_mask(hu: Any, bone_hu: float, ndi: Any) -> tuple[Any, Any]:
+    """(cavity inside the skull, bone) per slice, on ``hu``'s device. A structuring element in
+    the slice plane keeps closing and hole filling inside each slice (every slice's edge is on
+    the volume's border), so one call does all slices."""
     bone = hu > bone_hu
-    cavity = np.zeros_like(bone)
-    for k in range(hu.shape[0]):
-        closed = ndi.binary_closing(bone[k], iterations=2)
-        cavity[k] = ndi.binary_fill_holes(closed) & ~closed
+    closed = ndi.binary_closing(bone, structure=IN_PLANE, iterations=2)
+    cavity = ndi.binary_fill_holes(closed, structure=IN_PLANE) & ~closed
     return cavity, bone
 
 
@@ -107,12 +118,12 @@ class ICHTriage(Plugin[ICHParams]):
                    "hyperdense components, shape filters) → SR + SEG + KOS, critical alert")
     algorithm_family = Code("123104", "DCM", "Morphological Operations")
     params_model = ICHParams
-    needs = Needs(gpu=GPU.NO, memory_mb=2048, timeout_seconds=300)
+    needs = Needs(gpu=GPU.PREFERRED, memory_mb=2048, timeout_seconds=300)
     accepts = Accepts(modalities=("CT",), min_instances=1)
 
     @staticmethod
-    def _volume(hu: np.ndarray, comp: np.ndarray, allowed: np.ndarray, brain_hu: float,
-                ndi: Any) -> float:
+    def _volume(hu: np.ndarray, smooth: np.ndarray, comp: np.ndarray, allowed: np.ndarray,
+                brain_hu: float, ndi: Any) -> float:
         """Partial-volume-aware voxel count: around the component, each voxel counts by how far
         its HU lies from brain towards the lesion's core (thick slices cut lesions, a voxel
         half-filled with blood reads half-way)."""
@@ -120,7 +131,6 @@ class ICHTriage(Plugin[ICHParams]):
         if core - brain_hu < 5:
             return float(comp.sum())
         ring = ndi.binary_dilation(comp, structure=np.ones((3, 3, 3)), iterations=1) & allowed
-        smooth = ndi.gaussian_filter(hu, sigma=(0, 0.7, 0.7))
         frac = np.clip((smooth[ring] - brain_hu) / (core - brain_hu), 0.0, 1.0)
         return float(frac.sum())
 
@@ -132,32 +142,57 @@ class ICHTriage(Plugin[ICHParams]):
         if g.shape[0] < params.min_slices:
             raise NotApplicable(f"{g.shape[0]} slice(s): a head CT for triage needs at least "
                                 f"{params.min_slices}")
-        if g.spacing[0] > params.max_slice_mm:
-            raise NotApplicable(f"slices {g.spacing[0]:.1f} mm apart: too coarse for triage "
+        gap = g.slice_gap_mm  # between the planes (gantry tilt: less than the step)
+        if gap > params.max_slice_mm:
+            raise NotApplicable(f"slices {gap:.1f} mm apart: too coarse for triage "
                                 f"(≤ {params.max_slice_mm} mm)")
+        # the whole-volume work runs on ctx.xp's device (CuPy on a GPU, else NumPy); the
+        # per-lesion work that follows is small and runs on the host
+        xp = ctx.xp
+        xndi = ndimage(xp)
         ndi = ndimage(np)
-        hu = to_numpy(series.pixels(np))
-        sz, sy, sx = g.spacing
-        cavity, bone = intracranial_mask(hu, params.bone_hu, ndi)
-        cavity_ml = cavity.sum() * sz * sy * sx / 1000
-        slices_with_cavity = int((cavity.sum(axis=(1, 2)) * sy * sx > 2000).sum())  # > 20 cm²
-        if cavity_ml < 150 or slices_with_cavity * sz < 30:
+        hu_x = series.pixels(xp)
+        src = g
+        if abs(g.normal[2]) < np.cos(np.radians(params.max_tilt_deg)):
+            # coronal, sagittal or steeply oblique: the skull does not close a cavity in
+            # every slice, and slices cut extra-axial bleeds tangentially; work on an axial
+            # grid (trilinear), and map the lesions back onto the series for the SEG. Thick
+            # such slices smear the skull over the convexity (false bleeds): refused.
+            off = float(np.degrees(np.arccos(min(1.0, abs(g.normal[2])))))
+            if gap > params.max_reformat_slice_mm:
+                raise NotApplicable(
+                    f"planes {off:.0f}° off axial with slices {gap:.1f} mm apart: send the "
+                    f"axial series, or one ≤ {params.max_reformat_slice_mm:g} mm")
+            g = axial_grid(src, (params.axial_slice_mm, min(src.spacing[1:]),
+                                 min(src.spacing[1:])))
+            hu_x = resample(hu_x, src, g, xp, order=1, cval=-1000.0)
+            ctx.log.info("series planes %.0f° off axial: resampled to an axial grid %s",
+                         off, g.shape)
+            gap = g.slice_gap_mm
+        _, sy, sx = g.spacing
+        voxel_ml = g.voxel_ml
+        cavity_x, bone_x = intracranial_mask(hu_x, params.bone_hu, xndi)
+        cavity_ml = float(cavity_x.sum()) * voxel_ml
+        slices_with_cavity = int((cavity_x.sum(axis=(1, 2)) * sy * sx > 2000).sum())  # > 20 cm²
+        if cavity_ml < 150 or slices_with_cavity * gap < 30:
             raise NotApplicable(f"no cranial cavity found ({cavity_ml:.0f} mL enclosed by "
                                 "bone): not a head CT")
-        brain_hu = float(np.median(hu[cavity]))
+        brain_hu = float(xp.median(hu_x[cavity_x]))
         if not -20 < brain_hu < 60:
             raise NotApplicable(f"tissue inside the bone is {brain_hu:.0f} HU, not brain")
         size = max(1, round(params.median_mm / sx) | 1)
-        smooth = ndi.median_filter(hu, size=(1, size, size))
-        margin = np.ones_like(cavity)
-        for k in range(hu.shape[0]):  # in-plane distance to bone, mm
-            margin[k] = ndi.distance_transform_edt(~bone[k], sampling=(sy, sx)) \
-                > params.bone_margin_mm
+        smooth = xndi.median_filter(hu_x, size=(1, size, size))
+        margin = xp.ones_like(cavity_x)
+        for k in range(hu_x.shape[0]):  # in-plane distance to bone, mm (per slice: a 3D
+            margin[k] = xndi.distance_transform_edt(  # transform is 4× slower on the CPU)
+                ~bone_x[k], sampling=(sy, sx)) > params.bone_margin_mm
         low = max(params.hu_min, brain_hu + params.contrast_hu)
-        hyper = (smooth >= low) & (smooth <= params.hu_max) & cavity
-        seeds = hyper & margin
-        labels, n = ndi.label(seeds, structure=np.ones((3, 3, 3)))
-        voxel_ml = sz * sy * sx / 1000
+        hyper_x = (smooth >= low) & (smooth <= params.hu_max) & cavity_x
+        labels_x, n = xndi.label(hyper_x & margin, structure=xp.ones((3, 3, 3)))
+        in_plane = xndi.gaussian_filter(hu_x, sigma=(0, 0.7, 0.7))  # for partial volume
+        hu, cavity, bone, hyper, labels, blurred = (
+            to_numpy(a) for a in (hu_x, cavity_x, bone_x, hyper_x, labels_x, in_plane))
+        n = int(n)
         lesions: list[tuple[np.ndarray, float, float, float]] = []
         for lab in range(1, n + 1):
             comp = labels == lab
@@ -168,7 +203,7 @@ class ICHTriage(Plugin[ICHParams]):
                                         iterations=max(1, int(np.ceil(params.bone_margin_mm
                                                                       / sx)) + 1),
                                         mask=hyper)
-            volume = self._volume(hu, grown, cavity & ~bone, brain_hu, ndi) * voxel_ml
+            volume = self._volume(hu, blurred, grown, cavity & ~bone, brain_hu, ndi) * voxel_ml
             if volume < params.min_volume_ml:
                 continue
             thickness = max(float(ndi.distance_transform_edt(grown[k], sampling=(sy, sx)).max())
@@ -184,14 +219,26 @@ class ICHTriage(Plugin[ICHParams]):
                                              source_series_uid=series.series_uid),),
                            summary="no intracranial hemorrhage found")
         lesions.sort(key=lambda t: -t[1])
+        lesions = lesions[:250]
         label_map = np.zeros(g.shape, dtype=np.uint8)
+        for i, (mask, *_rest) in enumerate(lesions, start=1):
+            label_map[mask] = i
+        if g is not src:  # back onto the series' own voxels (nearest), no lesion lost
+            work = label_map
+            label_map = to_numpy(resample(xp.asarray(work), g, src, xp, order=0))
+            for i, (mask, *_rest) in enumerate(lesions, start=1):
+                if not (label_map == i).any():
+                    c = np.linalg.inv(src.affine) @ np.array(
+                        [*g.to_patient(np.argwhere(mask).mean(axis=0)), 1.0])
+                    k, r, col = (int(np.clip(round(v), 0, n - 1))
+                                 for v, n in zip(c[:3], src.shape, strict=True))
+                    label_map[k, r, col] = i
         midline = g.to_patient(np.argwhere(cavity).mean(axis=0))
         findings = [Finding(ICH, evaluations=((PRESENCE, PRESENT),),
                             source_series_uid=series.series_uid)]
         key_uids: list[str] = []
         total = 0.0
-        for i, (mask, volume, thickness, mean_hu) in enumerate(lesions[:250], start=1):
-            label_map[mask] = i
+        for i, (mask, volume, thickness, mean_hu) in enumerate(lesions, start=1):
             idx = np.argwhere(mask)
             centre = g.to_patient(idx.mean(axis=0))
             points = np.array([g.to_patient(p) for p in idx[:: max(1, len(idx) // 5000)]])
@@ -200,9 +247,9 @@ class ICHTriage(Plugin[ICHParams]):
                                        + 0.05 * (thickness - 1.0)
                                        + 0.01 * (mean_hu - brain_hu - 20), 0.05, 0.99))
             # side from the lesion's offset to the cavity's centre along the patient's left
-            # axis (LPS x is left; the head may be turned, so the cavity, not x = 0, is the
-            # midline); within 5 mm of it: no side
-            offset = float(np.dot(np.subtract(centre, midline), g.row_direction))
+            # axis (LPS +x, whatever the slice plane; the head may be turned, so the cavity,
+            # not x = 0, is the midline); within 5 mm of it: no side
+            offset = float(np.dot(np.subtract(centre, midline), PATIENT_LEFT))
             side = LEFT if offset > 5 else RIGHT if offset < -5 else None
             findings.append(Finding(
                 ICH, site=CRANIAL_CAVITY, laterality=side,
@@ -210,17 +257,17 @@ class ICHTriage(Plugin[ICHParams]):
                                    Measurement(DIAMETER, round(diameter, 1), "mm")),
                 location=centre, segment=i, confidence=confidence,
                 source_series_uid=series.series_uid))
-            key_slice = int(np.argmax(mask.sum(axis=(1, 2))))
+            key_slice = int(np.argmax((label_map == i).sum(axis=(1, 2))))
             if series.sop_instance_uids[key_slice] not in key_uids:
                 key_uids.append(series.sop_instance_uids[key_slice])
             total += volume
         segments = tuple(Segment(i, f"Hemorrhage {i}", MORPHOLOGICALLY_ALTERED, HEMORRHAGE)
-                         for i in range(1, len(lesions[:250]) + 1))
+                         for i in range(1, len(lesions) + 1))
         message = (f"Intracranial hemorrhage suspected: {len(lesions)} lesion(s), "
                    f"{total:.1f} mL in total, largest {lesions[0][1]:.1f} mL")
         ctx.log.info(message)
         return Outputs(
             findings=tuple(findings),
-            label_maps=(LabelMap(label_map, g, segments, series.series_uid),),
+            label_maps=(LabelMap(label_map, src, segments, series.series_uid),),
             key_images=(KeyImages(tuple(key_uids)),),
             summary=message, critical=message)

@@ -1,8 +1,8 @@
 """``lung-nodules``: find lung nodules on chest CT (classical baseline, no weights).
 
 1. *Lungs*: air-like tissue (< −400 HU) inside the body, not connected to the air around the
-   patient, components over 100 mL; holes filled slice by slice so vessels and nodules inside
-   the lungs belong to them. No lungs → not applicable (head, abdomen, MR…).
+   patient; holes filled slice by slice so vessels and nodules inside the lungs belong to
+   them. Under 300 mL → not applicable (head, abdomen, MR…).
 2. *Candidates, multi-scale*: Hessian "dot" filter (Li et al. 2003: |λ3|²/|λ1| where all three
    eigenvalues are negative) at scales 1.5–6 mm (scale-normalised), on the lung region; local
    maxima above ``dot_threshold``. Tubes (vessels) have one eigenvalue near zero: low response.
@@ -11,12 +11,13 @@
 4. *False-positive reduction*: size (``min_diameter_mm``–35 mm), elongation (largest / smallest
    principal axis ≤ ``max_elongation``: vessels are long), compactness, candidates merged when
    they overlap.
-5. *Measurements*: long-axis and perpendicular short-axis diameter on the axial slice where the
-   nodule is largest, mean diameter (Lung-RADS uses it), volume (voxels above the half-way HU),
-   consistency (solid if the core is denser than −300 HU, else sub-solid), centroid, and a
-   Lung-RADS-style size category (v2022 baseline sizes: solid < 6 mm → 2, 6–8 → 3, 8–15 → 4A,
-   ≥ 15 → 4B; sub-solid < 30 mm → 2, ≥ 30 → 3). A size category only: Lung-RADS itself needs a
-   radiologist and history.
+5. *Measurements*: long-axis and perpendicular short-axis diameter on the slice where the
+   nodule is largest (in the plane of the images: axial, or the coronal/sagittal/oblique
+   plane of such a series), mean diameter (Lung-RADS uses it), volume (voxels above the
+   half-way HU), consistency (solid if the core is denser than −300 HU, else sub-solid),
+   centroid, and a Lung-RADS-style size category (v2022 baseline sizes: solid < 6 mm → 2,
+   6–8 → 3, 8–15 → 4A, ≥ 15 → 4B; sub-solid < 30 mm → 2, ≥ 30 → 3). A size category only:
+   Lung-RADS itself needs a radiologist and history.
 
 Research use; tested on synthetic studies only (``dicomnode simulate chest-ct``).
 """
@@ -79,31 +80,35 @@ class NoduleParams(Params):
 
 
 
-def lung_mask(hu: np.ndarray, ndi: Any) -> np.ndarray:
+IN_PLANE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # 2D cross, per slice
+PATIENT_LEFT = np.array([1.0, 0.0, 0.0])  # LPS +x
+
+
+def lung_mask(hu: Any, ndi: Any, xp: Any = np) -> Any:
+    """Air inside the body (components not touching the volume's in-plane edges), holes filled
+    per slice (an in-plane structuring element: one call for all slices); on ``hu``'s
+    device."""
     air = hu < -400
     labels, n = ndi.label(air)
+    n = int(n)
     if n == 0:
-        return np.zeros(air.shape, dtype=bool)
-    border = np.unique(np.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
+        return xp.zeros(air.shape, dtype=bool)
+    border = xp.unique(xp.concatenate([labels[:, 0, :].ravel(), labels[:, -1, :].ravel(),
                                        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    sizes = ndi.sum_labels(air, labels, index=np.arange(1, n + 1))
-    keep = np.zeros(n + 1, dtype=bool)
-    keep[1:] = sizes > 0
+    keep = xp.ones(n + 1, dtype=bool)
+    keep[0] = False
     keep[border] = False
-    lungs = keep[labels]
-    out: np.ndarray = np.zeros(lungs.shape, dtype=bool)
-    for k in range(hu.shape[0]):
-        out[k] = ndi.binary_fill_holes(lungs[k])
-    return out
+    return ndi.binary_fill_holes(keep[labels], structure=IN_PLANE)
 
 
-def dot_response(hu: np.ndarray, lungs: np.ndarray, spacing: tuple[float, float, float],
-                 scales: tuple[float, ...], ndi: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(max over scales of the dot filter, the scale index that gave it), zero outside lungs."""
-    vol = np.where(lungs, np.clip(hu, -1000, 200), -1000).astype(np.float32)
-    best = np.zeros(hu.shape, dtype=np.float32)
-    which = np.zeros(hu.shape, dtype=np.int8)
-    idx = np.nonzero(lungs)
+def dot_response(hu: Any, lungs: Any, spacing: tuple[float, float, float],
+                 scales: tuple[float, ...], ndi: Any, xp: Any = np) -> tuple[Any, Any]:
+    """(max over scales of the dot filter, the scale index that gave it), zero outside lungs;
+    on ``hu``'s device (``xp``: NumPy or CuPy)."""
+    vol = xp.where(lungs, xp.clip(hu, -1000, 200), -1000).astype(xp.float32)
+    best = xp.zeros(hu.shape, dtype=xp.float32)
+    which = xp.zeros(hu.shape, dtype=xp.int8)
+    idx = xp.nonzero(lungs)
     for s_i, s in enumerate(scales):
         sigma = tuple(s / sp for sp in spacing)
         h = {}
@@ -115,13 +120,13 @@ def dot_response(hu: np.ndarray, lungs: np.ndarray, spacing: tuple[float, float,
                 h[a, b] = ndi.gaussian_filter(vol, sigma, order=order)[idx] * s * s
         # negative definite needs negative diagonal: only those voxels get eigenvalues
         cand = (h[0, 0] < 0) & (h[1, 1] < 0) & (h[2, 2] < 0)
-        m = np.empty((int(cand.sum()), 3, 3), dtype=np.float32)
+        m = xp.empty((int(cand.sum()), 3, 3), dtype=xp.float32)
         for (a, b), v in h.items():
             m[:, a, b] = v[cand]
             m[:, b, a] = v[cand]
-        ev = np.linalg.eigvalsh(m)  # ascending: ev[:, 0] most negative
+        ev = xp.linalg.eigvalsh(m)  # ascending: ev[:, 0] most negative
         l1, l3 = ev[:, 0], ev[:, 2]  # |λ1| ≥ |λ3| when all are negative
-        dot = np.where(l3 < 0, (l3 * l3) / np.maximum(-l1, 1e-3), 0.0).astype(np.float32)
+        dot = xp.where(l3 < 0, (l3 * l3) / xp.maximum(-l1, 1e-3), 0.0).astype(xp.float32)
         where = tuple(i[cand] for i in idx)
         cur = best[where]
         better = dot > cur
@@ -159,7 +164,7 @@ class LungNodules(Plugin[NoduleParams]):
                    "filter, shape filters) → SR + SEG with size category")
     algorithm_family = Code("123104", "DCM", "Morphological Operations")
     params_model = NoduleParams
-    needs = Needs(gpu=GPU.NO, memory_mb=4096, timeout_seconds=600)
+    needs = Needs(gpu=GPU.PREFERRED, memory_mb=4096, timeout_seconds=600)
     accepts = Accepts(modalities=("CT",), min_instances=1)
 
     @staticmethod
@@ -204,7 +209,7 @@ class LungNodules(Plugin[NoduleParams]):
     @staticmethod
     def _shape(mask: np.ndarray, spacing: tuple[float, float, float]) -> tuple[float, float,
                                                                             float]:
-        """(3D elongation, long axis, short axis on the axial slice where it is largest)."""
+        """(3D elongation, long axis, short axis on the image slice where it is largest)."""
         pts = np.argwhere(mask) * np.array(spacing)
         cov = np.cov(pts.T) if len(pts) > 3 else np.eye(3)
         evals = np.sort(np.linalg.eigvalsh(cov))
@@ -222,19 +227,27 @@ class LungNodules(Plugin[NoduleParams]):
         if g.shape[0] < params.min_slices:
             raise NotApplicable(f"{g.shape[0]} slice(s): nodule detection needs at least "
                                 f"{params.min_slices} thin slices")
-        if g.spacing[0] > 3.0:
-            raise NotApplicable(f"slices {g.spacing[0]:.1f} mm apart: nodules need ≤ 3 mm")
+        if g.slice_gap_mm > 3.0:
+            raise NotApplicable(f"slices {g.slice_gap_mm:.1f} mm apart: nodules need ≤ 3 mm")
+        # whole-volume work (lungs, Hessians at every scale, peaks) on ctx.xp's device (CuPy
+        # on a GPU, else NumPy); the per-candidate segmentation that follows on the host
+        xp = ctx.xp
+        xndi = ndimage(xp)
         ndi = ndimage(np)
-        hu = to_numpy(series.pixels(np))
-        sz, sy, sx = g.spacing
-        voxel_ml = sz * sy * sx / 1000
-        lungs = lung_mask(hu, ndi)
-        lung_ml = float(lungs.sum() * voxel_ml)
+        hu_x = series.pixels(xp)
+        voxel_ml = g.voxel_ml
+        lungs_x = lung_mask(hu_x, xndi, xp)
+        lung_ml = float(lungs_x.sum()) * voxel_ml
         if lung_ml < 300:
             raise NotApplicable(f"no lungs found ({lung_ml:.0f} mL of air inside the body): "
                                 "not a chest CT")
-        dot, which = dot_response(hu, lungs, g.spacing, params.scales_mm, ndi)
-        peaks = (dot == ndi.maximum_filter(dot, size=(3, 5, 5))) & (dot > params.dot_threshold)
+        # (a gantry-tilted stack is sheared: the filters treat it as orthogonal, a small
+        # error at the tilts scanners use)
+        dot_x, which_x = dot_response(hu_x, lungs_x, g.spacing, params.scales_mm, xndi, xp)
+        peaks_x = (dot_x == xndi.maximum_filter(dot_x, size=(3, 5, 5))) \
+            & (dot_x > params.dot_threshold)
+        hu, lungs, dot, which, peaks = (to_numpy(a) for a in (hu_x, lungs_x, dot_x, which_x,
+                                                              peaks_x))
         coords = np.argwhere(peaks)
         order = np.argsort(-dot[peaks])[: params.max_candidates]
         label_map = np.zeros(g.shape, dtype=np.uint16)
@@ -297,7 +310,7 @@ class LungNodules(Plugin[NoduleParams]):
         for i, f in enumerate(found, start=1):
             category = size_category(f["solid"], f["mean"])
             # which lung: the side of the body's midline (patient's left = +x in LPS)
-            offset = float(np.dot(np.subtract(f["centre"], midline), g.row_direction))
+            offset = float(np.dot(np.subtract(f["centre"], midline), PATIENT_LEFT))
             findings.append(Finding(
                 NODULE, site=LUNG, laterality=LEFT if offset > 0 else RIGHT,
                 measurements=(Measurement(LONG_AXIS, round(f["long"], 1), "mm"),
