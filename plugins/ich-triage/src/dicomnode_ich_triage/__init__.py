@@ -85,13 +85,15 @@ IN_PLANE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # 2D cross
 PATIENT_LEFT = np.array([1.0, 0.0, 0.0])  # LPS +x
 
 
-def intracranial_mask(hu: Any, bone_hu: float, ndi: Any) -> tuple[Any, Any]:
+def intracranial_mask(hu: Any, bone_hu: float, ndi: Any, xp: Any = np) -> tuple[Any, Any]:
     """(cavity inside the skull, bone) per slice, on ``hu``'s device. A structuring element in
     the slice plane keeps closing and hole filling inside each slice (every slice's edge is on
-    the volume's border), so one call does all slices."""
+    the volume's border), so one call does all slices. (cupyx's morphology wants the
+    structuring element on the device too.)"""
     bone = hu > bone_hu
-    closed = ndi.binary_closing(bone, structure=IN_PLANE, iterations=2)
-    cavity = ndi.binary_fill_holes(closed, structure=IN_PLANE) & ~closed
+    cross = xp.asarray(IN_PLANE)
+    closed = ndi.binary_closing(bone, structure=cross, iterations=2)
+    cavity = ndi.binary_fill_holes(closed, structure=cross) & ~closed
     return cavity, bone
 
 
@@ -171,7 +173,7 @@ class ICHTriage(Plugin[ICHParams]):
             gap = g.slice_gap_mm
         _, sy, sx = g.spacing
         voxel_ml = g.voxel_ml
-        cavity_x, bone_x = intracranial_mask(hu_x, params.bone_hu, xndi)
+        cavity_x, bone_x = intracranial_mask(hu_x, params.bone_hu, xndi, xp)
         cavity_ml = float(cavity_x.sum()) * voxel_ml
         slices_with_cavity = int((cavity_x.sum(axis=(1, 2)) * sy * sx > 2000).sum())  # > 20 cm²
         if cavity_ml < 150 or slices_with_cavity * gap < 30:

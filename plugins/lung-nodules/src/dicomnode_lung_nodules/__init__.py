@@ -98,7 +98,7 @@ def lung_mask(hu: Any, ndi: Any, xp: Any = np) -> Any:
     keep = xp.ones(n + 1, dtype=bool)
     keep[0] = False
     keep[border] = False
-    return ndi.binary_fill_holes(keep[labels], structure=IN_PLANE)
+    return ndi.binary_fill_holes(keep[labels], structure=xp.asarray(IN_PLANE))
 
 
 def dot_response(hu: Any, lungs: Any, spacing: tuple[float, float, float],
