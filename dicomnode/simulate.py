@@ -168,20 +168,20 @@ def write_ct_series(out: Path, hu: np.ndarray | None = None, *, n: int = 8, size
     series, frame = generate_uid(), generate_uid()
     files = []
     half = (cols - 1) / 2 * pixel_mm
+    geometry = plan.geometry((n, rows, cols), pixel_mm) if plan is not None else None
     for i in range(n):
         path = out / f"ct{i:04d}.dcm"
         ds = ct_dataset(path, study_uid, series, frame, patient_id=patient_id,
                         patient_name=patient_name, accession="SYN1", series_number=1,
                         instance_number=i + 1, description=series_description)
-        if plan is not None:
+        if plan is not None and geometry is not None:
             ds.ImageOrientationPatient = [ds_value(v) for v in (*plan.row, *plan.col)]
-            ds.ImagePositionPatient = [ds_value(v) for v in (
-                plan.centre(i) - half * np.asarray(plan.row) - half * np.asarray(plan.col))]
+            ds.ImagePositionPatient = [ds_value(v) for v in geometry.to_patient([i, 0, 0])]
             if plan.orientation != "axial":
                 ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL" if plan.orientation == "tilted"
                                 else "REFORMATTED"]
-            if plan.orientation == "tilted":  # degrees, + when the top of the gantry leans
-                ds.GantryDetectorTilt = ds_value(float(np.degrees(  # toward the feet
+            if plan.orientation == "tilted":  # nominal degrees (DICOM: not for computation;
+                ds.GantryDetectorTilt = ds_value(float(np.degrees(  # the geometry is in IPP/IOP)
                     np.arctan2(-plan.col[2], plan.col[1]))))
         else:
             ds.ImagePositionPatient = [ds_value(-half), ds_value(-half),

@@ -51,6 +51,8 @@ def test_geometry_maps_indices_to_patient_mm() -> None:
     (dict(spacing=(0.0, 1.0, 1.0)), "spacing"),
     (dict(shape=(0, 1, 1)), "shape"),
     (dict(row_direction=(1.0, 1.0, 0.0)), "unit vector"),
+    (dict(column_direction=(0.6, 0.8, 0.0)), "orthogonal"),
+    (dict(slice_direction=(0.0, 0.9, 0.4358899)), "leave the image plane"),  # 64° off
 ])
 def test_geometry_refuses_nonsense(bad: dict, match: str) -> None:  # type: ignore[type-arg]
     kw = dict(origin=(0.0, 0.0, 0.0), spacing=(1.0, 1.0, 1.0), shape=(2, 2, 2), **AXIAL)

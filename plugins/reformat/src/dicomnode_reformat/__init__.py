@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -28,8 +29,8 @@ from dicomnode.plugin import (
     Params,
     Plugin,
     PluginError,
-    ndimage,
 )
+from dicomnode.plugin import resample as resample_grid
 
 Plane = Literal["axial", "coronal", "sagittal"]
 # (row_direction, column_direction) per plane, in LPS; the slice normal is their cross product
@@ -73,22 +74,14 @@ def output_grid(src: Geometry, plane: str, spacing: float, pixel: float) -> Geom
 
 def resample(xp: Any, volume: Any, src: Geometry, dst: Geometry, offsets: Any) -> Any:
     """Sample ``volume`` (on ``src``) at ``dst``'s voxels shifted by ``offsets`` mm along the
-    normal; returns [len(offsets), *dst.shape]. Trilinear, air outside."""
-    ndi = ndimage(xp)
-    inv = xp.asarray(np.linalg.inv(src.affine))
-    k, i, j = (xp.arange(n, dtype=xp.float32) for n in dst.shape)
-    a = xp.asarray(dst.affine, dtype=xp.float32)
+    normal; returns [len(offsets), *dst.shape]. Trilinear, air outside: the plugin API's
+    :func:`dicomnode.plugin.resample` on the shifted grid."""
     out = xp.empty((len(offsets), *dst.shape), dtype=xp.float32)
+    normal = np.asarray(dst.slice_direction)
     for n, off in enumerate(offsets):
-        # patient coordinates of every output voxel, then source indices
-        pts = (a[:3, 0, None, None, None] * k[None, :, None, None]
-               + a[:3, 1, None, None, None] * i[None, None, :, None]
-               + a[:3, 2, None, None, None] * j[None, None, None, :]
-               + (a[:3, 3] + xp.asarray(dst.slice_direction, dtype=xp.float32) * off)
-               [:, None, None, None])
-        idx = xp.tensordot(inv[:3, :3].astype(xp.float32), pts, axes=1) \
-            + inv[:3, 3].astype(xp.float32)[:, None, None, None]
-        out[n] = ndi.map_coordinates(volume, idx, order=1, mode="constant", cval=AIR_HU)
+        origin = np.asarray(dst.origin) + normal * float(off)
+        shifted = replace(dst, origin=(float(origin[0]), float(origin[1]), float(origin[2])))
+        out[n] = resample_grid(volume, src, shifted, xp, order=1, cval=AIR_HU)
     return out
 
 
