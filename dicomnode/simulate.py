@@ -104,9 +104,11 @@ def slice_plan(orientation: str, rng: np.random.Generator, slices: int, slice_mm
     elif orientation == "tilted":  # gantry tilt 10–25° either way, about the x axis
         t = np.radians(rng.uniform(10, 25) * rng.choice([-1, 1]))
         row, col = (1.0, 0.0, 0.0), (0.0, float(np.cos(t)), float(np.sin(t)))
-    else:  # oblique: about x by 10–25° and about y by 5–20°, either way
+    else:  # oblique: about x by 10–25° and about y by 5–15°, either way: at most 29° off
+        # axial in all (an angled acquisition or reconstruction stays within the ±30° a
+        # gantry tilts; steeper planes are what coronal/sagittal stand for)
         a = np.radians(rng.uniform(10, 25) * rng.choice([-1, 1]))
-        b = np.radians(rng.uniform(5, 20) * rng.choice([-1, 1]))
+        b = np.radians(rng.uniform(5, 15) * rng.choice([-1, 1]))
         rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
         ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
         m = ry @ rx

@@ -119,6 +119,21 @@ def test_no_hemorrhage_no_alarm(tmp_path: Path, seed: int) -> None:
     assert out.critical == "" and out.findings[0].evaluations[0][1].meaning == "Absent"
 
 
+@pytest.mark.parametrize("orientation,slice_mm,seed", [
+    ("coronal", 3.0, 15), ("sagittal", 3.0, 21), ("coronal", 2.5, 17)])
+def test_no_false_alarm_on_reformats(tmp_path: Path, orientation: str, slice_mm: float,
+                                     seed: int) -> None:
+    """Coronal/sagittal series average the skull into the brain across their thick voxels,
+    and the axial grid they are resampled to can pass just above a bone surface: these
+    seeds each raised a false bleed (0.3–0.8 mL skull shells) before seeds kept away from
+    bone along the series' normal and the grid's z."""
+    inputs, truth, _ = study(tmp_path, seed, kind="none", orientation=orientation,
+                             slice_mm=slice_mm, slices=round(200 / slice_mm))
+    out = ICHTriage().run(inputs, ICHParams(), ctx(tmp_path))
+    assert not truth.lesions
+    assert lesions(out) == [], [(f.measurements[0].value, f.location) for f in lesions(out)]
+
+
 def test_refuses_what_is_not_a_head_ct(tmp_path: Path) -> None:
     run = lambda files: ICHTriage().run(  # noqa: E731
         Inputs("1", (series_input([pydicom.dcmread(f) for f in files]),), {}), ICHParams(),

@@ -22,6 +22,7 @@ probability); it is labelled as such in docs/ich-triage.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ from dicomnode.plugin import (
     Code,
     Context,
     Finding,
+    Geometry,
     Inputs,
     KeyImages,
     LabelMap,
@@ -95,6 +97,27 @@ def intracranial_mask(hu: Any, bone_hu: float, ndi: Any, xp: Any = np) -> tuple[
     closed = ndi.binary_closing(bone, structure=cross, iterations=2)
     cavity = ndi.binary_fill_holes(closed, structure=cross) & ~closed
     return cavity, bone
+
+
+def smear_along(mask: Any, g: Geometry, direction: Sequence[float], distance_mm: float,
+                xp: Any = np) -> Any:
+    """``mask`` (on grid ``g``) swept ± ``distance_mm`` along the patient-space ``direction``:
+    the union of its copies shifted by whole voxels, in steps of half the finest spacing."""
+    step = np.linalg.solve(g.affine[:3, :3], np.asarray(direction, dtype=float))  # index/mm
+    out = mask.copy()
+    n = int(np.ceil(distance_mm / (min(g.spacing) / 2)))
+    done: set[tuple[int, ...]] = {(0, 0, 0)}
+    for t in np.linspace(-distance_mm, distance_mm, 2 * n + 1):
+        shift = tuple(int(np.rint(v)) for v in step * t)
+        if shift in done:
+            continue
+        done.add(shift)
+        src = tuple(slice(max(0, -d), m - max(0, d)) for d, m in zip(shift, mask.shape,
+                                                                     strict=True))
+        dst = tuple(slice(max(0, d), m - max(0, -d)) for d, m in zip(shift, mask.shape,
+                                                                     strict=True))
+        out[dst] |= mask[src]
+    return out
 
 
 def max_diameter(points_mm: np.ndarray) -> float:
@@ -188,6 +211,15 @@ class ICHTriage(Plugin[ICHParams]):
         for k in range(hu_x.shape[0]):  # in-plane distance to bone, mm (per slice: a 3D
             margin[k] = xndi.distance_transform_edt(  # transform is 4× slower on the CPU)
                 ~bone_x[k], sampling=(sy, sx)) > params.bone_margin_mm
+        grow_mm = params.bone_margin_mm
+        if g is not src:
+            # a reformatted series' thick voxels average the skull into the brain along
+            # their normal, and the axial grid's slices are samples that can pass just above
+            # a bone surface the grid does not show: seeds also keep one source slice gap from
+            # bone along the series' normal, and one grid slice along z
+            margin &= ~smear_along(bone_x, g, src.normal, src.slice_gap_mm, xp)
+            margin &= ~smear_along(bone_x, g, (0.0, 0.0, 1.0), g.spacing[0], xp)
+            grow_mm += src.slice_gap_mm
         low = max(params.hu_min, brain_hu + params.contrast_hu)
         hyper_x = (smooth >= low) & (smooth <= params.hu_max) & cavity_x
         labels_x, n = xndi.label(hyper_x & margin, structure=xp.ones((3, 3, 3)))
@@ -202,8 +234,7 @@ class ICHTriage(Plugin[ICHParams]):
                 continue
             # grow back into the rim next to bone (extra-axial bleeds touch it)
             grown = ndi.binary_dilation(comp, structure=np.ones((1, 3, 3)),
-                                        iterations=max(1, int(np.ceil(params.bone_margin_mm
-                                                                      / sx)) + 1),
+                                        iterations=max(1, int(np.ceil(grow_mm / sx)) + 1),
                                         mask=hyper)
             volume = self._volume(hu, blurred, grown, cavity & ~bone, brain_hu, ndi) * voxel_ml
             if volume < params.min_volume_ml:
