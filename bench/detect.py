@@ -160,25 +160,30 @@ def accuracy(first: int, count: int, mix: bool = True) -> dict[str, Any]:
     return result
 
 
-def nodules(first: int, count: int, mix: bool = True) -> dict[str, Any]:
-    """FROC of lung-nodules on held-out chest CTs (see :func:`chest_variant`)."""
+def nodules(first: int, count: int, mix: bool = True,
+            params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """FROC of lung-nodules on held-out chest CTs (see :func:`chest_variant`); ``params``
+    overrides :class:`NoduleParams` (development runs)."""
     from dicomnode_lung_nodules import LungNodules, NoduleParams
 
     from dicomnode.simulate_chest import chest_ct
 
     ctx = Context("bench", np, "cpu", Path(tempfile.mkdtemp()), logging.getLogger("bench"))
     detections: list[tuple[float, bool]] = []  # (confidence, true positive)
+    detection_seeds: list[int] = []
     hits: dict[tuple[int, int], float] = {}  # (seed, nodule) → best confidence
     truths: list[tuple[int, int, float, float, str]] = []
+    acquisition: dict[int, tuple[str, float]] = {}  # seed → (orientation, slice mm)
     errors: list[tuple[float, float]] = []
     seconds = []
     for seed in range(first, first + count):
         hu, truth, mask = chest_ct(seed, **chest_variant(seed, mix))
+        acquisition[seed] = (truth.orientation, truth.slice_mm)
         for k, n in enumerate(truth.nodules, start=1):
             truths.append((seed, k, n.diameter_mm, n.volume_ml, n.kind))
         t = time.perf_counter()
         try:
-            out = LungNodules().run(as_input(hu, truth), NoduleParams(), ctx)
+            out = LungNodules().run(as_input(hu, truth), NoduleParams(**(params or {})), ctx)
         except NotApplicable as e:  # counted as "nothing found"
             print(f"  seed {seed}: not applicable: {e}")
             out = Outputs()
@@ -190,6 +195,7 @@ def nodules(first: int, count: int, mix: bool = True) -> dict[str, Any]:
             under = under[under > 0]
             conf = float(f.confidence or 0)
             detections.append((conf, bool(under.size)))
+            detection_seeds.append(seed)
             for k in under:
                 key = (seed, int(k))
                 hits[key] = max(hits.get(key, 0.0), conf)
@@ -201,6 +207,9 @@ def nodules(first: int, count: int, mix: bool = True) -> dict[str, Any]:
               f"{len(truth.nodules)} nodule(s) "
               f"{[round(n.diameter_mm, 1) for n in truth.nodules]}, "
               f"{len(out.findings)} found, {seconds[-1]:.1f} s", flush=True)
+        for k, n in enumerate(truth.nodules, start=1):
+            if n.diameter_mm >= 4.0 and (seed, k) not in hits:
+                print(f"    missed nodule {k}: {n.kind} {n.diameter_mm:.1f} mm", flush=True)
     big = [(s, k) for s, k, d, _, _ in truths if d >= 4.0]
     result: dict[str, Any] = {"scans": count, "nodules": len(truths), "nodules ≥ 4 mm": len(big)}
     froc = {}
@@ -222,6 +231,22 @@ def nodules(first: int, count: int, mix: bool = True) -> dict[str, Any]:
         sel = [(s, k) for s, k, d, _, kd in truths if d >= 4.0 and kd == kind]
         result[f"sensitivity ≥ 4 mm {kind}"] = (sum(key in hits for key in sel) / len(sel)
                                                 if sel else None, len(sel))
+    # one row per true nodule: which were found, at what confidence, in which acquisition
+    rows = []
+    for s, k, d, ml, kd in truths:
+        rows.append({"seed": s, "nodule": k, "kind": kd, "diameter_mm": round(d, 1),
+                     "volume_ml": round(ml, 3), "orientation": acquisition[s][0],
+                     "slice_mm": acquisition[s][1], "found": (s, k) in hits,
+                     "confidence": round(hits[(s, k)], 3) if (s, k) in hits else None})
+    sized = [r for r in rows if r["diameter_mm"] >= 4.0]
+    result["sensitivity ≥ 4 mm (all detections) by orientation"] = _by(sized, "orientation",
+                                                                        "found")
+    fp_by: dict[str, int] = {}
+    for (_, tp), s in zip(detections, detection_seeds, strict=True):
+        if not tp:
+            fp_by[acquisition[s][0]] = fp_by.get(acquisition[s][0], 0) + 1
+    result["false positives (all detections) by orientation"] = fp_by
+    result["rows"] = rows
     if errors:
         result["volume error |rel| median"] = statistics.median(abs(v) for v, _ in errors)
         result["diameter error |rel| median"] = statistics.median(abs(d) for _, d in errors)

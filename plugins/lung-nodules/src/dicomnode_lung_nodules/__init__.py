@@ -301,6 +301,9 @@ class LungNodules(Plugin[NoduleParams]):
                           "centre": g.to_patient(np.argwhere(full).mean(axis=0)),
                           "score": float(dot[tuple(c)]), "elongation": elongation})
             label_map[full] = len(found)
+            ctx.log.debug("nodule %d at %s: dot %.1f core %.0f HU lung %.0f HU volume %.3f mL "
+                          "elongation %.2f axes %.1f/%.1f mm", len(found), c, found[-1]["score"],
+                          core, lung_hu, volume, elongation, long_axis, short_axis)
         if not found:
             return Outputs(summary="no lung nodule found")
         findings = []
