@@ -11,12 +11,12 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from dicomnode_lung_nodules import LungNodules, NoduleParams, size_category
+from dicomnode_lung_nodules import LungNodules, NoduleParams, confidence, size_category
 
 from dicomnode.package import Provenance
 from dicomnode.package.seg import label_map_to_seg
 from dicomnode.package.sr import findings_to_sr
-from dicomnode.plugin import Context, Inputs, NotApplicable
+from dicomnode.plugin import Context, Inputs, NotApplicable, SeriesInput
 from dicomnode.run.inputs import series_input
 from dicomnode.simulate_chest import write_chest_ct
 from dicomnode.simulate_head import write_head_ct
@@ -74,6 +74,35 @@ def test_size_categories() -> None:
     assert [size_category(True, d) for d in (4, 6, 7.9, 8, 14.9, 15, 30)] == \
         ["2", "3", "3", "4A", "4A", "4B", "4B"]
     assert [size_category(False, d) for d in (10, 29.9, 30)] == ["2", "2", "3"]
+
+
+def test_faint_ground_glass_nodule_found(tmp_path: Path) -> None:
+    """An 8 mm ground-glass nodule (−464 HU) answers the dot filter at 16 HU: below the old
+    20 HU candidate threshold it was never a candidate (development seed 20, 2 mm slices)."""
+    from dicomnode.simulate_chest import chest_ct
+
+    hu, truth, mask = chest_ct(20, specs=[("ground-glass", 8.0), ("ground-glass", 12.0),
+                                          ("solid", 6.0)], slices=75, slice_mm=2.0)
+    g = truth.plan.geometry(hu.shape, truth.pixel_mm, "1.2.3")
+    inputs = Inputs("1", (SeriesInput("1.2.3.4", "CT", "CHEST", "1.2.840.10008.5.1.4.1.1.2",
+                                      tuple(f"1.2.3.{k}" for k in range(hu.shape[0])), g, (),
+                                      hu),), {})
+    out = LungNodules().run(inputs, NoduleParams(), ctx(tmp_path))
+    labels = np.asarray(out.label_maps[0].array)
+    found = {int(k) for f in out.findings for k in np.unique(mask[labels == f.segment]) if k}
+    assert truth.nodules[0].kind == "ground-glass" and truth.nodules[0].diameter_mm == 8.0
+    assert found == {1, 2, 3}
+    assert len(out.findings) - len(found) <= 1
+
+
+def test_confidence_is_one_scale_for_every_scan() -> None:
+    """Confidence depends on the detection only (a FROC ranks detections of many scans
+    together): a weak, elongated blob alone in its scan does not get a high score."""
+    assert confidence(15.0, 1.8) < 0.05
+    assert confidence(30.0, 1.1) > 0.7
+    assert confidence(120.0, 1.05) > 0.95
+    assert confidence(30.0, 1.1) > confidence(30.0, 1.5) > confidence(30.0, 1.9)
+    assert confidence(20.0, 1.2) < confidence(40.0, 1.2)
 
 
 def test_no_nodule_few_false_positives(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@
 2. *Candidates, multi-scale*: Hessian "dot" filter (Li et al. 2003: |λ3|²/|λ1| where all three
    eigenvalues are negative) at scales 1.5–6 mm (scale-normalised), on the lung region; local
    maxima above ``dot_threshold``. Tubes (vessels) have one eigenvalue near zero: low response.
+   (10 HU: a ground-glass nodule's contrast is half a solid one's, and so is its response.)
 3. *Segmentation*: from each candidate, the connected voxels above the half-way HU between lung
    and the candidate's core, within a sphere of 2.5× its scale.
 4. *False-positive reduction*: size (``min_diameter_mm``–35 mm), elongation (largest / smallest
@@ -70,7 +71,7 @@ def _category(code: str) -> Code:
 
 class NoduleParams(Params):
     scales_mm: tuple[float, ...] = (1.5, 2.5, 4.0, 6.5, 10.0)
-    dot_threshold: float = 20.0  # scale-normalised dot response, HU
+    dot_threshold: float = 10.0  # scale-normalised dot response, HU
     min_diameter_mm: float = 3.0
     max_diameter_mm: float = 35.0
     max_elongation: float = 2.0  # 3D: largest / smallest principal axis
@@ -148,6 +149,14 @@ def _feret(points: np.ndarray) -> tuple[float, float]:
     normal = np.array([-axis[1], axis[0]])
     proj = points @ normal
     return float(d[i, j]), float(proj.max() - proj.min())
+
+
+def confidence(dot: float, elongation: float) -> float:
+    """A heuristic score in (0, 1), the same scale in every scan (so detections from many
+    scans can be ranked together, as a FROC does): stronger dot response up, elongation (vessel
+    pieces, junctions) down. Not a calibrated probability."""
+    z = float(np.log(max(dot, 1e-3))) - 3.0 * (elongation - 1.0)
+    return round(float(1.0 / (1.0 + np.exp(-2.0 * (z - 2.5)))), 3)
 
 
 def size_category(solid: bool, mean_diameter: float) -> str:
@@ -309,7 +318,6 @@ class LungNodules(Plugin[NoduleParams]):
         findings = []
         segments = []
         midline = g.to_patient(np.argwhere(lungs).mean(axis=0))
-        top = max(f["score"] for f in found)
         for i, f in enumerate(found, start=1):
             category = size_category(f["solid"], f["mean"])
             # which lung: the side of the body's midline (patient's left = +x in LPS)
@@ -321,7 +329,7 @@ class LungNodules(Plugin[NoduleParams]):
                               Measurement(DIAMETER, round(f["mean"], 1), "mm"),
                               Measurement(VOLUME, round(f["volume"], 4), "ml")),
                 location=f["centre"], segment=i,
-                confidence=float(np.clip(0.3 + 0.7 * f["score"] / top, 0, 1)),
+                confidence=confidence(f["score"], f["elongation"]),
                 source_series_uid=series.series_uid,
                 evaluations=((CONSISTENCY, SOLID if f["solid"] else SUBSOLID),
                              (SIZE_CATEGORY, _category(category)))))
