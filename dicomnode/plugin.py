@@ -273,6 +273,28 @@ class Inputs:
             raise NotApplicable("no input series")
         return self.series[0]
 
+    def volume(self, *, min_slices: int = 1, max_gap_mm: float | None = None,
+               normal: tuple[float, float, float] = (0.0, 0.0, 1.0)) -> SeriesInput:
+        """The series to read as a volume when a study-level route hands over several (a scout,
+        the axial series, coronal and sagittal reformats…): of those with ≥ ``min_slices``
+        slices and planes ≤ ``max_gap_mm`` apart, the one whose planes are closest to
+        ``normal`` (default axial; angles within 5° count as equal), then the one covering the
+        most (slices × gap), then the first. None qualifies: :attr:`primary`, so the plugin's
+        own checks say why."""
+        if not self.series:
+            raise NotApplicable("no input series")
+        want = np.asarray(normal, dtype=float) / np.linalg.norm(normal)
+
+        def key(k: int) -> tuple[int, float, int]:
+            g = self.series[k].geometry
+            off = float(np.degrees(np.arccos(min(1.0, abs(float(np.dot(g.normal, want)))))))
+            return (int(off // 5), -g.shape[0] * g.slice_gap_mm, k)
+
+        ok = [k for k, si in enumerate(self.series)
+              if si.geometry.shape[0] >= min_slices
+              and (max_gap_mm is None or si.geometry.slice_gap_mm <= max_gap_mm)]
+        return self.series[min(ok, key=key)] if ok else self.primary
+
 
 @dataclass(frozen=True)
 class Context:

@@ -134,6 +134,32 @@ def test_no_false_alarm_on_reformats(tmp_path: Path, orientation: str, slice_mm:
     assert lesions(out) == [], [(f.measurements[0].value, f.location) for f in lesions(out)]
 
 
+def test_reads_the_axial_series_of_a_study_with_scout_and_reformats(tmp_path: Path) -> None:
+    """A study-level route hands the plugin every CT series of the study: a one-image scout, a
+    coronal reformat and the axial series (same head, same bleed). It reads the axial one, and
+    its findings, SEG and KOS refer to it."""
+    from dicomnode.plugin import SeriesInput
+    from dicomnode.simulate_head import head_ct
+
+    def series(uid: str, **kw: Any) -> tuple[SeriesInput, Any]:
+        hu, truth, _ = head_ct(16, kind="sdh", volume_ml=6.0, **kw)
+        g = truth.plan.geometry(hu.shape, truth.pixel_mm, "1.2.3")
+        return SeriesInput(uid, "CT", "", "1.2.840.10008.5.1.4.1.1.2",
+                           tuple(f"{uid}.{k}" for k in range(hu.shape[0])), g, (), hu), truth
+
+    scout, _ = series("1.9.1", orientation="sagittal", slices=1, slice_mm=2.0)
+    coronal, _ = series("1.9.2", orientation="coronal", slices=80, slice_mm=2.5)
+    axial, truth = series("1.9.3")
+    out = ICHTriage().run(Inputs("1", (scout, coronal, axial), {}), ICHParams(), ctx(tmp_path))
+    [les] = truth.lesions
+    found = lesions(out)
+    assert found and found[0].measurements[0].value == pytest.approx(les.volume_ml, rel=0.3)
+    assert {f.source_series_uid for f in out.findings} == {"1.9.3"}
+    assert out.label_maps[0].source_series_uid == "1.9.3"
+    assert out.label_maps[0].geometry == axial.geometry
+    assert all(uid.startswith("1.9.3.") for uid in out.key_images[0].sop_instance_uids)
+
+
 def test_refuses_what_is_not_a_head_ct(tmp_path: Path) -> None:
     run = lambda files: ICHTriage().run(  # noqa: E731
         Inputs("1", (series_input([pydicom.dcmread(f) for f in files]),), {}), ICHParams(),

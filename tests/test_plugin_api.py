@@ -61,6 +61,35 @@ def test_geometry_refuses_nonsense(bad: dict, match: str) -> None:  # type: igno
         Geometry(**kw)  # type: ignore[arg-type]
 
 
+def _series(uid: str, n: int, gap: float, plane: str = "axial") -> SeriesInput:
+    dirs = {"axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+            "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
+            "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (-1.0, 0.0, 0.0)),
+            "tilted": ((1.0, 0.0, 0.0), (0.0, 0.9397, 0.3420), (0.0, -0.3420, 0.9397))}[plane]
+    g = Geometry(origin=(0.0, 0.0, 0.0), row_direction=dirs[0], column_direction=dirs[1],
+                 slice_direction=dirs[2], spacing=(gap, 0.5, 0.5), shape=(n, 8, 8),
+                 frame_of_reference_uid="1.2.3")
+    return SeriesInput(uid, "CT", "", "1.2.840.10008.5.1.4.1.1.2",
+                       tuple(f"{uid}.{k}" for k in range(n)), g, ())
+
+
+def test_inputs_volume_picks_the_series_to_read() -> None:
+    """A head CT study: a one-image lateral scout, sagittal and coronal reformats, a thick and a
+    thin axial series. The series closest to axial wins, then the one covering most."""
+    scout, sag, cor = _series("scout", 1, 1.0, "sagittal"), _series("sag", 80, 2.5, "sagittal"), \
+        _series("cor", 80, 2.5, "coronal")
+    thick, thin, tilted = _series("ax5", 32, 5.0), _series("ax1", 40, 1.0), \
+        _series("tilt", 40, 4.0, "tilted")
+    study = Inputs("1", (scout, sag, cor, tilted, thin, thick), {})
+    assert study.primary is scout
+    assert study.volume(min_slices=8) is thick  # axial; 160 mm covered against 40
+    assert study.volume(min_slices=8, max_gap_mm=3.0) is thin  # lung nodules: thin only
+    assert Inputs("1", (scout, sag, cor, tilted), {}).volume(min_slices=8) is tilted  # 20°
+    assert Inputs("1", (scout, sag, cor), {}).volume(min_slices=8) is sag  # equal: first
+    assert Inputs("1", (sag, cor), {}).volume(normal=(0.0, 1.0, 0.0)) is cor
+    assert Inputs("1", (scout,), {}).volume(min_slices=8) is scout  # none fits: primary
+
+
 def test_outputs_refuse_inconsistent_values() -> None:
     g = geometry((2, 3, 4))
     code = Code("85756007", "SCT", "Tissue")

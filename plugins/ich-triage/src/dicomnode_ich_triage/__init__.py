@@ -160,7 +160,9 @@ class ICHTriage(Plugin[ICHParams]):
         return float(frac.sum())
 
     def run(self, inputs: Inputs, params: ICHParams, ctx: Context) -> Outputs:
-        series = inputs.primary
+        # a study may hold a scout and reformats beside the axial series: take the series
+        # closest to axial among those this method can read
+        series = inputs.volume(min_slices=params.min_slices, max_gap_mm=params.max_slice_mm)
         g = series.geometry
         if series.modality != "CT":
             raise NotApplicable(f"needs CT, got {series.modality}")

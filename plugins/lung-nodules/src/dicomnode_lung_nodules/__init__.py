@@ -229,7 +229,9 @@ class LungNodules(Plugin[NoduleParams]):
         return elongation, long_axis + spacing[2], short_axis + spacing[2]
 
     def run(self, inputs: Inputs, params: NoduleParams, ctx: Context) -> Outputs:
-        series = inputs.primary
+        # a study may hold a scout, thick and thin series and reformats: take the series
+        # closest to axial among those with thin enough slices
+        series = inputs.volume(min_slices=params.min_slices, max_gap_mm=3.0)
         g = series.geometry
         if series.modality != "CT":
             raise NotApplicable(f"needs CT, got {series.modality}")
