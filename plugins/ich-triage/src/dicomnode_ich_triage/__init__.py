@@ -100,24 +100,18 @@ def intracranial_mask(hu: Any, bone_hu: float, ndi: Any, xp: Any = np) -> tuple[
 
 
 def smear_along(mask: Any, g: Geometry, direction: Sequence[float], distance_mm: float,
-                xp: Any = np) -> Any:
+                ndi: Any, xp: Any = np) -> Any:
     """``mask`` (on grid ``g``) swept ± ``distance_mm`` along the patient-space ``direction``:
-    the union of its copies shifted by whole voxels, in steps of half the finest spacing."""
+    a binary dilation with a line of voxels along it (whole-voxel offsets, sampled every half
+    of the finest spacing; on ``mask``'s device)."""
     step = np.linalg.solve(g.affine[:3, :3], np.asarray(direction, dtype=float))  # index/mm
-    out = mask.copy()
     n = int(np.ceil(distance_mm / (min(g.spacing) / 2)))
-    done: set[tuple[int, ...]] = {(0, 0, 0)}
-    for t in np.linspace(-distance_mm, distance_mm, 2 * n + 1):
-        shift = tuple(int(np.rint(v)) for v in step * t)
-        if shift in done:
-            continue
-        done.add(shift)
-        src = tuple(slice(max(0, -d), m - max(0, d)) for d, m in zip(shift, mask.shape,
-                                                                     strict=True))
-        dst = tuple(slice(max(0, d), m - max(0, -d)) for d, m in zip(shift, mask.shape,
-                                                                     strict=True))
-        out[dst] |= mask[src]
-    return out
+    offsets = np.rint(np.outer(np.linspace(-distance_mm, distance_mm, 2 * n + 1), step))
+    offsets = offsets.astype(int)
+    reach = np.abs(offsets).max(axis=0)
+    line = np.zeros(tuple(2 * reach + 1), dtype=bool)
+    line[tuple((offsets + reach).T)] = True  # symmetric, so dilation's reflection is moot
+    return ndi.binary_dilation(mask, structure=xp.asarray(line))
 
 
 def max_diameter(points_mm: np.ndarray) -> float:
@@ -219,8 +213,8 @@ class ICHTriage(Plugin[ICHParams]):
             # their normal, and the axial grid's slices are samples that can pass just above
             # a bone surface the grid does not show: seeds also keep one source slice gap from
             # bone along the series' normal, and one grid slice along z
-            margin &= ~smear_along(bone_x, g, src.normal, src.slice_gap_mm, xp)
-            margin &= ~smear_along(bone_x, g, (0.0, 0.0, 1.0), g.spacing[0], xp)
+            margin &= ~smear_along(bone_x, g, src.normal, src.slice_gap_mm, xndi, xp)
+            margin &= ~smear_along(bone_x, g, (0.0, 0.0, 1.0), g.spacing[0], xndi, xp)
             grow_mm += src.slice_gap_mm
         low = max(params.hu_min, brain_hu + params.contrast_hu)
         hyper_x = (smooth >= low) & (smooth <= params.hu_max) & cavity_x

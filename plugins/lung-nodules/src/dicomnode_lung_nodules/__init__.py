@@ -83,6 +83,7 @@ class NoduleParams(Params):
 
 IN_PLANE = np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], dtype=bool)  # 2D cross, per slice
 PATIENT_LEFT = np.array([1.0, 0.0, 0.0])  # LPS +x
+MAX_GAP_MM = 3.0  # thicker slices blur small nodules away
 
 
 def lung_mask(hu: Any, ndi: Any, xp: Any = np) -> Any:
@@ -231,15 +232,16 @@ class LungNodules(Plugin[NoduleParams]):
     def run(self, inputs: Inputs, params: NoduleParams, ctx: Context) -> Outputs:
         # a study may hold a scout, thick and thin series and reformats: take the series
         # closest to axial among those with thin enough slices
-        series = inputs.volume(min_slices=params.min_slices, max_gap_mm=3.0)
+        series = inputs.volume(min_slices=params.min_slices, max_gap_mm=MAX_GAP_MM)
         g = series.geometry
         if series.modality != "CT":
             raise NotApplicable(f"needs CT, got {series.modality}")
         if g.shape[0] < params.min_slices:
             raise NotApplicable(f"{g.shape[0]} slice(s): nodule detection needs at least "
                                 f"{params.min_slices} thin slices")
-        if g.slice_gap_mm > 3.0:
-            raise NotApplicable(f"slices {g.slice_gap_mm:.1f} mm apart: nodules need ≤ 3 mm")
+        if g.slice_gap_mm > MAX_GAP_MM:
+            raise NotApplicable(f"slices {g.slice_gap_mm:.1f} mm apart: nodules need "
+                                f"≤ {MAX_GAP_MM:g} mm")
         # whole-volume work (lungs, Hessians at every scale, peaks) on ctx.xp's device (CuPy
         # on a GPU, else NumPy); the per-candidate segmentation that follows on the host
         xp = ctx.xp
