@@ -492,6 +492,145 @@ def test_fast_c_store_response_is_byte_identical(status: int, comment: str | Non
     assert encode_c_store_rsp(p) is None  # not covered: pynetdicom encodes it
 
 
+@pytest.mark.parametrize("pdu_args", [
+    ["--max-send-pdu", "4096"],  # ~130 PDUs per CT slice
+    [],  # dcmtk's default 128 KiB PDUs, as in bench/ingest
+])
+def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path,
+                                                       pdu_args: list[str]) -> None:
+    """Non-final data set fragments of a C-STORE skip pynetdicom's PDU objects and state
+    machine (dul_patches._data_fragments). dcmtk sends the same files once with that path and
+    once without it: the handler's data set and the stream sink's hash must be the same, byte
+    for byte, for several instances on one association."""
+    import hashlib
+    import threading
+
+    from pydicom.data import get_testdata_file
+    from pynetdicom import AE, _config, evt
+
+    from dicomnode.receive import dul_patches
+    from tests.helpers import free_port, split_part10, storescu, with_new_uids
+
+    dul_patches.install()
+    # as the receive stage sets it (no PDU logging handlers unless DEBUG: the fast path is off
+    # while pynetdicom logs every PDU)
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+    original = dul_patches._data_fragments
+    files = []
+    for i, name in enumerate(["693_UNCR.dcm", "CT_small.dcm", "693_UNCR.dcm"]):
+        files.append(tmp_path / f"{i}.dcm")
+        with_new_uids(Path(get_testdata_file(name)), files[-1])
+
+    class Sink:
+        def __init__(self) -> None:
+            self.sha = hashlib.sha256()
+
+        def write(self, data) -> None:  # type: ignore[no-untyped-def]
+            self.sha.update(data)
+
+    def receive(fast: bool) -> tuple[dict[str, tuple[bytes, str]], list[bool]]:
+        taken: list[bool] = []
+
+        def fragments(dul, buf):  # type: ignore[no-untyped-def]
+            taken.append(original(dul, buf) if fast else False)
+            return taken[-1]
+
+        monkeypatch.setattr(dul_patches, "_data_fragments", fragments)
+        received: dict[str, tuple[bytes, str]] = {}
+        done = threading.Event()
+
+        def on_store(event) -> int:  # type: ignore[no-untyped-def]
+            data = event.request.DataSet
+            received[str(event.request.AffectedSOPInstanceUID)] = (
+                data.getvalue(), data.stream.sha.hexdigest())
+            if len(received) == len(files):
+                done.set()
+            return 0
+
+        scp = AE(ae_title="DICOMNODE")
+        scp.maximum_pdu_size = 4 << 20
+        scp._dicomnode_stream_factory = lambda assoc, msg: Sink()  # type: ignore[attr-defined]
+        scp.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+        port = free_port()
+        server = scp.start_server(("127.0.0.1", port), block=False,
+                                  evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        try:
+            storescu(port, files, flag="-xe", extra=pdu_args)
+            assert done.wait(10)
+        finally:
+            server.shutdown()
+        return received, taken
+
+    fast, taken_fast = receive(True)
+    slow, taken_slow = receive(False)
+    assert any(taken_fast) and not all(taken_fast)  # commands, last fragments: pynetdicom
+    assert not any(taken_slow)
+    assert fast == slow
+    for data, streamed in fast.values():
+        assert streamed == hashlib.sha256(data).hexdigest()
+    uncompressed_ct = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
+    assert fast[uncompressed_ct][0] == split_part10(files[0])[1]  # dcmtk sends it verbatim
+
+
+@pytest.mark.parametrize("move_originator,priority,instance", [
+    (None, 0, "1.2.826.0.1.3680043.8.498.1234567890123"),  # odd length: NUL-padded
+    ("MOVESCU", 2, "1.2.3.44"),
+    (None, 1, "1.2.840.113619.2.55.3.604688119.969.1268071029.320.1"),
+])
+def test_fast_c_store_request_primitive_matches_pynetdicoms(move_originator: str | None,
+                                                            priority: int,
+                                                            instance: str) -> None:
+    """The receive stage reads C-STORE-RQ command sets itself; pynetdicom's generic
+    message_to_primitive is the reference. Anything it does not cover goes back to it."""
+    import io
+    import struct
+
+    from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import decode
+
+    from dicomnode.receive.dul_patches import _original_to_primitive, c_store_rq_primitive
+
+    p = C_STORE()
+    p.MessageID = 7
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    p.AffectedSOPInstanceUID = instance
+    p.Priority = priority
+    if move_originator:
+        p.MoveOriginatorApplicationEntityTitle = move_originator
+        p.MoveOriginatorMessageID = 3
+    p.DataSet = io.BytesIO(b"\x08\x00")
+    out = C_STORE_RQ()
+    out.primitive_to_message(p)
+    encoded = b"".join(pdv[1:] for pd in out.encode_msg(1, 16384)
+                       for _, pdv in pd.presentation_data_value_list if pdv[0] & 1)
+
+    def received(command: bytes) -> DIMSEMessage:
+        msg = DIMSEMessage()
+        msg.encoded_command_set.write(command)
+        msg.command_set = decode(msg.encoded_command_set, True, True)
+        msg.__class__ = C_STORE_RQ
+        msg.context_id = 5
+        msg.data_set = io.BytesIO(b"data")
+        return msg
+
+    msg = received(encoded)
+    ours, theirs = c_store_rq_primitive(msg), _original_to_primitive(msg)
+    assert ours is not None
+    for name in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                 "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID",
+                 "DataSet", "_context_id", "_dataset_path", "_dataset_file"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.AffectedSOPInstanceUID == instance
+    # not covered: an element a C-STORE-RQ does not have, a cut-off element, two values
+    extra = encoded + struct.pack("<HHL", 0, 0x0902, 4) + b"oops"
+    assert c_store_rq_primitive(received(extra)) is None
+    assert c_store_rq_primitive(received(encoded[:-3])) is None
+    two = encoded.replace(b"1.2.840.10008.5.1.4.1.1.2\0", b"1.2.840.10008.5.1.4.1.1.2\\")
+    assert c_store_rq_primitive(received(two)) is None
+
+
 def test_presentation_context_copies_are_independent() -> None:
     """Associations copy the supported contexts cheaply (shared UIDs); a copy must still be
     its own object: negotiating one association cannot change another's contexts."""

@@ -327,7 +327,7 @@ class Receiver:
     def _on_echo(self, event: Any) -> int:
         return 0x0000
 
-    def _on_store(self, event: Any) -> Dataset:
+    def _on_store(self, event: Any) -> Dataset | int:
         with self._inflight_cv:
             self._inflight += 1
         try:
@@ -337,7 +337,7 @@ class Receiver:
                 self._inflight -= 1
                 self._inflight_cv.notify_all()
 
-    def _store(self, event: Any) -> Dataset:
+    def _store(self, event: Any) -> Dataset | int:
         st = self._stats_for(event.assoc)
         calling, host, _, _ = self._peer(event.assoc)
         req = event.request
@@ -360,15 +360,15 @@ class Receiver:
                 calling_aet=calling, peer_host=host))
         if stream is not None and self._report is not None:
             self._report(f"stored {stream.path}")  # indexed, or refused and removed
-        rsp = Dataset()
-        rsp.Status = int(result.status)
         if result.ok:
             if result.outcome in ("duplicate", "kept-first"):
                 st.duplicates += 1
-        else:
-            key = f"0x{result.status:04X}"
-            st.refusals[key] = st.refusals.get(key, 0) + 1
-            rsp.ErrorComment = result.reason[:64]
+            return int(result.status)  # a bare status: no Dataset to build and read back
+        key = f"0x{result.status:04X}"
+        st.refusals[key] = st.refusals.get(key, 0) + 1
+        rsp = Dataset()
+        rsp.Status = int(result.status)
+        rsp.ErrorComment = result.reason[:64]
         return rsp
 
 
