@@ -147,7 +147,7 @@ def studies(
                     "sop_instance_uid": i.sop_instance_uid, "sop_class_uid": i.sop_class_uid,
                     "transfer_syntax_uid": i.transfer_syntax_uid, "size": i.size,
                     "instance_number": i.instance_number, "study_revision": i.study_revision,
-                    "path": i.path, "sha256": i.sha256,
+                    "path": i.path, "digest": i.digest,
                 } for i in se.instances],
             } for se in st.series],
         } for st in rows]

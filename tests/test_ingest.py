@@ -189,6 +189,44 @@ def test_duplicates(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-
     assert len(files) == 1
 
 
+def test_duplicates_of_instances_indexed_with_sha256(node_factory, db_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Indexes from before migration 0005 hold SHA-256 digests ('sha256:<hex>'); new instances
+    get BLAKE3. A duplicate of an old instance is still recognised: same bytes → no-op success,
+    other bytes → keep the first and warn."""
+    import hashlib
+
+    import blake3
+    import sqlalchemy as sa
+
+    from dicomnode.database import make_engine
+
+    node = node_factory().start()
+    a = tmp_path / "a.dcm"
+    ds = with_new_uids(get_testdata_file("CT_small.dcm"), a)
+    storescu(node.port, [a])
+    [row] = node.instances().values()
+    _, data = split_part10(node.storage / row["path"])
+    assert row["digest"] == "blake3:" + blake3.blake3(data).hexdigest()
+    node.stop()
+    engine = make_engine(db_url)  # as migration 0005 leaves a row indexed before it
+    with engine.begin() as c:
+        c.execute(sa.text("UPDATE instances SET digest = :d"),
+                  {"d": "sha256:" + hashlib.sha256(data).hexdigest()})
+    engine.dispose()
+    node = node_factory().start()
+    storescu(node.port, [a])  # identical bytes
+    assert node.audit("duplicate-conflict") == []
+    ds.PatientName = "Other^Content"
+    b = tmp_path / "b.dcm"
+    ds.save_as(b, enforce_file_format=True)
+    storescu(node.port, [b])  # other bytes
+    [conflict] = node.audit("duplicate-conflict")
+    assert conflict["detail"]["policy"] == "keep-first"
+    [row] = node.instances().values()
+    assert row["digest"].startswith("sha256:")
+    assert len(list((node.storage / "objects").rglob("*.dcm"))) == 1
+
+
 def test_duplicate_policy_reject_and_replace(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     node = node_factory(storage={"duplicate_policy": "reject"}).start()
     a = tmp_path / "a.dcm"

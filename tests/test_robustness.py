@@ -3,7 +3,6 @@ every refusal has a proper status and an audit event."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -14,6 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import blake3
 import psutil
 import pydicom
 import pytest
@@ -87,7 +87,7 @@ def assert_store_consistent(node) -> dict[str, dict]:  # type: ignore[no-untyped
     for row in inst.values():
         path = node.storage / row["path"]
         _, data = split_part10(path)
-        assert hashlib.sha256(data).hexdigest() == row["sha256"], row["path"]
+        assert "blake3:" + blake3.blake3(data).hexdigest() == row["digest"], row["path"]
         assert pydicom.dcmread(path).SOPInstanceUID == row["sop_instance_uid"]
     on_disk = {str(p.relative_to(node.storage)) for p in (node.storage / "objects").rglob("*.dcm")}
     assert on_disk == {r["path"] for r in inst.values()}, "stray or missing files"

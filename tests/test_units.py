@@ -179,7 +179,7 @@ def test_fast_index_decoding_agrees_with_pydicom() -> None:
 
 
 def test_streamed_file_equals_staged_file(tmp_path: Path) -> None:
-    import hashlib
+    import blake3
 
     fs = FileStore(tmp_path, min_free_mb=0)
     data = os.urandom(700_000)
@@ -188,7 +188,7 @@ def test_streamed_file_equals_staged_file(tmp_path: Path) -> None:
         stream.write(memoryview(data)[k: k + 65536])
     staged = stream.finish()
     assert staged.size == 4 + len(data) and not stream.open
-    assert stream.sha256.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert stream.hasher.hexdigest() == blake3.blake3(data).hexdigest()
     assert fs.path_of(staged.rel_path).read_bytes() == b"META" + data
     bucket = fs.path_of(staged.rel_path).parent
     # abandoned half-way (peer gone): nothing left behind
@@ -277,7 +277,7 @@ def test_group_commit_indexes_concurrent_instances_once_each(tmp_path: Path) -> 
     def request(sop: str, study: str) -> dict[str, object]:
         return dict(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
                     study_uid=study, series_uid=study + ".1", instance_number=1,
-                    transfer_syntax_uid="1.2.840.10008.1.2", size=10, sha256="0" * 64,
+                    transfer_syntax_uid="1.2.840.10008.1.2", size=10, digest="blake3:" + "0" * 64,
                     path=f"objects/x/{sop}", association_fk=None, now=utcnow())
 
     results: dict[str, bool] = {}
@@ -654,9 +654,10 @@ def test_presentation_context_copies_are_independent() -> None:
 
 
 def test_migrations_reach_the_models_and_keep_old_deliveries(db_url: str) -> None:
-    """`dicomnode db upgrade` from 0003 (a delivery of a whole job) to head: the row stays a
-    whole-job delivery (step -1, results from the job), and the migrated schema is the one
-    the models describe (no difference left for autogenerate to find)."""
+    """`dicomnode db upgrade` from 0003 (a delivery of a whole job, an instance with a SHA-256)
+    to head: the row stays a whole-job delivery (step -1, results from the job), the digest
+    is kept as 'sha256:<hex>', and the migrated schema is the one the models describe (no
+    difference left for autogenerate to find)."""
     import sqlalchemy as sa
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
@@ -675,9 +676,30 @@ def test_migrations_reach_the_models_and_keep_old_deliveries(db_url: str) -> Non
             "INSERT INTO deliveries (job_fk, destination, state, attempts, next_attempt_at, "
             "last_status, last_error, created_at) VALUES (1, 'pacs', 'pending', 0, "
             "CURRENT_TIMESTAMP, '', '', CURRENT_TIMESTAMP)"))
+        c.execute(sa.text(
+            "INSERT INTO patients (id, patient_id, issuer, patient_name, birth_date, sex) "
+            "VALUES (1, 'P', '', '', '', '')"))
+        c.execute(sa.text(
+            "INSERT INTO studies (id, study_uid, patient_fk, study_date, study_time, "
+            "accession_number, study_id, study_description, referring_physician, state, "
+            "revision, num_instances, first_received_at, last_received_at) VALUES (1, '1.2', 1, "
+            "'', '', '', '', '', '', 'complete', 1, 1, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+        c.execute(sa.text(
+            "INSERT INTO series (id, series_uid, study_fk, modality, series_number, "
+            "series_description, body_part, frame_of_reference_uid, state, revision, "
+            "num_instances, last_received_at) VALUES (1, '1.2.3', 1, 'CT', '', '', '', '', "
+            "'complete', 1, 1, CURRENT_TIMESTAMP)"))
+        c.execute(sa.text(
+            "INSERT INTO instances (id, sop_instance_uid, sop_class_uid, series_fk, study_fk, "
+            "transfer_syntax_uid, size, sha256, path, study_revision, received_at) VALUES (1, "
+            "'1.2.3.4', '1.2.840.10008.5.1.4.1.1.2', 1, 1, '1.2.840.10008.1.2', 10, :h, "
+            "'objects/x.dcm', 1, CURRENT_TIMESTAMP)"), {"h": "ab" * 32})
     upgrade(db_url)
     with engine.begin() as c:
         assert c.execute(sa.text("SELECT step, results FROM deliveries")).one() == (-1, None)
+        # indexed before BLAKE3: the SHA-256 is kept, labelled (store/digest.py)
+        assert c.execute(sa.text("SELECT digest FROM instances")).scalar_one() == (
+            "sha256:" + "ab" * 32)
         diff = compare_metadata(MigrationContext.configure(c), Base.metadata)
     engine.dispose()
     assert diff == [], diff

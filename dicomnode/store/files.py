@@ -31,7 +31,6 @@ import calendar
 import contextlib
 import ctypes
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -42,6 +41,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from dicomnode.store import digest
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class StreamingFile:
         self.size = 0
         self.meta = meta
         self.error: OSError | None = None
-        self.sha256 = hashlib.sha256()  # of the dataset, not the meta header
+        self.hasher = digest.new()  # of the dataset, not the meta header
         self._synced = 0
         self._fd: int | None = fd
         self._write(memoryview(meta), hashed=False)
@@ -101,7 +102,7 @@ class StreamingFile:
 
     def _write(self, view: memoryview, hashed: bool) -> None:
         if hashed:
-            self.sha256.update(view)
+            self.hasher.update(view)
         if self.error is not None or self._fd is None:
             return
         try:

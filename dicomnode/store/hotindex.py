@@ -39,9 +39,9 @@ _BUMP_SERIES = ("UPDATE series SET num_instances = num_instances + 1, last_recei
                 "WHERE id = :row")
 _INSERT = (
     "INSERT INTO instances (sop_instance_uid, sop_class_uid, series_fk, study_fk, "
-    "instance_number, transfer_syntax_uid, size, sha256, path, study_revision, association_fk, "
+    "instance_number, transfer_syntax_uid, size, digest, path, study_revision, association_fk, "
     "received_at) VALUES (:sop_instance_uid, :sop_class_uid, :series_fk, :study_fk, "
-    ":instance_number, :transfer_syntax_uid, :size, :sha256, :path, :study_revision, "
+    ":instance_number, :transfer_syntax_uid, :size, :digest, :path, :study_revision, "
     ":association_fk, :received_at)")
 _BUMP_ASSOCIATION = ("UPDATE associations SET instances_received = instances_received + 1, "
                      "bytes_received = bytes_received + :size WHERE id = :row")
@@ -180,7 +180,7 @@ class HotIndex:
             "series_fk": series[0], "study_fk": study[0],
             "instance_number": req["instance_number"],
             "transfer_syntax_uid": req["transfer_syntax_uid"], "size": req["size"],
-            "sha256": req["sha256"], "path": req["path"], "study_revision": study[2],
+            "digest": req["digest"], "path": req["path"], "study_revision": study[2],
             "association_fk": req["association_fk"], "received_at": stamp})
         if req["association_fk"] is not None:
             cur.execute(sql["bump_association"], {"row": req["association_fk"],

@@ -9,7 +9,6 @@ specific status, an ErrorComment a human can act on, and an audit event.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.schema import Association, Instance, Patient, Series, Study, utcnow
+from dicomnode.store import digest as content
 from dicomnode.store.files import DiskFull, FileStore, Staged, StreamingFile
 from dicomnode.store.hotindex import GroupCommit, HotIndex
 from dicomnode.store.parse import (
@@ -89,7 +89,7 @@ class _Refusal(Exception):
 
 # Hot-path statements, built once: constructing SQLAlchemy statements per call cost more than
 # executing them. Executed on the session's Core connection.
-_EXISTING = select(Instance.id, Instance.sha256, Instance.path).where(
+_EXISTING = select(Instance.id, Instance.digest, Instance.path).where(
     Instance.sop_instance_uid == bindparam("sop"))
 _STUDY = select(Study.id, Study.state, Study.revision).where(
     Study.study_uid == bindparam("uid")).with_for_update()
@@ -145,8 +145,8 @@ class InstanceStore:
         else:
             staging = self._pool.submit(self.files.stage, rx.meta, rx.dataset)
         try:
-            digest = (rx.stream.sha256 if rx.stream is not None
-                      else hashlib.sha256(rx.dataset)).hexdigest()
+            digest = (content.label(rx.stream.hasher) if rx.stream is not None
+                      else content.of(rx.dataset))
             attrs = self._validate(rx)
             staged = staging.result()
             if rx.stream is not None and staged.size != len(rx.meta) + len(rx.dataset):
@@ -211,7 +211,7 @@ class InstanceStore:
                 if existing is None:
                     self._index(s, rx, attrs, staged, digest)
                     outcome = "stored"
-                elif existing.sha256 == digest:
+                elif content.same(existing.digest, rx.dataset, digest):
                     self._touch(s, attrs)
                     outcome = "duplicate"
                 elif self.duplicate_policy == "replace":
@@ -248,7 +248,7 @@ class InstanceStore:
             sop_instance_uid=attrs.sop_instance_uid, sop_class_uid=rx.sop_class_uid,
             study_uid=attrs.study_uid, series_uid=attrs.series_uid,
             instance_number=attrs.instance_number, transfer_syntax_uid=rx.transfer_syntax,
-            size=staged.size, sha256=digest, path=staged.rel_path,
+            size=staged.size, digest=digest, path=staged.rel_path,
             association_fk=rx.association_id, now=utcnow()))
 
     # ------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ class InstanceStore:
             "sop_instance_uid": attrs.sop_instance_uid, "sop_class_uid": rx.sop_class_uid,
             "series_fk": series_id, "study_fk": study_id,
             "instance_number": attrs.instance_number, "transfer_syntax_uid": rx.transfer_syntax,
-            "size": staged.size, "sha256": digest, "path": staged.rel_path,
+            "size": staged.size, "digest": digest, "path": staged.rel_path,
             "study_revision": revision, "association_fk": rx.association_id, "received_at": now})
         if rx.association_id is not None:
             c.execute(_BUMP_ASSOCIATION, {"row": rx.association_id, "size": staged.size})
@@ -341,7 +341,7 @@ class InstanceStore:
     def _replace(self, s: Session, instance_id: int, staged: Staged, digest: str) -> None:
         inst = s.get_one(Instance, instance_id)
         now = utcnow()
-        inst.path, inst.sha256, inst.size, inst.received_at = (
+        inst.path, inst.digest, inst.size, inst.received_at = (
             staged.rel_path, digest, staged.size, now)
         study = s.get_one(Study, inst.study_fk)
         series = s.get_one(Series, inst.series_fk)
