@@ -308,6 +308,49 @@ def test_group_commit_indexes_concurrent_instances_once_each(tmp_path: Path) -> 
 
 # --- file store ------------------------------------------------------------------------------
 
+def test_writer_queue_excludes_other_writers_and_dies_with_its_process(tmp_path: Path) -> None:
+    """The hot-path transactions of several receiving processes queue on a flock (each
+    HotIndex its own open file, so it also excludes within one process); a holder that is
+    killed releases it (the kernel closes its file)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from dicomnode.store.hotindex import WriterQueue
+
+    path = str(tmp_path / "index.sqlite3.writers")
+    a, b = WriterQueue(path), WriterQueue(path)
+    assert a.acquire()
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (b.acquire(), got.set()))
+    waiter.start()
+    assert not got.wait(0.2)  # held by a
+    a.release()
+    assert got.wait(5)  # handed over within a poll interval
+    waiter.join()
+    b.release()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from dicomnode.store.hotindex import WriterQueue; "
+        f"q = WriterQueue({path!r}); q.acquire(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        done = threading.Event()
+        threading.Thread(target=lambda: (a.acquire(), done.set()), daemon=True).start()
+        assert not done.wait(0.2)
+        holder.send_signal(signal.SIGKILL)
+        assert done.wait(5) and time.monotonic() - t0 < 5
+    finally:
+        holder.kill()
+        holder.wait()
+    a.release()
+    a.close()
+    b.close()
+
+
 def test_stage_and_sweep(tmp_path: Path) -> None:
     fs = FileStore(tmp_path, min_free_mb=0)
     a = fs.stage(b"META", b"DATASET-A")  # indexed and acknowledged
