@@ -304,6 +304,23 @@ def test_group_commit_indexes_concurrent_instances_once_each(tmp_path: Path) -> 
         assert s.scalar(select(Study.num_instances).where(Study.study_uid == "1.2.1")) == 150
         assert s.scalar(select(Series.num_instances).where(
             Series.series_uid == "1.2.1.1")) == 150
+    # another receiving process holds the writers' queue (<index>.writers): the transaction
+    # waits for it instead of sleeping in SQLite's busy handler, and goes ahead once it is free
+    from dicomnode.store.hotindex import WriterQueue
+
+    other = WriterQueue(str(tmp_path / "g.sqlite3.writers"))
+    assert other.acquire()
+    done = threading.Event()
+    waiting = threading.Thread(
+        target=lambda: (group.index(**request("1.6", "1.2.1")), done.set()))
+    waiting.start()
+    assert not done.wait(0.3)
+    other.release()
+    assert done.wait(5)
+    waiting.join()
+    other.close()
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 151
 
 
 # --- file store ------------------------------------------------------------------------------
