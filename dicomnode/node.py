@@ -23,7 +23,7 @@ from dicomnode import __version__
 from dicomnode.assemble import Assembler
 from dicomnode.audit import AuditLog, EventKind
 from dicomnode.config import Settings
-from dicomnode.database import make_engine, make_sessionmaker, upgrade
+from dicomnode.database import make_engine, make_sessionmaker, reading, upgrade
 from dicomnode.notify import Notifier
 from dicomnode.receive.scp import Receiver, finish_association
 from dicomnode.receive.workers import ReceiverPool
@@ -83,7 +83,7 @@ class Node:
 
     def _recover(self) -> dict[str, int]:
         forward, deleted = self.store.sweep()
-        with self.sessions() as s:
+        with reading(self.sessions)() as s:
             stale = s.execute(select(Association.id, Association.calling_aet,
                                      Association.peer_host, Association.called_aet)
                               .where(Association.state == "open")).all()

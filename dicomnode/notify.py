@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import NotifyConfig
+from dicomnode.database import reading
 from dicomnode.schema import Notification, utcnow
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Notifier:
     def __init__(self, sessions: sessionmaker[Session], audit: AuditLog,
                  poll_seconds: float = 1.0) -> None:
         self.sessions = sessions
+        self.readers = reading(sessions)
         self.audit = audit
         self.poll = poll_seconds
         self.wake = threading.Event()
@@ -106,7 +108,7 @@ class Notifier:
             self.wake.clear()
 
     def _deliver_one(self) -> bool:
-        with self.sessions() as s:
+        with self.readers() as s:
             row = s.execute(select(Notification).where(
                 Notification.state == "pending", Notification.next_attempt_at <= utcnow())
                 .order_by(Notification.next_attempt_at).limit(1)).scalar_one_or_none()

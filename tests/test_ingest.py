@@ -391,9 +391,14 @@ def test_max_associations_is_shared_by_receiver_processes(node_factory) -> None:
         ae = verbatim_scu(aet)
         ae.add_requested_context("1.2.840.10008.1.1")
         # the harness's readiness probe may hold a slot for a few milliseconds more
-        held.append(wait_until(lambda ae=ae: (lambda a: a if a.is_established else None)(
-            ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")), timeout=10,
-            what=f"association {aet}"))
+        try:
+            held.append(wait_until(lambda ae=ae: (lambda a: a if a.is_established else None)(
+                ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")), timeout=10,
+                what=f"association {aet}"))
+        except AssertionError as e:  # seen once in CI (PostgreSQL): say what held the slots
+            seen = [(x["event_type"], x["source_aet"], x["detail"].get("pid"))
+                    for x in node.audit() if x["event_type"].startswith("association")]
+            raise AssertionError(f"{e}\naudit: {seen[:20]}\nlog:\n{node.log()[-3000:]}") from e
     pids = {e["detail"]["pid"] for e in node.audit("association-accepted")}
     assert len(pids) == 2  # one in the node, one in the worker
     assert echoscu(node.port, aet="THIRD").returncode != 0

@@ -368,6 +368,68 @@ def test_writer_queue_excludes_other_writers_and_dies_with_its_process(tmp_path:
     b.close()
 
 
+def test_every_sqlite_write_transaction_queues_and_reads_do_not(tmp_path: Path) -> None:
+    """ORM write transactions (audit events, association rows, the assembler) take the same
+    writers' queue as the hot path, from BEGIN until the DBAPI commit or rollback has
+    returned; read-only sessions (the node's pollers) never touch it."""
+    import fcntl
+    import threading
+
+    from sqlalchemy import text
+
+    from dicomnode.database import WriterQueue, reading
+
+    url = f"sqlite:///{tmp_path / 'w.sqlite3'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    probe = WriterQueue(str(tmp_path / "w.sqlite3.writers"))
+
+    def free() -> bool:
+        try:
+            fcntl.flock(probe.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        probe.release()
+        return True
+
+    assert free()
+    with sessions() as s, s.begin():
+        s.execute(text("SELECT 1"))
+        assert not free()  # held from BEGIN IMMEDIATE …
+    assert free()  # … to after COMMIT
+    with sessions() as s:
+        s.begin()
+        s.execute(text("SELECT 1"))
+        assert not free()
+        s.rollback()
+        assert free()
+    with pytest.raises(ZeroDivisionError), sessions() as s, s.begin():
+        s.execute(text("SELECT 1"))
+        raise ZeroDivisionError
+    assert free()
+    with reading(sessions)() as s:
+        s.execute(text("SELECT 1"))
+        assert free()  # a read holds neither SQLite's write lock nor the queue
+    # another process's writer holds the queue: a write waits for it, a read does not
+    assert probe.acquire()
+    log = AuditLog(sessions)
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (
+        log.record(EventKind.STORE_REFUSED, Outcome.MINOR_FAILURE, n=1), done.set()))
+    writer.start()
+    with reading(sessions)() as s:
+        assert s.execute(text("SELECT count(*) FROM audit_events")).scalar_one() == 0
+    assert not done.wait(0.3)
+    probe.release()
+    assert done.wait(5)
+    writer.join()
+    assert free()
+    assert verify_chain(sessions).checked == 1
+    probe.close()
+    engine.dispose()
+
+
 def test_stage_and_sweep(tmp_path: Path) -> None:
     fs = FileStore(tmp_path, min_free_mb=0)
     a = fs.stage(b"META", b"DATASET-A")  # indexed and acknowledged

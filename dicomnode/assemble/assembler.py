@@ -24,6 +24,7 @@ from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind
+from dicomnode.database import reading
 from dicomnode.periodic import Periodic
 from dicomnode.schema import Association, Completion, Instance, Series, Study, utcnow
 
@@ -52,6 +53,7 @@ class Assembler:
         started_at: datetime | None = None,
     ) -> None:
         self.sessions = sessions
+        self.readers = reading(sessions)
         self.audit = audit
         self.quiet = timedelta(seconds=quiet_seconds)
         self.level = level
@@ -77,7 +79,7 @@ class Assembler:
         sent_by_open_association = exists().where(
             Instance.association_fk == Association.id, Association.state == "open",
             fk == model.id)
-        with self.sessions() as s:
+        with self.readers() as s:
             due = s.execute(select(model.id).where(
                 model.state == "receiving", model.last_received_at <= cutoff,
                 ~sent_by_open_association)).scalars().all()

@@ -40,6 +40,7 @@ from sqlalchemy import select
 
 from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
+from dicomnode.database import reading
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class ReceiverPool:
                   len(dead.open_rows))
         removed = self._remove_partial(dead.streams)
         for row_id in sorted(dead.open_rows):
-            with self.sessions() as s:
+            with reading(self.sessions)() as s:
                 row = s.get(Association, row_id)
                 if row is None or row.state != "open":
                     continue
@@ -218,7 +219,7 @@ class ReceiverPool:
                 rel = str(p.relative_to(self.storage_root))
             except ValueError:
                 continue
-            with self.sessions() as s:
+            with reading(self.sessions)() as s:
                 if s.execute(select(Instance.id).where(Instance.path == rel)).first():
                     continue
             if p.exists():

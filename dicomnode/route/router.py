@@ -19,6 +19,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
+from dicomnode.database import reading
 from dicomnode.periodic import Periodic
 from dicomnode.route.rules import Rule, select_series
 from dicomnode.schema import Association, Completion, Instance, Job, Series, Study, utcnow
@@ -55,6 +56,7 @@ class Router:
                  storage: Path, max_attempts: int = 3, poll_seconds: float = 0.5,
                  submit: Callable[[int], None] | None = None) -> None:
         self.sessions = sessions
+        self.readers = reading(sessions)
         self.audit = audit
         self.rules = rules
         self.storage = storage
@@ -63,7 +65,7 @@ class Router:
         self._periodic = Periodic("router", poll_seconds, self.run_once)
 
     def run_once(self) -> int:
-        with self.sessions() as s:
+        with self.readers() as s:
             pending = s.execute(select(Completion).where(Completion.consumed_at.is_(None))
                                 .order_by(Completion.id).limit(100)).scalars().all()
         for c in pending:
@@ -71,7 +73,7 @@ class Router:
         return len(pending)
 
     def _route(self, c: Completion) -> None:
-        series = series_attributes(self.sessions, self.storage, c.study_uid, c.series_uid)
+        series = series_attributes(self.readers, self.storage, c.study_uid, c.series_uid)
         matched: list[tuple[Rule, list[str]]] = []
         for rule in self.rules:
             if rule.level != c.level:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
+from dicomnode.database import reading
 from dicomnode.notify import enqueue
 from dicomnode.plugin import GPU
 from dicomnode.run.execute import child_main, read_step, spare_main, step_record
@@ -58,6 +59,7 @@ class EmbeddedRunner:
         self._on_notify = on_notify or (lambda: None)
         self._notified = False
         self.sessions = sessions
+        self.readers = reading(sessions)
         self.audit = audit
         self._ctx = multiprocessing.get_context("spawn")  # CUDA and threads are not fork-safe
         self._running: dict[int, _Running] = {}
@@ -232,7 +234,7 @@ class EmbeddedRunner:
     def _cancelled(self) -> set[int]:
         if not self._running:
             return set()
-        with self.sessions() as s:
+        with self.readers() as s:
             return set(s.execute(select(Job.id).where(Job.id.in_(list(self._running)),
                                                       Job.state == "cancelling")).scalars())
 

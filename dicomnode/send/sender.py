@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import DestinationConfig, Settings
+from dicomnode.database import reading
 from dicomnode.receive import dul_patches
 from dicomnode.schema import Delivery, Job, utcnow
 
@@ -111,6 +112,7 @@ class DestinationWorker:
         self.dest = dest
         self.calling_aet = dest.calling_aet or settings.node.ae_title
         self.sessions = sessions
+        self.readers = reading(sessions)
         self.audit = audit
         self.poll = 0.5
         self.wake = threading.Event()
@@ -136,7 +138,7 @@ class DestinationWorker:
             self.wake.clear()
 
     def _send_one(self) -> bool:
-        with self.sessions() as s:
+        with self.readers() as s:
             row = s.execute(
                 select(Delivery.id, Delivery.results, Job.results, Job.uid, Job.id,
                        Job.study_uid, Delivery.step)

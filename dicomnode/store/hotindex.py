@@ -16,63 +16,22 @@ row locks on the study and series (the assembler may be completing them).
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import re
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine
 
+from dicomnode.database import WriterQueue, writers_path
 from dicomnode.schema import UTCDateTime
 
 log = logging.getLogger(__name__)
 
 SLOW_PATH = False  # nothing was written: take the ORM path
-WRITER_WAIT = 30.0
+__all__ = ["SLOW_PATH", "GroupCommit", "HotIndex", "WriterQueue"]
 
-
-class WriterQueue:
-    """An advisory lock (``flock`` on ``<index>.writers``) that the hot-path transactions of
-    every receiving process on one SQLite index take around BEGIN IMMEDIATE … COMMIT.
-
-    Why: waiting for SQLite's write lock means its busy handler, which sleeps 1, 2, 5, 10 … ms
-    between tries. With ``node.receiver_processes: 2`` and four senders each process commits
-    every millisecond or two, and each lost ~0.1 s per 150 instances waiting that way
-    (bench/ingest), holding up its other association too. Here a waiter tries again every
-    0.1–0.5 ms. SQLite's own locking still guards the data; the kernel drops the lock of a
-    process that dies; after :data:`WRITER_WAIT` s without it (never expected) the
-    transaction goes ahead and SQLite's lock decides.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
-
-    def acquire(self) -> bool:
-        deadline = 0.0
-        delay = 0.0001
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                now = time.monotonic()
-                if not deadline:
-                    deadline = now + WRITER_WAIT
-                elif now > deadline:
-                    log.warning("index writer lock not free after %.0f s; going ahead", WRITER_WAIT)
-                    return False
-                time.sleep(delay)
-                delay = min(delay * 1.5, 0.0005)
-
-    def release(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 _EXISTING = "SELECT 1 FROM instances WHERE sop_instance_uid = :sop"
 _STUDY = "SELECT id, state, revision FROM studies WHERE study_uid = :uid"
@@ -154,9 +113,9 @@ class HotIndex:
             "series": convert(_SERIES) + lock, "bump_study": convert(_BUMP_STUDY),
             "bump_series": convert(_BUMP_SERIES), "insert": convert(_INSERT),
             "bump_association": convert(_BUMP_ASSOCIATION)}
-        database = engine.url.database if self.sqlite else None
-        self.writers = (WriterQueue(database + ".writers")
-                        if database and database != ":memory:" else None)
+        # the same queue on <index>.writers as every other write transaction (database.py)
+        queue = writers_path(engine.url.render_as_string(hide_password=False))
+        self.writers = WriterQueue(queue) if queue is not None else None
         dt = UTCDateTime().dialect_impl(engine.dialect)
         self._datetime: Callable[[Any], Any] = dt.bind_processor(engine.dialect) or _same
         self._raw: Any = None
