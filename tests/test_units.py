@@ -825,3 +825,47 @@ def test_migrations_reach_the_models_and_keep_old_deliveries(db_url: str) -> Non
         diff = compare_metadata(MigrationContext.configure(c), Base.metadata)
     engine.dispose()
     assert diff == [], diff
+
+
+def test_remembered_uid_checks_answer_as_pynetdicom_does() -> None:
+    """Class and syntax UIDs are checked once and remembered (dul_patches 7); the answers are
+    pynetdicom's own: the same UID objects, duplicates dropped, invalid values refused every
+    time with the field's name, instance UIDs never remembered."""
+    from pydicom.uid import UID
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu_items import AbstractSyntaxSubItem, TransferSyntaxSubItem
+    from pynetdicom.presentation import PresentationContext
+
+    from dicomnode.receive import dul_patches
+
+    dul_patches.install()
+    too_long = "1." + "2" * 70
+    for _ in range(2):  # a second time: from the cache, or raising again
+        cx = PresentationContext()
+        cx.abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"
+        assert isinstance(cx.abstract_syntax, UID) and cx.abstract_syntax.is_valid
+        cx.add_transfer_syntax(b"1.2.840.10008.1.2.1")
+        cx.add_transfer_syntax("1.2.840.10008.1.2.1")
+        cx.add_transfer_syntax(UID("1.2.840.10008.1.2"))
+        cx.add_transfer_syntax(None)
+        assert cx.transfer_syntax == ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+        assert all(isinstance(ts, UID) for ts in cx.transfer_syntax)
+        with pytest.raises(ValueError, match="transfer_syntax"):
+            cx.add_transfer_syntax(too_long)
+        with pytest.raises(ValueError, match="abstract_syntax"):
+            cx.abstract_syntax = too_long
+        item = AbstractSyntaxSubItem()
+        item.abstract_syntax_name = b"1.2.840.10008.5.1.4.1.1.2"
+        assert item.abstract_syntax_name == cx.abstract_syntax
+        ts = TransferSyntaxSubItem()
+        ts.transfer_syntax_name = b"1.2.840.10008.1.2"
+        assert ts.transfer_syntax_name == "1.2.840.10008.1.2"
+        with pytest.raises(ValueError, match="Abstract Syntax Name"):
+            item.abstract_syntax_name = too_long.encode()
+    before = dul_patches._set_uid_cached.cache_info().currsize
+    for i in range(50):
+        prim = C_STORE()
+        prim.AffectedSOPInstanceUID = f"1.2.3.{i}"
+        prim.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        assert prim.AffectedSOPInstanceUID == f"1.2.3.{i}"
+    assert dul_patches._set_uid_cached.cache_info().currsize - before <= 1
