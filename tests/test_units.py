@@ -869,3 +869,41 @@ def test_remembered_uid_checks_answer_as_pynetdicom_does() -> None:
         prim.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
         assert prim.AffectedSOPInstanceUID == f"1.2.3.{i}"
     assert dul_patches._set_uid_cached.cache_info().currsize - before <= 1
+
+
+def test_reactor_does_not_wait_on_the_socket_with_events_queued(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The DUL reactor checks the socket before each queued event: with events still queued
+    (a new connection queues Evt5, then its A-ASSOCIATE-RQ Evt6) the check must not wait
+    IDLE_WAIT, or every association is accepted that much later. With nothing queued and
+    nothing to read, it does wait (an idle association wakes rarely)."""
+    import queue
+    import socket
+    import time
+
+    from dicomnode.receive import dul_patches
+
+    monkeypatch.setattr(dul_patches, "IDLE_WAIT", 3.0)
+
+    class Sock:  # the attributes of pynetdicom's AssociationSocket that _ready reads
+        _is_connected = True
+
+        def __init__(self, s: socket.socket) -> None:
+            self.socket = s
+            self.event_queue: queue.Queue[str] = queue.Queue()
+
+    a, b = socket.socketpair()
+    try:
+        s = Sock(a)
+        s.event_queue.put("Evt6")
+        t0 = time.monotonic()
+        assert dul_patches._ready(s) is False  # nothing to read, and it did not wait
+        assert time.monotonic() - t0 < 1.5
+        s.event_queue.get()
+        t0 = time.monotonic()
+        assert dul_patches._ready(s) is False
+        assert time.monotonic() - t0 >= 2.5  # idle: it waited for data or a wake-up
+        b.sendall(b"x")
+        assert dul_patches._ready(s) is True
+    finally:
+        a.close()
+        b.close()

@@ -238,8 +238,12 @@ def _ready(self: Any) -> bool:
     if self.socket is None or self._is_connected is False:
         return False
     r_fd, _ = _wake_fds(self)
+    # The reactor handles one event per turn and checks the socket first: with events still
+    # queued (a new connection queues Evt5, then its A-ASSOCIATE-RQ Evt6) it must not wait
+    # here, or every association is answered IDLE_WAIT late
+    wait = IDLE_WAIT if self.event_queue.empty() else 0
     try:
-        ready, _, _ = select.select([self.socket, r_fd], [], [], IDLE_WAIT)
+        ready, _, _ = select.select([self.socket, r_fd], [], [], wait)
     except (OSError, TimeoutError, ValueError):
         self.event_queue.put("Evt17")
         return False
