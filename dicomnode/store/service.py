@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
+from dicomnode.database import reading
 from dicomnode.schema import Association, Instance, Patient, Series, Study, utcnow
 from dicomnode.store import digest as content
 from dicomnode.store.files import DiskFull, FileStore, Staged, StreamingFile
@@ -123,8 +124,7 @@ class InstanceStore:
     ) -> None:
         self.files = files
         self.sessions = sessions
-        self.read_engine = sessions.kw["bind"].execution_options(dicomnode_readonly=True)
-        self.readers = sessionmaker(self.read_engine, expire_on_commit=False)
+        self.readers = reading(sessions)
         self.audit = audit
         self.duplicate_policy = duplicate_policy
         # Serialises index transactions in this process: no lock waits inside SQLite, and no
