@@ -907,3 +907,40 @@ def test_reactor_does_not_wait_on_the_socket_with_events_queued(monkeypatch) -> 
     finally:
         a.close()
         b.close()
+
+
+def test_reactor_thread_does_not_give_up_the_lock_for_a_zero_sleep(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """pynetdicom's DUL reactor calls time.sleep(0) after every turn without an event (its
+    loop delay is 0: the wait is in _ready's select). On the reactor's own thread that sleep
+    returns without a system call; any other sleep, and a zero sleep on any other thread
+    (stop_dul waiting for the reactor to end), still sleeps."""
+    import threading
+    import time
+
+    import pynetdicom.dul
+
+    from dicomnode.receive import dul_patches
+
+    dul_patches.install()
+    shim = pynetdicom.dul.time
+    assert isinstance(shim, dul_patches._DULTime) and shim.monotonic is time.monotonic
+    slept: list[tuple[str, float]] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda s: slept.append(
+        (threading.current_thread().name, s)))
+
+    class Reactor(pynetdicom.dul.DULServiceProvider):
+        def __init__(self) -> None:  # a thread of the reactor's class, nothing else
+            threading.Thread.__init__(self, name="reactor")
+
+        def run(self) -> None:
+            shim.sleep(0)
+            shim.sleep(0.001)
+
+    r = Reactor()
+    r.start()
+    r.join()
+    shim.sleep(0)
+    monkeypatch.setattr(time, "sleep", real_sleep)
+    assert slept == [("reactor", 0.001), (threading.current_thread().name, 0)]
+

@@ -70,6 +70,7 @@ import pynetdicom
 import pynetdicom.ae
 import pynetdicom.association
 import pynetdicom.dimse_primitives
+import pynetdicom.dul
 import pynetdicom.pdu_items
 import pynetdicom.pdu_primitives
 import pynetdicom.presentation
@@ -327,6 +328,27 @@ class _AssociationTime:
         # only ever woken by incoming messages.
         wake.wait(IDLE_WAIT if getattr(thread, "is_acceptor", False) else seconds)
         wake.clear()
+
+
+class _DULTime:
+    """Stands in for the ``time`` module inside ``pynetdicom.dul``.
+
+    With ``_run_loop_delay`` 0 (the wait is in :func:`_ready`'s select), pynetdicom's reactor
+    still calls ``time.sleep(0)`` after every turn that found no event: a system call that
+    gives up the interpreter lock and takes it back, ~8 times per received instance, each a
+    chance for a thread switch with several associations in one process. On the reactor's own
+    thread it returns at once; every other sleep (``stop_dul`` waiting for the reactor to end)
+    passes through unchanged.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        if seconds == 0 and isinstance(threading.current_thread(), DULServiceProvider):
+            return
+        time.sleep(seconds)
 
 
 _original_receive_primitive = DIMSEServiceProvider.receive_primitive
@@ -600,6 +622,7 @@ def install() -> None:
     setattr(AssociationSocket, "__init__", _socket_init)  # noqa: B010
     setattr(AssociationSocket, "_create_socket", _create_socket)  # noqa: B010
     setattr(pynetdicom.association, "time", _AssociationTime())  # noqa: B010
+    setattr(pynetdicom.dul, "time", _DULTime())  # noqa: B010
     setattr(PresentationContext, "__deepcopy__", _context_deepcopy)  # noqa: B010
     setattr(DIMSEServiceProvider, "send_msg", _send_msg)  # noqa: B010
     setattr(DIMSEMessage, "message_to_primitive", _message_to_primitive)  # noqa: B010
