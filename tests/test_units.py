@@ -944,3 +944,30 @@ def test_reactor_thread_does_not_give_up_the_lock_for_a_zero_sleep(monkeypatch) 
     monkeypatch.setattr(time, "sleep", real_sleep)
     assert slept == [("reactor", 0.001), (threading.current_thread().name, 0)]
 
+
+def test_stream_table_names_what_each_association_writes(tmp_path: Path) -> None:
+    """A receiver worker's stream table (read by the node once the worker has died): one
+    slot per association, emptied when its instance is stored, reused by the next; what is
+    read back is exactly the files being written at that moment."""
+    from dicomnode.receive.workers import StreamTable
+
+    path = tmp_path / "receivers" / "1.streams"
+    table = StreamTable(path, 3)
+    assert StreamTable.read(path) == set()
+    table.record(101, "/data/objects/a.dcm")
+    table.record(102, "/data/objects/b.dcm")
+    assert StreamTable.read(path) == {"/data/objects/a.dcm", "/data/objects/b.dcm"}
+    table.record(101, "/data/objects/c-longer-name.dcm")  # next instance, same association
+    table.record(102, None)  # stored
+    assert StreamTable.read(path) == {"/data/objects/c-longer-name.dcm"}
+    for key in (103, 104):
+        table.record(key, f"/data/objects/{key}.dcm")
+    table.record(105, "/data/objects/105.dcm")  # no slot left: not tracked, no error
+    assert StreamTable.read(path) == {"/data/objects/c-longer-name.dcm",
+                                      "/data/objects/103.dcm", "/data/objects/104.dcm"}
+    for key in (101, 103, 104, 105):
+        table.record(key, None)
+    assert StreamTable.read(path) == set()
+    table.close()
+    assert StreamTable(path, 3) and StreamTable.read(path) == set()  # a new worker: empty
+    assert StreamTable.read(tmp_path / "missing") == set()

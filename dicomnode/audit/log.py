@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit.events import EventKind, Outcome
@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 GENESIS = "0" * 64
 _HASHED = ("seq", "ts", "event_code", "event_name", "event_type", "action", "outcome",
            "source_aet", "source_host", "dest_aet", "user", "detail", "prev_hash")
+
+
+# Built once and run as Core statements on the session's connection: an audit event is written
+# on every association (accepted, instances received) and the ORM unit of work cost ~1 ms more
+# than the statements themselves. The head row is locked exactly as before (FOR UPDATE on
+# PostgreSQL; SQLite's write transaction is the lock there).
+_HEAD = select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1).with_for_update()
+_INSERT_EVENT = insert(AuditEvent)
+_MOVE_HEAD = update(AuditHead).where(AuditHead.id == 1).values(
+    seq=bindparam("new_seq"), hash=bindparam("new_hash"))
 
 
 def canonical_json(value: Any) -> str:
@@ -68,7 +78,8 @@ class AuditLog:
 
     def _append(self, s: Session, kind: EventKind, outcome: Outcome, source_aet: str,
                 source_host: str, dest_aet: str, user: str, detail: dict[str, Any]) -> None:
-        head = s.execute(select(AuditHead).where(AuditHead.id == 1).with_for_update()).scalar_one()
+        c = s.connection()
+        head = c.execute(_HEAD).one()
         content: dict[str, Any] = {
             "seq": head.seq + 1,
             "ts": datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -85,9 +96,8 @@ class AuditLog:
             "prev_hash": head.hash,
         }
         content["hash"] = row_hash(content)
-        s.add(AuditEvent(**content))
-        head.seq = content["seq"]
-        head.hash = content["hash"]
+        c.execute(_INSERT_EVENT, content)
+        c.execute(_MOVE_HEAD, {"new_seq": content["seq"], "new_hash": content["hash"]})
         log.debug("audit %s %s", kind.type_name, detail)
 
 

@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.transport import ThreadedAssociationServer
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
@@ -53,6 +53,21 @@ def storage_sop_classes() -> list[str]:
     return uids
 
 
+# Association rows, opened and closed once per association, as Core statements built once
+# (the ORM unit of work cost more than the statements)
+_OPEN_ASSOCIATION = insert(Association).returning(Association.id)
+_ASSOCIATION_COUNTS = select(
+    Association.instances_received, Association.bytes_received, Association.instances_failed
+).where(Association.id == bindparam("row"))
+_CLOSE_ASSOCIATION = update(Association).where(Association.id == bindparam("row")).values(
+    state=bindparam("how"), ended_at=bindparam("now"))
+_ASSOCIATION_SERIES = (
+    select(Study.study_uid, Series.series_uid)
+    .join(Instance, Instance.study_fk == Study.id)
+    .join(Series, Instance.series_fk == Series.id)
+    .where(Instance.association_fk == bindparam("row")).distinct())
+
+
 @dataclass
 class _AssocStats:
     """What only this process knows about an association; the counts live in SQL."""
@@ -79,13 +94,16 @@ class _HandedOverServer(ThreadedAssociationServer):
 
 class Receiver:
     def __init__(self, settings: Settings, store: InstanceStore, sessions: sessionmaker[Session],
-                 audit: AuditLog, report: Callable[[str], None] | None = None) -> None:
-        """``report`` (receiving in several processes, :mod:`dicomnode.receive.workers`):
-        told of association rows opened and finished, files being received and stored, and
-        connections closed — the node's view of a worker's load, and what to clean up if the
-        worker dies."""
+                 audit: AuditLog, report: Callable[[str], None] | None = None,
+                 streams: Callable[[int, str | None], None] | None = None) -> None:
+        """Receiving in several processes (:mod:`dicomnode.receive.workers`): ``report`` is
+        told of association rows opened and finished and connections closed (the node's view
+        of a worker's load), ``streams`` of the file each association is writing (an id per
+        association; None once it is stored, refused or abandoned) — what the node cleans up
+        if the worker dies."""
         self.settings = settings
         self._report = report
+        self._streams = streams
         self.store = store
         self.files = store.files
         self.sessions = sessions
@@ -147,8 +165,8 @@ class Receiver:
             if st.stream is not None:
                 st.stream.abort()  # a message abandoned half-way (cannot happen in order)
             st.stream = stream
-        if self._report is not None:
-            self._report(f"stream {stream.path}")
+        if self._streams is not None:
+            self._streams(id(assoc), str(stream.path))
         return stream
 
     def handlers(self) -> list[Any]:
@@ -247,15 +265,16 @@ class Receiver:
         calling, host, port, called = self._peer(event.assoc)
         st = self._stats_for(event.assoc)
         with self.sessions() as s, s.begin():
-            row = Association(calling_aet=calling, called_aet=called, peer_host=host,
-                              peer_port=port, state="open", started_at=utcnow())
-            s.add(row)
-            s.flush()
-            st.row_id = row.id
+            row_id = s.connection().execute(_OPEN_ASSOCIATION, {
+                "calling_aet": calling, "called_aet": called, "peer_host": host,
+                "peer_port": port, "state": "open", "started_at": utcnow(),
+                "instances_received": 0, "bytes_received": 0, "instances_failed": 0,
+            }).scalar_one()
+            st.row_id = row_id
             if self._report is not None:
-                self._report(f"open {row.id}")
+                self._report(f"open {row_id}")
             self.audit.record(EventKind.ASSOCIATION_ACCEPTED, session=s, source_aet=calling,
-                              source_host=host, dest_aet=called, association_id=row.id,
+                              source_host=host, dest_aet=called, association_id=row_id,
                               event_type_code="110126 Node Authentication",
                               contexts=len(event.assoc.accepted_contexts), pid=os.getpid())
 
@@ -311,6 +330,8 @@ class Receiver:
             st = self._stats.pop(id(assoc), None)
         if st is not None and st.stream is not None:
             st.stream.abort()  # the connection went away mid-instance: nothing to keep
+        if self._streams is not None:
+            self._streams(id(assoc), None)
         if self._report is not None:
             self._report("closed")
 
@@ -362,8 +383,8 @@ class Receiver:
                 sop_class_uid=str(req.AffectedSOPClassUID),
                 sop_instance_uid=str(req.AffectedSOPInstanceUID), association_id=st.row_id,
                 calling_aet=calling, peer_host=host))
-        if stream is not None and self._report is not None:
-            self._report(f"stored {stream.path}")  # indexed, or refused and removed
+        if stream is not None and self._streams is not None:
+            self._streams(id(event.assoc), None)  # indexed, or refused and removed
         if result.ok:
             if result.outcome in ("duplicate", "kept-first"):
                 st.duplicates += 1
@@ -382,15 +403,10 @@ def finish_association(sessions: sessionmaker[Session], audit: AuditLog, row_id:
     """Close an association row and audit what it transferred (also used at start-up for
     associations a crash left open, with ``how='interrupted'``)."""
     with sessions() as s, s.begin():
-        row = s.get_one(Association, row_id)
-        row.state = how
-        row.ended_at = utcnow()
-        studies = s.execute(
-            select(Study.study_uid, Series.series_uid)
-            .join(Instance, Instance.study_fk == Study.id)
-            .join(Series, Instance.series_fk == Series.id)
-            .where(Instance.association_fk == row_id).distinct()
-        ).all()
+        c = s.connection()
+        row = c.execute(_ASSOCIATION_COUNTS, {"row": row_id}).one()
+        c.execute(_CLOSE_ASSOCIATION, {"row": row_id, "how": how, "now": utcnow()})
+        studies = c.execute(_ASSOCIATION_SERIES, {"row": row_id}).all()
         by_study: dict[str, list[str]] = {}
         for study_uid, series_uid in studies:
             by_study.setdefault(study_uid, []).append(series_uid)

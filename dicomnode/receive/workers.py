@@ -11,13 +11,16 @@ the node would. Everything a receiver writes is already safe with several writer
 rows (unique SOP Instance UID; SQLite ``BEGIN IMMEDIATE``, PostgreSQL row locks), the audit
 chain (its head row is locked), association rows.
 
-A worker tells the node which association rows it opened and closed and which files it is
-writing. If a worker dies (killed, crashed), the node closes its open associations as
-``interrupted`` (audited, as at start-up) so their studies can complete, deletes the file it
-was writing unless that was indexed, and starts a new worker; acknowledged instances are
-indexed and stay. A worker dies with the node (PR_SET_PDEATHSIG).
-On SIGTERM the node stops accepting, then every worker finishes its in-flight instances (the
-same grace period) and aborts its associations, as the node's own receiver does.
+A worker tells the node which association rows it opened and closed (messages on the
+socketpair) and which files it is writing (:class:`StreamTable`, a small memory-mapped file the
+node reads only when the worker has died: a message per instance cost two system calls in the
+worker and a thread wake-up in the node, per instance). If a worker dies (killed, crashed),
+the node closes its open associations as ``interrupted`` (audited, as at start-up) so their
+studies can complete, deletes the file it was writing unless that was indexed, and starts a
+new worker; acknowledged instances are indexed and stay. A worker dies with the node
+(PR_SET_PDEATHSIG). On SIGTERM the node stops accepting, then every worker finishes its
+in-flight instances (the same grace period) and aborts its associations, as the node's own
+receiver does.
 
 ``node.max_associations`` is split evenly across the processes (rounded up).
 """
@@ -27,11 +30,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
 import multiprocessing
 import os
 import select as _select
 import signal
 import socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,76 @@ from dicomnode.database import reading
 log = logging.getLogger(__name__)
 
 _STOP = b"stop\n"
+
+
+class StreamTable:
+    """Which file each association of a receiver worker is writing, in a memory-mapped file
+    (``<storage>/receivers/<index>.streams``): written by the worker without a system call,
+    read by the node only after the worker has died.
+
+    One fixed-size slot per association: a 2-byte length, then the path (UTF-8). A slot is
+    emptied by setting its length to 0 first, and filled by writing the path before its
+    length, so a worker killed half-way leaves an empty slot or an old path, never a torn
+    one. (A file a worker was killed while naming is unindexed, so the start-up sweep removes
+    it.)"""
+
+    SLOT = 1024
+
+    def __init__(self, path: Path, slots: int) -> None:
+        self.path = path
+        self.slots = slots
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, slots * self.SLOT)
+            self._map = mmap.mmap(fd, slots * self.SLOT)
+        finally:
+            os.close(fd)
+        self._owner: dict[int, int] = {}  # association key -> slot
+        self._free = list(range(slots - 1, -1, -1))
+        self._lock = threading.Lock()
+
+    def record(self, key: int, path: str | None) -> None:
+        """The file association ``key`` is writing now (None: none)."""
+        with self._lock:
+            slot = self._owner.get(key)
+            if path is None:
+                if slot is not None:
+                    self._map[slot * self.SLOT:slot * self.SLOT + 2] = b"\0\0"
+                    del self._owner[key]
+                    self._free.append(slot)
+                return
+            if slot is None:
+                if not self._free:
+                    log.warning("no free stream slot: %s is not tracked", path)
+                    return
+                slot = self._owner[key] = self._free.pop()
+            raw = path.encode()[:self.SLOT - 2]
+            at = slot * self.SLOT
+            self._map[at:at + 2] = b"\0\0"
+            self._map[at + 2:at + 2 + len(raw)] = raw
+            self._map[at:at + 2] = struct.pack("<H", len(raw))
+
+    def close(self) -> None:
+        self._map.close()
+
+    @classmethod
+    def read(cls, path: Path) -> set[str]:
+        """The paths a (dead) worker's table names."""
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return set()
+        found = set()
+        for at in range(0, len(data) - 1, cls.SLOT):
+            (n,) = struct.unpack_from("<H", data, at)
+            if 0 < n <= cls.SLOT - 2:
+                found.add(data[at + 2:at + 2 + n].decode(errors="replace"))
+        return found
+
+
+def stream_table_path(storage_root: Path, index: int) -> Path:
+    return Path(storage_root) / "receivers" / f"{index}.streams"
 
 
 class _Worker:
@@ -62,7 +137,7 @@ class _Worker:
         self.sock = ours
         self.active = 0  # connections handed over and not yet closed
         self.open_rows: set[int] = set()  # association rows the worker opened, not closed
-        self.streams: set[str] = set()  # files being received (not yet stored or refused)
+        self.streams = stream_table_path(settings.storage.path, index)  # see StreamTable
         self.lock = threading.Lock()
 
     def hand_over(self, conn: socket.socket, address: tuple[Any, ...]) -> None:
@@ -88,10 +163,6 @@ class _Worker:
                     self.open_rows.add(int(value))
                 elif kind == "finished":
                     self.open_rows.discard(int(value))
-                elif kind == "stream":
-                    self.streams.add(value)
-                elif kind == "stored":
-                    self.streams.discard(value)
         return True
 
 
@@ -180,7 +251,7 @@ class ReceiverPool:
         log.error("receiver process %d exited (%s); closing its %d association(s) and "
                   "starting a new one", dead.index, dead.process.exitcode,
                   len(dead.open_rows))
-        removed = self._remove_partial(dead.streams)
+        removed = self._remove_partial(StreamTable.read(dead.streams))
         for row_id in sorted(dead.open_rows):
             with reading(self.sessions)() as s:
                 row = s.get(Association, row_id)
@@ -269,7 +340,9 @@ def worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
         with send_lock, contextlib.suppress(OSError):
             sock.sendall(line.encode() + b"\n")
 
-    receiver = Receiver(settings, store, sessions, audit, report=report)
+    streams = StreamTable(stream_table_path(settings.storage.path, index),
+                          settings.node.associations_per_process + 8)
+    receiver = Receiver(settings, store, sessions, audit, report=report, streams=streams.record)
     receiver.start_unbound()
     log.info("receiver process %d ready (pid %d)", index, os.getpid())
     try:
@@ -292,4 +365,5 @@ def worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
         receiver.stop(settings.node.shutdown_grace_seconds)
         store.close()
         engine.dispose()
+        streams.close()
         log.info("receiver process %d stopped", index)
