@@ -393,10 +393,11 @@ def test_receiver_process_killed_mid_association(node_factory, tmp_path) -> None
     completes once when the scanner re-sends it."""
     import signal
 
-    # quiet period well beyond kill → noticed → re-send (which may wait ~2 s for the new
-    # worker to start on a busy 2-core box), so that the study completes once, at the end
+    # quiet period well beyond last acknowledged instance → kill → noticed → re-send, which
+    # waits for the new worker to start (~2 s on an idle 2-core box; 10 s was once not
+    # enough with two CPU burners beside the test), so that the study completes once, at the end
     node = node_factory(node={"receiver_processes": 2},
-                        assemble={"quiet_seconds": 10.0, "poll_seconds": 0.2}).start()
+                        assemble={"quiet_seconds": 20.0, "poll_seconds": 0.2}).start()
     study, files = make_study(tmp_path, 60)
     sop_class = pydicom.dcmread(files[0], stop_before_pixels=True).SOPClassUID
     ts = split_part10(files[0])[0]
@@ -454,7 +455,7 @@ def test_receiver_process_killed_mid_association(node_factory, tmp_path) -> None
     pids = {e["detail"]["pid"] for e in accepted("SCANNER")}
     assert len(pids) == 2 and node.proc.pid not in pids  # the new worker took it
     first.release()
-    wait_until(lambda: node.completions(), timeout=30, what="completion")
+    wait_until(lambda: node.completions(), timeout=60, what="completion")
     time.sleep(1.0)
     [c] = node.completions()
     assert (c["study_uid"], c["revision"], c["num_instances"]) == (study, 1, 60)
