@@ -6,7 +6,8 @@ dividing the receiver's CPU by the senders' CPU (the same dcmtk ``storescu`` wor
 cancels most of what remains. For each receiver, fresh each round, the same generated study is
 pushed by N concurrent ``storescu`` (TCP_NODELAY=1); printed per instance (medians):
 
-- receiver CPU (user + system of all its processes, exited threads included: ``psutil``),
+- receiver CPU (user + system of it and its child processes, exited threads included:
+  ``psutil``),
 - context switches of all its threads (``perf stat -e context-switches``; skipped if ``perf``
   is missing or not allowed),
 - senders' CPU, and the ratio receiver CPU ÷ senders' CPU,
@@ -36,18 +37,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.associations import cpu_seconds
 from bench.ingest import DCMTK, ENV, Node, Orthanc, Receiver, generate_study
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system
-    return total
 
 
 def run_round(cls: type[Receiver], root: Path, groups: list[list[Path]],
@@ -68,7 +59,7 @@ def run_round(cls: type[Receiver], root: Path, groups: list[list[Path]],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
         os.sync()
-        c0 = cpu_seconds(pids)
+        c0 = cpu_seconds(top.pid)
         senders = [subprocess.Popen([str(DCMTK / "storescu"), "-aec", "DICOMNODE", "-aet",
                                      f"SCU{k}", "127.0.0.1", str(r.port), *map(str, g)],
                                     env=ENV, stdout=subprocess.DEVNULL,
@@ -81,7 +72,7 @@ def run_round(cls: type[Receiver], root: Path, groups: list[list[Path]],
                 raise RuntimeError(f"storescu exited {p.returncode}")
             sender_cpu += usage.ru_utime + usage.ru_stime
         time.sleep(0.3)  # what the last response started (association close) finishes
-        receiver_cpu = cpu_seconds(pids) - c0
+        receiver_cpu = cpu_seconds(top.pid) - c0
         switches = float("nan")
         if counter is not None:
             counter.send_signal(2)

@@ -149,14 +149,8 @@ class InstanceStore:
             staged = staging.result()
         except BaseException as e:
             self._discard_when_done(staging)
-            if isinstance(e, _Refusal):
-                return self._refuse(rx, e.status, e.reason, e.attrs)
-            return self._failed(rx, e)
-        try:
-            return self._index_staged(rx, attrs, staged, digest)
-        except Exception as e:
-            self.files.discard(staged)
-            return self._failed(rx, e)
+            return self._refused_or_failed(rx, e)
+        return self._index_or_discard(rx, attrs, staged, digest)
 
     def _store_streamed(self, rx: Received, stream: StreamingFile) -> StoreResult:
         """The common case: the data set was written to its file (and hashed) while it
@@ -169,9 +163,7 @@ class InstanceStore:
             attrs = self._validate(rx)
         except BaseException as e:
             stream.abort()
-            if isinstance(e, _Refusal):
-                return self._refuse(rx, e.status, e.reason, e.attrs)
-            return self._failed(rx, e)
+            return self._refused_or_failed(rx, e)
         try:
             staged = stream.finish()
             if staged.size != len(rx.meta) + len(rx.dataset):
@@ -180,11 +172,20 @@ class InstanceStore:
                               f"{len(rx.meta) + len(rx.dataset)}")
         except BaseException as e:
             return self._failed(rx, e)
+        return self._index_or_discard(rx, attrs, staged, digest)
+
+    def _index_or_discard(self, rx: Received, attrs: IndexAttributes, staged: Staged,
+                          digest: str) -> StoreResult:
         try:
             return self._index_staged(rx, attrs, staged, digest)
         except Exception as e:
             self.files.discard(staged)
             return self._failed(rx, e)
+
+    def _refused_or_failed(self, rx: Received, e: BaseException) -> StoreResult:
+        if isinstance(e, _Refusal):
+            return self._refuse(rx, e.status, e.reason, e.attrs)
+        return self._failed(rx, e)
 
     def _failed(self, rx: Received, e: BaseException) -> StoreResult:
         if isinstance(e, DiskFull):
