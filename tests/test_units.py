@@ -621,10 +621,11 @@ def test_fast_c_store_response_is_byte_identical(status: int, comment: str | Non
 def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.MonkeyPatch,
                                                        tmp_path: Path,
                                                        pdu_args: list[str]) -> None:
-    """Non-final data set fragments of a C-STORE skip pynetdicom's PDU objects and state
-    machine (dul_patches._data_fragments). dcmtk sends the same files once with that path and
-    once without it: the handler's data set and the stream sink's hash must be the same, byte
-    for byte, for several instances on one association."""
+    """The P-DATA PDUs of a C-STORE (its command, its data set fragments, the last one
+    included) skip pynetdicom's PDU objects and state machine (dul_patches._pdu_received).
+    dcmtk sends the same files once with those paths and once without: the handler's request
+    and data set and the stream sink's hash must be the same, byte for byte, for several
+    instances on one association."""
     import hashlib
     import threading
 
@@ -638,7 +639,7 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
     # as the receive stage sets it (no PDU logging handlers unless DEBUG: the fast path is off
     # while pynetdicom logs every PDU)
     monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
-    original = dul_patches._data_fragments
+    original = dul_patches._pdu_received
     files = []
     for i, name in enumerate(["693_UNCR.dcm", "CT_small.dcm", "693_UNCR.dcm"]):
         files.append(tmp_path / f"{i}.dcm")
@@ -651,21 +652,24 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
         def write(self, data) -> None:  # type: ignore[no-untyped-def]
             self.sha.update(data)
 
-    def receive(fast: bool) -> tuple[dict[str, tuple[bytes, str]], list[bool]]:
+    def receive(fast: bool) -> tuple[dict[str, tuple[bytes, str, str, int, int]],
+                                     list[bool]]:
         taken: list[bool] = []
 
         def fragments(dul, buf):  # type: ignore[no-untyped-def]
             taken.append(original(dul, buf) if fast else False)
             return taken[-1]
 
-        monkeypatch.setattr(dul_patches, "_data_fragments", fragments)
-        received: dict[str, tuple[bytes, str]] = {}
+        monkeypatch.setattr(dul_patches, "_pdu_received", fragments)
+        received: dict[str, tuple[bytes, str, str, int, int]] = {}
         done = threading.Event()
 
         def on_store(event) -> int:  # type: ignore[no-untyped-def]
-            data = event.request.DataSet
-            received[str(event.request.AffectedSOPInstanceUID)] = (
-                data.getvalue(), data.stream.sha.hexdigest())
+            rq = event.request
+            data = rq.DataSet
+            received[str(rq.AffectedSOPInstanceUID)] = (
+                data.getvalue(), data.stream.sha.hexdigest(), str(rq.AffectedSOPClassUID),
+                rq.MessageID, rq.Priority)
             if len(received) == len(files):
                 done.set()
             return 0
@@ -686,10 +690,11 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
 
     fast, taken_fast = receive(True)
     slow, taken_slow = receive(False)
-    assert any(taken_fast) and not all(taken_fast)  # commands, last fragments: pynetdicom
-    assert not any(taken_slow)
+    # every P-DATA of these C-STOREs, commands and last fragments too, took a fast path
+    assert len(taken_fast) > 2 * len(files) and all(taken_fast)
+    assert len(taken_slow) == len(taken_fast) and not any(taken_slow)
     assert fast == slow
-    for data, streamed in fast.values():
+    for data, streamed, *_ in fast.values():
         assert streamed == hashlib.sha256(data).hexdigest()
     uncompressed_ct = str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)
     assert fast[uncompressed_ct][0] == split_part10(files[0])[1]  # dcmtk sends it verbatim
@@ -751,6 +756,132 @@ def test_fast_c_store_request_primitive_matches_pynetdicoms(move_originator: str
     assert c_store_rq_primitive(received(encoded[:-3])) is None
     two = encoded.replace(b"1.2.840.10008.5.1.4.1.1.2\0", b"1.2.840.10008.5.1.4.1.1.2\\")
     assert c_store_rq_primitive(received(two)) is None
+
+
+def test_read_ahead_returns_every_pdu_whole_however_the_bytes_arrive() -> None:
+    """dul_patches.ReadAhead: PDU bodies read with what follows them. PDUs of many sizes
+    (some larger than the read-ahead buffer) sent in odd-sized pieces come back whole and in
+    order; a peer that closes mid-body gives a short read, not a hang."""
+    import random
+    import socket
+    import struct
+    import threading
+
+    from dicomnode.receive.dul_patches import ReadAhead
+
+    rng = random.Random(7)
+    pdus = [bytes([k % 7 + 1, 0]) + struct.pack(">L", n) + rng.randbytes(n)
+            for k, n in enumerate([0, 1, 5, 6, 7, 100, 4096, 70_000, 300_000, 12, 131_072])]
+    stream = b"".join(pdus)
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)  # a broken reader fails, never hangs
+
+    def send() -> None:
+        at = 0
+        while at < len(stream):
+            n = rng.choice([1, 3, 6, 1000, 65_536, 200_000])
+            theirs.sendall(stream[at:at + n])
+            at += n
+        theirs.sendall(b"\x04\x00\x00\x00\x01\x00" + b"cut")  # a body 65536 long, cut short
+        theirs.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    rx = ReadAhead(64 * 1024)
+    for expected in pdus:
+        assert rx.fill(ours, 6)
+        header = bytearray(6)
+        assert rx.take(memoryview(header)) == 6
+        body = bytearray(struct.unpack(">L", header[2:])[0])
+        assert rx.read_into(ours, memoryview(body)) == len(body)
+        assert bytes(header + body) == expected
+    assert rx.fill(ours, 6)
+    rx.take(memoryview(bytearray(6)))
+    assert rx.read_into(ours, memoryview(bytearray(65_536))) == 3  # the peer closed
+    assert not rx.fill(ours, 6) and len(rx) == 0
+    sender.join()
+    ours.close()
+
+
+def test_c_store_command_fast_path_builds_the_message_pynetdicom_would() -> None:
+    """A C-STORE-RQ's command PDU is read directly (dul_patches._c_store_command): the
+    request primitive is the one pynetdicom's own path makes from the same PDU. A command
+    the direct reader cannot convert (two values) is decoded through pydicom after all and
+    converted by pynetdicom; PDUs it does not cover are left to pynetdicom untouched."""
+    import io
+    import struct
+    from types import SimpleNamespace
+
+    from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from dicomnode.receive import dul_patches
+
+    p = C_STORE()
+    p.MessageID = 9
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    p.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1234567890123"
+    p.Priority = 2
+    p.MoveOriginatorApplicationEntityTitle = "MOVESCU"
+    p.MoveOriginatorMessageID = 3
+    p.DataSet = io.BytesIO(b"\x08\x00")
+    out = C_STORE_RQ()
+    out.primitive_to_message(p)
+    encoded = b"".join(pdv[1:] for pd in out.encode_msg(1, 16384)
+                       for _, pdv in pd.presentation_data_value_list if pdv[0] & 1)
+
+    def pdu(*pdvs: tuple[int, bytes]) -> bytearray:
+        body = b"".join(struct.pack(">LBB", len(v) + 2, 5, control) + v for control, v in pdvs)
+        return bytearray(struct.pack(">BBL", 4, 0, len(body)) + body)
+
+    def ours(command: bytes, *more: tuple[int, bytes]) -> tuple[bool, object]:
+        dul = SimpleNamespace(assoc=SimpleNamespace(dimse=SimpleNamespace(message=None),
+                                                    ae=SimpleNamespace()))
+        taken = dul_patches._c_store_command(dul, pdu((0x03, command), *more))
+        return taken, dul.assoc.dimse.message
+
+    def primitive(message: object) -> C_STORE:
+        message.data_set.write(b"\x08\x00")  # type: ignore[attr-defined]
+        return dul_patches._message_to_primitive(message)  # type: ignore[no-any-return]
+
+    reference = DIMSEMessage()
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[5, b"\x03" + encoded]]
+    assert reference.decode_msg(pdata) is False  # command done, data set to come
+    reference.data_set = io.BytesIO(b"\x08\x00")
+    theirs = dul_patches._original_to_primitive(reference)
+
+    taken, message = ours(encoded)
+    assert taken and type(message) is C_STORE_RQ
+    assert message._dicomnode_uids == (p.AffectedSOPClassUID,  # type: ignore[attr-defined]
+                                       p.AffectedSOPInstanceUID)
+    mine = primitive(message)
+    for name in ("MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                 "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID",
+                 "_context_id"):
+        assert getattr(mine, name) == getattr(theirs, name), name
+    assert mine.DataSet.getvalue() == theirs.DataSet.getvalue() == b"\x08\x00"
+
+    # two values in a UID: taken, but converted by pynetdicom from the decoded command set
+    two = encoded.replace(b"1.2.840.10008.5.1.4.1.1.2\0", b"1.2.840.10008.5.1.4.1.1.2\\")
+    taken, message = ours(two)
+    assert taken
+    fallback = primitive(message)
+    assert fallback.AffectedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+    assert message.command_set.MessageID == 9  # type: ignore[attr-defined]
+
+    # left to pynetdicom: another command, no data set, a split command, more than one PDV
+    command_field = struct.pack("<HHLH", 0, 0x0100, 2, 0x0001)
+    data_set_type = struct.pack("<HHLH", 0, 0x0800, 2, 0x0001)
+    assert command_field in encoded and data_set_type in encoded
+    echo = encoded.replace(command_field, struct.pack("<HHLH", 0, 0x0100, 2, 0x0030))
+    no_data = encoded.replace(data_set_type, struct.pack("<HHLH", 0, 0x0800, 2, 0x0101))
+    for command, more in ((echo, ()), (no_data, ()), (encoded, ((0x00, b"\x08\x00"),))):
+        assert ours(command, *more) == (False, None)
+    dul = SimpleNamespace(assoc=SimpleNamespace(dimse=SimpleNamespace(message=None)))
+    assert not dul_patches._c_store_command(dul, pdu((0x01, encoded)))  # not the last part
+    assert dul.assoc.dimse.message is None
 
 
 def test_presentation_context_copies_are_independent() -> None:

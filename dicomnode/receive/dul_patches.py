@@ -37,9 +37,11 @@ writing and hashing ~0.5 MB after the last fragment used to be on the sender's c
 encode C-STORE responses directly (:func:`encode_c_store_rsp`) and decode C-STORE requests
 directly (:func:`c_store_rq_primitive`).
 
-6. Data set fragments of a C-STORE that are not its last go straight from the socket buffer
-into the message's data set (:func:`_data_fragments`), skipping PDU objects, the event queue
-and the state machine.
+6. The P-DATA PDUs of a C-STORE request — its command set (:func:`_c_store_command`, read
+without pydicom) and its data set fragments, the last one included (:func:`_data_fragments`,
+:func:`_complete`) — go straight from the socket buffer into the DIMSE message, skipping PDU
+objects, the event queue and the state machine. Each PDU body is read together with what
+follows it on the socket (:class:`ReadAhead`).
 
 7. Class and syntax UIDs checked once (:func:`_set_uid`, :func:`_add_transfer_syntax`, warmed
 at start-up by :func:`warm_uid_checks`): every association decodes, negotiates and answers the
@@ -79,6 +81,7 @@ from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
@@ -125,11 +128,97 @@ def _recv_exact(sock: Any, view: memoryview) -> int:
     return got
 
 
+class ReadAhead:
+    """What was read from an association's socket beyond the PDU being decoded.
+
+    Reading a PDU exactly (its 6-byte header, then its body) costs a ``select`` and two or
+    more ``recv`` calls per PDU, each giving up the interpreter lock (a thread switch when
+    another association waits for it). Instead, the rest of each body is read with
+    ``recvmsg_into`` into the PDU's own buffer *and* this one: whatever the peer sent after
+    the PDU (usually the next PDU's header and part of its body) arrives in the same call,
+    and the reactor finds it here without asking the socket again (:func:`_ready`). Bounded
+    (:data:`READ_AHEAD` bytes), so a peer still never decides how much we allocate; plain
+    TCP sockets only (a TLS socket has no ``recvmsg_into``: read exactly, as before).
+    """
+
+    __slots__ = ("buf", "end", "start", "view")
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def take(self, out: memoryview) -> int:
+        """Move up to len(out) buffered bytes into ``out``; returns how many."""
+        n = min(len(out), self.end - self.start)
+        if n:
+            out[:n] = self.view[self.start:self.start + n]
+            self.start += n
+        if self.start == self.end:
+            self.start = self.end = 0
+        return n
+
+    def fill(self, sock: Any, need: int) -> bool:
+        """Block until at least ``need`` (≤ size) bytes are buffered; False if the peer
+        closed the connection first."""
+        if self.end - self.start >= need:
+            return True
+        if self.start:  # fewer than `need` bytes left: move them to the front
+            left = bytes(self.view[self.start:self.end])
+            self.buf[:len(left)] = left
+            self.start, self.end = 0, len(left)
+        while self.end < need:
+            n = sock.recv_into(self.view[self.end:])
+            if n == 0:
+                return False
+            self.end += n
+        return True
+
+    def read_into(self, sock: Any, out: memoryview) -> int:
+        """Fill ``out`` from the buffer, then from the socket, reading ahead what follows;
+        returns how many bytes of ``out`` were filled (fewer: the peer closed)."""
+        got = self.take(out)
+        total = len(out)
+        while got < total:
+            # the buffer is empty here (take() emptied it before out was full)
+            n = sock.recvmsg_into([out[got:], self.view])[0]
+            if n == 0:
+                break
+            if n > total - got:
+                self.start, self.end = 0, n - (total - got)
+                got = total
+            else:
+                got += n
+        return got
+
+
+READ_AHEAD = 256 * 1024
+
+
+def _read_ahead(assoc_socket: Any) -> ReadAhead | None:
+    rx: Any = getattr(assoc_socket, "_dicomnode_rx", False)
+    if rx is False:
+        raw = assoc_socket.socket
+        plain = type(raw) is socket.socket and hasattr(raw, "recvmsg_into")
+        rx = assoc_socket._dicomnode_rx = ReadAhead(READ_AHEAD) if plain else None
+    return rx  # type: ignore[no-any-return]
+
+
 def _guarded_read_pdu_data(self: Any) -> None:
     raw = self.socket.socket
+    rx = _read_ahead(self.socket)
     header = bytearray(6)
     try:
-        if _recv_exact(raw, memoryview(header)) != 6:
+        if rx is not None:
+            if not rx.fill(raw, 6):
+                self.event_queue.put("Evt17")  # closed before a whole header arrived
+                return
+            rx.take(memoryview(header))
+        elif _recv_exact(raw, memoryview(header)) != 6:
             self.event_queue.put("Evt17")  # closed before a whole header arrived
             return
     except (OSError, TimeoutError):
@@ -148,7 +237,8 @@ def _guarded_read_pdu_data(self: Any) -> None:
     buf = bytearray(6 + pdu_length)
     buf[:6] = header
     try:
-        got = _recv_exact(raw, memoryview(buf)[6:])
+        body = memoryview(buf)[6:]
+        got = rx.read_into(raw, body) if rx is not None else _recv_exact(raw, body)
     except (OSError, TimeoutError):
         self.event_queue.put("Evt17")
         return
@@ -156,7 +246,7 @@ def _guarded_read_pdu_data(self: Any) -> None:
         log.error("connection closed mid-PDU (%d of %d bytes)", got, pdu_length)
         self.event_queue.put("Evt17")
         return
-    if pdu_type == 0x04 and _data_fragments(self, buf):
+    if pdu_type == 0x04 and _pdu_received(self, buf):
         return
     try:
         pdu, event = self._decode_pdu(buf)
@@ -168,50 +258,131 @@ def _guarded_read_pdu_data(self: Any) -> None:
     self._recv_pdu.put(pdu)
 
 
-def _data_fragments(dul: Any, buf: bytearray) -> bool:
-    """A P-DATA-TF that holds only data set fragments of the C-STORE request being received,
-    none of them the last: write them straight into the message's data set and return True.
+_PDU_HANDLERS = (evt.EVT_PDU_RECV, evt.EVT_DATA_RECV, evt.EVT_DIMSE_RECV)
 
-    This is what pynetdicom's path does with such a PDU (decode it into PDU items, queue
-    Evt10, state machine DT-2, P-DATA primitive, ``DIMSEMessage.decode_msg`` → ``data_set.
-    write``), without the objects and queue hops: ~4 of a 512² CT slice's 6 PDUs from dcmtk
-    (it sends 128 KiB PDUs) take this path. Anything else — a command fragment, the last
-    fragment (which completes the message), another context, not in data transfer (Sta6),
-    something already queued ahead of it, a PDU handler bound (DEBUG logging), a malformed
-    item list — returns False and goes through pynetdicom unchanged.
-    """
+
+def _fast_path_open(dul: Any) -> bool:
+    """In data transfer, nothing queued ahead (keep the order), nothing bound that wants to
+    see PDUs, data or DIMSE messages (DEBUG logging binds those)."""
     if dul.state_machine.current_state != "Sta6":
         return False
     if not dul.event_queue.empty() or not dul._recv_pdu.empty():
         return False  # keep the order: what came before is still waiting to be processed
-    assoc = dul.assoc
-    message = assoc.dimse.message
+    get = dul.assoc.get_handlers
+    return not any(get(e) for e in _PDU_HANDLERS)
+
+
+def _pdu_received(dul: Any, buf: bytearray) -> bool:
+    """The P-DATA-TF fast paths: a C-STORE request's command (:func:`_c_store_command`) or
+    data set fragments (:func:`_data_fragments`). False: pynetdicom's path decodes it."""
+    if not _fast_path_open(dul):
+        return False
+    if dul.assoc.dimse.message is None:
+        return _c_store_command(dul, buf)
+    return _data_fragments(dul, buf)
+
+
+def _c_store_command(dul: Any, buf: bytearray) -> bool:
+    """A P-DATA-TF holding exactly one PDV, the whole command set of a C-STORE-RQ that has
+    a data set, while no message is being received: start the message from it.
+
+    pynetdicom's path (PDU items, Evt10, DT-2, P-DATA primitive, ``decode_msg``) decodes
+    the command set through pydicom (~70 µs) and the stream factory then reads two UIDs
+    from it (~40 µs more). Here the command set's elements are read directly
+    (:func:`_command_values`); the message's pydicom ``command_set`` is decoded only if a
+    consumer needs it (:func:`_message_to_primitive`'s fallback). Anything else — a command
+    split over PDVs, another command, more than one PDV — returns False.
+    """
+    end = len(buf)
+    if end < 12:
+        return False
+    length, context_id, control = struct.unpack_from(">LBB", buf, 6)
+    if length < 2 or 10 + length != end or control & 0x03 != 0x03:
+        return False
+    raw = bytes(buf[12:end])
+    values = _command_values(raw)
+    if (values is None or values.get(0x0100) != b"\x01\x00"
+            or values.get(0x0800, b"\x01\x01") == b"\x01\x01"):
+        return False  # not a C-STORE-RQ with a data set
+    try:
+        uids = (_text_uid(values[0x0002]), _text_uid(values[0x1000]))
+    except (KeyError, UnicodeDecodeError):
+        return False
+    message: Any = DIMSEMessage()
+    message.data_set = StreamingDataSet(dul.assoc, message)
+    message.encoded_command_set.write(raw)
+    message.context_id = context_id
+    message.__class__ = C_STORE_RQ
+    message._dicomnode_uids = uids  # (Affected SOP Class UID, Affected SOP Instance UID)
+    message._dicomnode_lazy_command = True  # command_set not decoded (see above)
+    dul.assoc.dimse.message = message
+    return True
+
+
+def _data_fragments(dul: Any, buf: bytearray) -> bool:
+    """A P-DATA-TF that holds only data set fragments of the C-STORE request being received:
+    write them straight into the message's data set, and if the last one is among them
+    (it must be the PDU's last PDV), complete the message (:func:`_complete`); True.
+
+    This is what pynetdicom's path does with such a PDU (decode it into PDU items, queue
+    Evt10, state machine DT-2, P-DATA primitive, ``DIMSEMessage.decode_msg`` → ``data_set.
+    write``, ``message_to_primitive`` and the DIMSE queue), without the objects, copies and
+    queue hops: every data PDU of a 512² CT slice (dcmtk sends 128 KiB PDUs) takes this
+    path. Anything else — a command fragment, another context, a PDV after the last
+    fragment, a malformed item list, a message not started by a command — returns False and
+    goes through pynetdicom unchanged.
+    """
+    message = dul.assoc.dimse.message
     if type(message) is not C_STORE_RQ or message.context_id is None:
         return False  # no command decoded yet (class is still DIMSEMessage), or not a C-STORE
     data_set = message.data_set
     if type(data_set) is not StreamingDataSet or message._data_set_file is not None:
         return False
-    if assoc.get_handlers(evt.EVT_PDU_RECV) or assoc.get_handlers(evt.EVT_DATA_RECV):
-        return False
     end = len(buf)
     offset = 6
     spans = []
+    last = False
     while offset < end:
         if end - offset < 6:
             return False
         length, context_id, control = struct.unpack_from(">LBB", buf, offset)
         if length < 2 or offset + 4 + length > end:
             return False  # malformed: pynetdicom's decoder decides what happens
-        if control & 0x03 or context_id != message.context_id:
-            return False  # command set, last fragment or another context: the normal path
+        if control & 0x01 or context_id != message.context_id:
+            return False  # a command fragment, or another context: the normal path
         spans.append((offset + 6, offset + 4 + length))
         offset += 4 + length
+        if control & 0x02:
+            if offset != end:
+                return False  # something after the last fragment: the normal path
+            last = True
     if not spans:
         return False
     view = memoryview(buf)
     for start, stop in spans:
         data_set.write(view[start:stop])
+    if last:
+        _complete(dul, message)
     return True
+
+
+def _complete(dul: Any, message: Any) -> None:
+    """A whole C-STORE-RQ: its primitive to the DIMSE queue, as pynetdicom's
+    ``DIMSEServiceProvider.receive_primitive`` does, and wake the association thread."""
+    dimse = dul.assoc.dimse
+    try:
+        primitive = message.message_to_primitive()
+    except Exception:
+        log.exception("received an invalid DIMSE message")
+        dul.event_queue.put("Evt19")
+        return
+    dimse.msg_queue.put((message.context_id, primitive))
+    message.encoded_command_set = io.BytesIO()
+    message.data_set = io.BytesIO()
+    message._data_set_file = None
+    message._data_set_path = None
+    dimse.message = None
+    dul.assoc._dicomnode_msg.set()
 
 
 # --- 2. a reactor that waits on the socket and a wake pipe -----------------------------------
@@ -238,6 +409,9 @@ def _ready(self: Any) -> bool:
     """Like AssociationSocket.ready, but waits up to IDLE_WAIT for data or a wake-up."""
     if self.socket is None or self._is_connected is False:
         return False
+    rx = getattr(self, "_dicomnode_rx", None)
+    if rx is not None and len(rx):
+        return True  # read ahead with the last PDU (ReadAhead): no need to ask the socket
     r_fd, _ = _wake_fds(self)
     # The reactor handles one event per turn and checks the socket first: with events still
     # queued (a new connection queues Evt5, then its A-ASSOCIATE-RQ Evt6) it must not wait
@@ -482,14 +656,13 @@ def _us(raw: bytes) -> int:
     return int(struct.unpack("<H", raw)[0])
 
 
-def c_store_rq_primitive(message: Any) -> C_STORE | None:
-    """The C-STORE primitive of a received C-STORE-RQ, read from its encoded command set
-    (implicit VR little endian, PS3.7 9.3.1.1) and set through the primitive's own validating
-    setters. pynetdicom's generic ``message_to_primitive`` converts every element through
-    pydicom first (~0.2 ms per instance). None: anything this does not cover (another element,
-    a value of unexpected length or multiplicity, a value a setter refuses) — pynetdicom's
-    path then handles it, refusals included."""
-    raw = message.encoded_command_set.getvalue()
+def _text_uid(raw: bytes) -> str:
+    return raw.rstrip(b"\0 ").decode("ascii")
+
+
+def _command_values(raw: bytes) -> dict[int, bytes] | None:
+    """The elements of an encoded C-STORE-RQ command set (implicit VR little endian), by
+    element number; None if it holds anything else or is malformed."""
     values: dict[int, bytes] = {}
     offset, end = 0, len(raw)
     while offset < end:
@@ -501,13 +674,26 @@ def c_store_rq_primitive(message: Any) -> C_STORE | None:
             return None
         values[element] = raw[offset:offset + length]
         offset += length
+    return values
+
+
+def c_store_rq_primitive(message: Any) -> C_STORE | None:
+    """The C-STORE primitive of a received C-STORE-RQ, read from its encoded command set
+    (implicit VR little endian, PS3.7 9.3.1.1) and set through the primitive's own validating
+    setters. pynetdicom's generic ``message_to_primitive`` converts every element through
+    pydicom first (~0.2 ms per instance). None: anything this does not cover (another element,
+    a value of unexpected length or multiplicity, a value a setter refuses) — pynetdicom's
+    path then handles it, refusals included."""
+    values = _command_values(message.encoded_command_set.getvalue())
+    if values is None:
+        return None
     if b"\\" in values.get(0x0002, b"") or b"\\" in values.get(0x1000, b""):
         return None  # multi-valued: pynetdicom warns and takes the first
     primitive = C_STORE()
     try:
         primitive.MessageID = _us(values[0x0110])
-        primitive.AffectedSOPClassUID = values[0x0002].rstrip(b"\0 ").decode("ascii")
-        primitive.AffectedSOPInstanceUID = values[0x1000].rstrip(b"\0 ").decode("ascii")
+        primitive.AffectedSOPClassUID = _text_uid(values[0x0002])
+        primitive.AffectedSOPInstanceUID = _text_uid(values[0x1000])
         primitive.Priority = _us(values[0x0700])
         if 0x1030 in values:
             primitive.MoveOriginatorApplicationEntityTitle = values[0x1030].decode("ascii").strip()
@@ -527,6 +713,10 @@ def _message_to_primitive(self: Any) -> Any:
         primitive = c_store_rq_primitive(self)
         if primitive is not None:
             return primitive
+        if getattr(self, "_dicomnode_lazy_command", False):  # see _c_store_command
+            self.command_set = decode(io.BytesIO(self.encoded_command_set.getvalue()), True,
+                                      True)
+            self._dicomnode_lazy_command = False  # type: ignore[attr-defined]
     return _original_to_primitive(self)
 
 

@@ -148,14 +148,17 @@ class Receiver:
     def _open_stream(self, assoc: Any, message: Any) -> StreamingFile | None:
         """Called on the network thread at a C-STORE's first data fragment: the file the
         fragments go to as they arrive (see dul_patches.StreamingDataSet)."""
-        cs = message.command_set
         context = assoc._accepted_cx.get(message.context_id)
         if context is None:
             return None  # pynetdicom refuses the message itself
+        # read from the encoded command by the receive fast path (dul_patches), or decoded
+        uids = getattr(message, "_dicomnode_uids", None)
+        if uids is None:
+            cs = message.command_set
+            uids = (str(cs.AffectedSOPClassUID), str(cs.AffectedSOPInstanceUID))
         calling, _, _, _ = self._peer(assoc)
-        meta = part10_header(str(cs.AffectedSOPClassUID), str(cs.AffectedSOPInstanceUID),
-                             str(context.transfer_syntax[0]), self.ae_title, calling,
-                             self.ae_title)
+        meta = part10_header(uids[0], uids[1], str(context.transfer_syntax[0]), self.ae_title,
+                             calling, self.ae_title)
         try:
             stream = self.files.open_stream(meta)
         except OSError:
