@@ -172,6 +172,12 @@ class NodeProc:
         p = self.workdir / "node.log"
         return p.read_text(errors="replace") if p.exists() else ""
 
+    def receiver_workers_ready(self, count: int = 1, timeout: float = 60) -> None:
+        """Wait until receiver workers (node.receiver_processes) have said ``count`` times
+        in all that they take connections (the node runs connections itself until then)."""
+        wait_until(lambda: self.log().count(" ready (pid ") >= count, timeout=timeout,
+                   what=f"{count} receiver worker start(s)")
+
     def terminate(self, timeout: float = 30) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)

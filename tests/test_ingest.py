@@ -340,6 +340,7 @@ def test_receiver_processes_share_concurrent_senders(node_factory, tmp_path) -> 
     import psutil
 
     node = node_factory(node={"receiver_processes": 2}).start()
+    node.receiver_workers_ready()
     batches, studies = [], []
     for s in range(4):
         study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
@@ -386,6 +387,7 @@ def test_max_associations_is_shared_by_receiver_processes(node_factory) -> None:
     """node.max_associations: 2 over node.receiver_processes: 2 — one association each; a
     third at once is rejected as busy (each process alone would have taken two)."""
     node = node_factory(node={"max_associations": 2, "receiver_processes": 2}).start()
+    node.receiver_workers_ready()
     held = []
     for aet in ("FIRST", "SECOND"):
         ae = verbatim_scu(aet)

@@ -398,6 +398,7 @@ def test_receiver_process_killed_mid_association(node_factory, tmp_path) -> None
     # enough with two CPU burners beside the test), so that the study completes once, at the end
     node = node_factory(node={"receiver_processes": 2},
                         assemble={"quiet_seconds": 20.0, "poll_seconds": 0.2}).start()
+    node.receiver_workers_ready()
     study, files = make_study(tmp_path, 60)
     sop_class = pydicom.dcmread(files[0], stop_before_pixels=True).SOPClassUID
     ts = split_part10(files[0])[0]
@@ -450,7 +451,9 @@ def test_receiver_process_killed_mid_association(node_factory, tmp_path) -> None
     for f in acked:
         sop = pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
         assert split_part10(node.storage / inst[sop]["path"])[1] == split_part10(f)[1]
-    # the scanner re-sends the study; with HELD still open it goes to the new worker
+    # the scanner re-sends the study; with HELD still open it goes to the new worker, once
+    # that has started (until then the node takes connections itself)
+    node.receiver_workers_ready(count=2)
     storescu(node.port, files, aet="SCANNER")
     pids = {e["detail"]["pid"] for e in accepted("SCANNER")}
     assert len(pids) == 2 and node.proc.pid not in pids  # the new worker took it

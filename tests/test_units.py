@@ -1076,6 +1076,53 @@ def test_reactor_thread_does_not_give_up_the_lock_for_a_zero_sleep(monkeypatch) 
     assert slept == [("reactor", 0.001), (threading.current_thread().name, 0)]
 
 
+def test_receiver_pool_hands_connections_only_to_ready_workers() -> None:
+    """node.receiver_processes: each accepted connection goes to the least busy process, but
+    never to a worker that has not said "ready" yet (a spawned worker imports for seconds; a
+    connection handed to it would wait that long): the node runs it itself meanwhile. A
+    dead worker gets none either."""
+    from types import SimpleNamespace
+
+    from dicomnode.receive.workers import ReceiverPool
+
+    ran_here: list[str] = []
+    handed: list[str] = []
+
+    class Conn:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def close(self) -> None:
+            pass
+
+    alive = [True]
+    worker = SimpleNamespace(ready=False, active=0, index=1,
+                             process=SimpleNamespace(is_alive=lambda: alive[0]),
+                             hand_over=lambda conn, _addr: handed.append(conn.name))
+    pool = ReceiverPool(None, None, None, None)  # type: ignore[arg-type]
+    pool.workers = [worker]  # type: ignore[list-item]
+    server = SimpleNamespace(process_request=lambda conn, _addr: ran_here.append(conn.name))
+    pool.install(server)
+
+    def connect(name: str) -> None:
+        server.process_request(Conn(name), ("127.0.0.1", 1))
+
+    connect("first")  # a tie: the node's own
+    connect("while-starting")  # the worker runs nothing, but has not said ready
+    worker.ready = True
+    connect("ready")  # now the least busy process is the worker
+    worker.active = 1
+    connect("tie")  # 2 in the node (nothing reported closed) vs 1: the worker
+    worker.active = 5
+    connect("busy")
+    alive[0] = False
+    worker.active = 0
+    connect("dead")
+    assert ran_here == ["first", "while-starting", "busy", "dead"]
+    assert handed == ["ready", "tie"]
+    assert pool.local_active == 4
+
+
 def test_stream_table_names_what_each_association_writes(tmp_path: Path) -> None:
     """A receiver worker's stream table (read by the node once the worker has died): one
     slot per association, emptied when its instance is stored, reused by the next; what is

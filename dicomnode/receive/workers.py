@@ -17,7 +17,9 @@ node reads only when the worker has died: a message per instance cost two system
 worker and a thread wake-up in the node, per instance). If a worker dies (killed, crashed),
 the node closes its open associations as ``interrupted`` (audited, as at start-up) so their
 studies can complete, deletes the file it was writing unless that was indexed, and starts a
-new worker; acknowledged instances are indexed and stay. A worker dies with the node
+new worker; acknowledged instances are indexed and stay. A worker gets connections only once
+it has said it is ready (a spawned worker takes ~1-5 s to import): until then, at start-up or
+after a restart, the node runs them itself. A worker dies with the node
 (PR_SET_PDEATHSIG). On SIGTERM the node stops accepting, then every worker finishes its
 in-flight instances (the same grace period) and aborts its associations, as the node's own
 receiver does.
@@ -136,6 +138,9 @@ class _Worker:
         theirs.close()
         self.sock = ours
         self.active = 0  # connections handed over and not yet closed
+        # set when the worker says it can run connections: a spawned worker imports for
+        # ~1-5 s, and a connection handed to it before then would wait that long unanswered
+        self.ready = False
         self.open_rows: set[int] = set()  # association rows the worker opened, not closed
         self.streams = stream_table_path(settings.storage.path, index)  # see StreamTable
         self.lock = threading.Lock()
@@ -157,7 +162,9 @@ class _Worker:
         with self.lock:
             for line in data.splitlines():  # SEQPACKET: one whole report per message
                 kind, _, value = line.decode().partition(" ")
-                if kind == "closed":
+                if kind == "ready":
+                    self.ready = True
+                elif kind == "closed":
                     self.active = max(0, self.active - 1)
                 elif kind == "open":
                     self.open_rows.add(int(value))
@@ -208,7 +215,7 @@ class ReceiverPool:
         def process_request(request: socket.socket, client_address: Any) -> None:
             with self._lock:
                 candidates = [] if self._stopping.is_set() else [
-                    w for w in self.workers if w.process.is_alive()]
+                    w for w in self.workers if w.ready and w.process.is_alive()]
                 best = min(candidates, key=lambda w: w.active, default=None)
                 here = best is None or self.local_active <= best.active
             if here or best is None:
@@ -344,6 +351,7 @@ def worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
                           settings.node.associations_per_process + 8)
     receiver = Receiver(settings, store, sessions, audit, report=report, streams=streams.record)
     receiver.start_unbound()
+    report("ready")  # from now on the node hands this process connections
     log.info("receiver process %d ready (pid %d)", index, os.getpid())
     try:
         while True:
