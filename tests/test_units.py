@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -700,6 +701,30 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
     assert fast[uncompressed_ct][0] == split_part10(files[0])[1]  # dcmtk sends it verbatim
 
 
+def _c_store_rq_command(message_id: int, instance: str, priority: int,
+                        move_originator: str | None) -> tuple[Any, bytes]:
+    """A C-STORE request primitive and its command set as pynetdicom encodes it."""
+    import io
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    p = C_STORE()
+    p.MessageID = message_id
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    p.AffectedSOPInstanceUID = instance
+    p.Priority = priority
+    if move_originator:
+        p.MoveOriginatorApplicationEntityTitle = move_originator
+        p.MoveOriginatorMessageID = 3
+    p.DataSet = io.BytesIO(b"\x08\x00")
+    out = C_STORE_RQ()
+    out.primitive_to_message(p)
+    encoded = b"".join(pdv[1:] for pd in out.encode_msg(1, 16384)
+                       for _, pdv in pd.presentation_data_value_list if pdv[0] & 1)
+    return p, encoded
+
+
 @pytest.mark.parametrize("move_originator,priority,instance", [
     (None, 0, "1.2.826.0.1.3680043.8.498.1234567890123"),  # odd length: NUL-padded
     ("MOVESCU", 2, "1.2.3.44"),
@@ -714,24 +739,11 @@ def test_fast_c_store_request_primitive_matches_pynetdicoms(move_originator: str
     import struct
 
     from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
-    from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import decode
 
     from dicomnode.receive.dul_patches import _original_to_primitive, c_store_rq_primitive
 
-    p = C_STORE()
-    p.MessageID = 7
-    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    p.AffectedSOPInstanceUID = instance
-    p.Priority = priority
-    if move_originator:
-        p.MoveOriginatorApplicationEntityTitle = move_originator
-        p.MoveOriginatorMessageID = 3
-    p.DataSet = io.BytesIO(b"\x08\x00")
-    out = C_STORE_RQ()
-    out.primitive_to_message(p)
-    encoded = b"".join(pdv[1:] for pd in out.encode_msg(1, 16384)
-                       for _, pdv in pd.presentation_data_value_list if pdv[0] & 1)
+    _, encoded = _c_store_rq_command(7, instance, priority, move_originator)
 
     def received(command: bytes) -> DIMSEMessage:
         msg = DIMSEMessage()
@@ -818,18 +830,8 @@ def test_c_store_command_fast_path_builds_the_message_pynetdicom_would() -> None
 
     from dicomnode.receive import dul_patches
 
-    p = C_STORE()
-    p.MessageID = 9
-    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-    p.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1234567890123"
-    p.Priority = 2
-    p.MoveOriginatorApplicationEntityTitle = "MOVESCU"
-    p.MoveOriginatorMessageID = 3
-    p.DataSet = io.BytesIO(b"\x08\x00")
-    out = C_STORE_RQ()
-    out.primitive_to_message(p)
-    encoded = b"".join(pdv[1:] for pd in out.encode_msg(1, 16384)
-                       for _, pdv in pd.presentation_data_value_list if pdv[0] & 1)
+    p, encoded = _c_store_rq_command(9, "1.2.826.0.1.3680043.8.498.1234567890123", 2,
+                                     "MOVESCU")
 
     def pdu(*pdvs: tuple[int, bytes]) -> bytearray:
         body = b"".join(struct.pack(">LBB", len(v) + 2, 5, control) + v for control, v in pdvs)
