@@ -45,7 +45,7 @@ from dicomnode_ich_triage import ICHParams, ICHTriage
 
 from dicomnode.plugin import Context, Geometry, Inputs, NotApplicable, Outputs, SeriesInput
 from dicomnode.simulate import ORIENTATIONS
-from dicomnode.simulate_head import head_ct, write_head_ct
+from dicomnode.simulate.head import head_ct, write_head_ct
 
 sys.path.insert(0, str(Path(__file__).parent))
 from e2e import run_once
@@ -167,7 +167,7 @@ def nodules(first: int, count: int, mix: bool = True,
     overrides :class:`NoduleParams` (development runs)."""
     from dicomnode_lung_nodules import LungNodules, NoduleParams
 
-    from dicomnode.simulate_chest import chest_ct
+    from dicomnode.simulate.chest import chest_ct
 
     ctx = Context("bench", np, "cpu", Path(tempfile.mkdtemp()), logging.getLogger("bench"))
     detections: list[tuple[float, bool]] = []  # (confidence, true positive)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.simulate_ct import _ellipsoids, make_geometry, project_shepp_logan
+from dicomnode.simulate.ct import _ellipsoids, make_geometry, project_shepp_logan
 
 FOV = 250.0
 

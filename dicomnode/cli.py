@@ -60,8 +60,8 @@ def _print_json(value: Any) -> None:
 def serve(config: ConfigOpt = None) -> None:
     """Run the node until SIGTERM/SIGINT (then finish in-flight instances and stop)."""
     settings = _settings(config)
-    from dicomnode.memory import tune_allocator
     from dicomnode.node import Node, configure_logging
+    from dicomnode.runtime.memory import tune_allocator
 
     configure_logging(settings.logging.level)
     tune_allocator()
@@ -441,7 +441,7 @@ def simulate_ct(
     turns: Annotated[float, typer.Option(help="Helical: number of turns.")] = 4.0,
 ) -> None:
     """Simulate a CT scan and write it as DICOM-CT-PD raw data (one file per projection)."""
-    from dicomnode.simulate_ct import simulate_ct as run
+    from dicomnode.simulate.ct import simulate_ct as run
 
     if geometry not in ("parallel", "fan", "cone", "helical") or \
             detector not in ("cylindrical", "flat"):
@@ -481,7 +481,7 @@ def simulate_head_ct(
              "sagittal")] = "axial",
 ) -> None:
     """Write a synthetic head CT (with or without hemorrhage) and its ground truth."""
-    from dicomnode.simulate_head import write_head_ct
+    from dicomnode.simulate.head import write_head_ct
 
     try:
         files, truth = write_head_ct(out, seed, kind=hemorrhage, volume_ml=volume_ml,
@@ -510,7 +510,7 @@ def simulate_chest_ct(
              "sagittal")] = "axial",
 ) -> None:
     """Write a synthetic chest CT (vessels, 0–4 solid or ground-glass nodules) + ground truth."""
-    from dicomnode.simulate_chest import write_chest_ct
+    from dicomnode.simulate.chest import write_chest_ct
 
     try:
         files, truth = write_chest_ct(out, seed, nodules=nodules, slices=slices,

@@ -24,7 +24,6 @@ from dicomnode.assemble import Assembler
 from dicomnode.audit import AuditLog, EventKind
 from dicomnode.config import Settings
 from dicomnode.database import make_engine, make_sessionmaker, reading, upgrade
-from dicomnode.notify import Notifier
 from dicomnode.receive.scp import Receiver, finish_association
 from dicomnode.receive.workers import ReceiverPool
 from dicomnode.route import compile_routes
@@ -32,6 +31,7 @@ from dicomnode.route.router import Router
 from dicomnode.run.registry import discover
 from dicomnode.run.runner import EmbeddedRunner
 from dicomnode.schema import Association, utcnow
+from dicomnode.send.notify import Notifier
 from dicomnode.send.sender import Sender
 from dicomnode.store import FileStore, InstanceStore
 

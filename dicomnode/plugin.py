@@ -33,6 +33,55 @@ from typing import Any, ClassVar, Generic, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from dicomnode.formats.ctpd import RawDataError, ScanGeometry, is_projection_data, read_scan
+
+__all__ = [
+    "ABSENT",
+    "API_VERSION",
+    "AREA",
+    "CT_ATTRIBUTES",
+    "DIAMETER",
+    "ENTRY_POINT_GROUP",
+    "GPU",
+    "LEFT",
+    "LONG_AXIS",
+    "MORPHOLOGICALLY_ALTERED",
+    "PRESENCE",
+    "PRESENT",
+    "RIGHT",
+    "SHORT_AXIS",
+    "SUPPORTED_API_VERSIONS",
+    "TISSUE",
+    "VOLUME",
+    "Accepts",
+    "Code",
+    "Context",
+    "Finding",
+    "Geometry",
+    "ImageVolume",
+    "Inputs",
+    "KeyImages",
+    "LabelMap",
+    "Measurement",
+    "Mesh",
+    "Needs",
+    "NotApplicable",
+    "Outputs",
+    "Params",
+    "Plugin",
+    "PluginError",
+    "RawDataError",
+    "ScanGeometry",
+    "Segment",
+    "SeriesInput",
+    "axial_grid",
+    "is_projection_data",
+    "ndimage",
+    "read_scan",
+    "resample",
+    "to_numpy",
+]
+
 API_VERSION = 1
 """Bumped on any incompatible change. The node loads plugins whose ``api_version`` it supports."""
 SUPPORTED_API_VERSIONS = frozenset({1})
@@ -96,8 +145,8 @@ class Accepts:
     modalities: tuple[str, ...] = ()
     sop_class_uids: tuple[str, ...] = ()
     min_instances: int = 1
-    #: True for plugins that take raw projection data (e.g. DICOM-CT-PD, see
-    #: :mod:`dicomnode.ctpd`): the series' datasets come in acquisition order (InstanceNumber)
+    #: True for plugins that take raw projection data (e.g. DICOM-CT-PD, read with
+    #: :func:`read_scan`): the series' datasets come in acquisition order (InstanceNumber)
     #: without the image-plane checks of an image series, and ``SeriesInput.geometry`` is then
     #: the projection stack (views, detector rows, detector columns), not a patient-space grid.
     projections: bool = False

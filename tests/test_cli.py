@@ -62,7 +62,7 @@ def test_echo_studies_and_db_commands(node, tmp_path: Path) -> None:  # type: ig
 
 
 def test_simulate_ct_writes_readable_raw_data(tmp_path: Path) -> None:
-    from dicomnode import ctpd
+    from dicomnode.formats import ctpd
 
     def simulate(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "dicomnode", "simulate", "ct", *args],

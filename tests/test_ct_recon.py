@@ -2,7 +2,7 @@
 advantage of TV, reference FBPs (ASTRA, scikit-image), and clear refusals of bad raw data.
 
 All data is synthetic: the Kak–Slaney Shepp–Logan head as ellipsoids, projected *analytically*
-by :mod:`dicomnode.simulate_ct` (exact line integrals; no code shared with the reconstruction,
+by :mod:`dicomnode.simulate.ct` (exact line integrals; no code shared with the reconstruction,
 so a projector error cannot cancel itself). Errors are measured in HU against the phantom
 averaged over each pixel (4×4 sub-samples), inside 95 % of the field of view.
 
@@ -25,10 +25,10 @@ from dicomnode_ct_recon.analytic import fbp, to_hu
 from dicomnode_ct_recon.projector import Grid, Projector
 from skimage.metrics import structural_similarity
 
-from dicomnode import ctpd
+from dicomnode.formats import ctpd
 from dicomnode.plugin import Context, Inputs, PluginError
 from dicomnode.run.inputs import projection_input
-from dicomnode.simulate_ct import (
+from dicomnode.simulate.ct import (
     _ellipsoids,
     add_noise,
     make_geometry,

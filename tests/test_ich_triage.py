@@ -23,7 +23,7 @@ from dicomnode.package.sr import findings_to_sr
 from dicomnode.plugin import Context, Inputs, NotApplicable
 from dicomnode.run.inputs import series_input
 from dicomnode.simulate import write_ct_series
-from dicomnode.simulate_head import write_head_ct
+from dicomnode.simulate.head import write_head_ct
 from tests.helpers import Webhook, cupy_or_none, storescu, wait_until
 from tests.test_pipeline import make_node, pipeline_config
 from tests.validators import dciodvfy_errors, dsrdump_errors
@@ -139,7 +139,7 @@ def test_reads_the_axial_series_of_a_study_with_scout_and_reformats(tmp_path: Pa
     coronal reformat and the axial series (same head, same bleed). It reads the axial one, and
     its findings, SEG and KOS refer to it."""
     from dicomnode.plugin import SeriesInput
-    from dicomnode.simulate_head import head_ct
+    from dicomnode.simulate.head import head_ct
 
     def series(uid: str, **kw: Any) -> tuple[SeriesInput, Any]:
         hu, truth, _ = head_ct(16, kind="sdh", volume_ml=6.0, **kw)

@@ -18,8 +18,8 @@ from dicomnode.package.seg import label_map_to_seg
 from dicomnode.package.sr import findings_to_sr
 from dicomnode.plugin import Context, Inputs, NotApplicable, SeriesInput
 from dicomnode.run.inputs import series_input
-from dicomnode.simulate_chest import write_chest_ct
-from dicomnode.simulate_head import write_head_ct
+from dicomnode.simulate.chest import write_chest_ct
+from dicomnode.simulate.head import write_head_ct
 from tests.helpers import cupy_or_none, storescu
 from tests.test_pipeline import make_node, pipeline_config
 from tests.validators import dciodvfy_errors, dsrdump_errors
@@ -79,7 +79,7 @@ def test_size_categories() -> None:
 def test_faint_ground_glass_nodule_found(tmp_path: Path) -> None:
     """An 8 mm ground-glass nodule (−464 HU) answers the dot filter at 16 HU: below the old
     20 HU candidate threshold it was never a candidate (development seed 20, 2 mm slices)."""
-    from dicomnode.simulate_chest import chest_ct
+    from dicomnode.simulate.chest import chest_ct
 
     hu, truth, mask = chest_ct(20, specs=[("ground-glass", 8.0), ("ground-glass", 12.0),
                                           ("solid", 6.0)], slices=75, slice_mm=2.0)

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind
 from dicomnode.database import reading
-from dicomnode.periodic import Periodic
+from dicomnode.runtime.periodic import Periodic
 from dicomnode.schema import Association, Completion, Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)

@@ -323,10 +323,10 @@ class ReceiverPool:
 # -- the worker process ---------------------------------------------------------------------
 def worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
     from dicomnode.database import make_engine, make_sessionmaker
-    from dicomnode.memory import tune_allocator
     from dicomnode.node import configure_logging
     from dicomnode.receive.scp import Receiver
     from dicomnode.run.execute import _die_with_parent
+    from dicomnode.runtime.memory import tune_allocator
     from dicomnode.store import FileStore, InstanceStore
 
     _die_with_parent()

@@ -20,8 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.database import reading
-from dicomnode.periodic import Periodic
 from dicomnode.route.rules import Rule, select_series
+from dicomnode.runtime.periodic import Periodic
 from dicomnode.schema import Association, Completion, Instance, Job, Series, Study, utcnow
 
 log = logging.getLogger(__name__)

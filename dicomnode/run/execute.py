@@ -30,7 +30,6 @@ from sqlalchemy import select
 
 from dicomnode.config import Settings
 from dicomnode.database import make_engine, make_sessionmaker
-from dicomnode.memory import tune_allocator
 from dicomnode.package import Provenance
 from dicomnode.package.kos import key_images_to_kos
 from dicomnode.package.seg import label_map_to_seg
@@ -48,6 +47,7 @@ from dicomnode.plugin import (
 )
 from dicomnode.run.inputs import projection_input, series_input
 from dicomnode.run.registry import discover
+from dicomnode.runtime.memory import tune_allocator
 from dicomnode.schema import Instance, Job, Series
 from dicomnode.store.files import _fsync_dir, _start_writeback
 

@@ -140,7 +140,7 @@ def projection_input(datasets: Sequence[Any]) -> SeriesInput:
     """A raw projection series (``Accepts.projections``): datasets in acquisition order, no
     image-plane checks; the geometry is the projection stack (views, rows, columns) with the
     detector's pixel pitch where the data give one. Reading the scan geometry is the plugin's
-    job (for DICOM-CT-PD: :func:`dicomnode.ctpd.read_scan`)."""
+    job (for DICOM-CT-PD: :func:`dicomnode.formats.ctpd.read_scan`)."""
     if not datasets:
         raise NotApplicable("empty series")
     ordered = sorted(datasets, key=lambda d: int(d.get("InstanceNumber") or 0))

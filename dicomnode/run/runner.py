@@ -28,11 +28,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
 from dicomnode.database import reading
-from dicomnode.notify import enqueue
 from dicomnode.plugin import GPU
 from dicomnode.run.execute import child_main, read_step, spare_main, step_record
 from dicomnode.run.registry import discover
 from dicomnode.schema import Completion, Delivery, Job, Notification, Study, utcnow
+from dicomnode.send.notify import enqueue
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from dicomnode import ctpd
 from dicomnode.plugin import (
     GPU,
     Accepts,
@@ -30,6 +29,10 @@ from dicomnode.plugin import (
     Params,
     Plugin,
     PluginError,
+    RawDataError,
+    ScanGeometry,
+    is_projection_data,
+    read_scan,
 )
 from dicomnode_ct_recon import iterative
 from dicomnode_ct_recon.analytic import fbp, to_hu
@@ -52,7 +55,7 @@ class CTReconParams(Params):
     window: tuple[float, float] = (40.0, 400.0)
 
 
-def scanned_fov(g: ctpd.ScanGeometry) -> float:
+def scanned_fov(g: ScanGeometry) -> float:
     """Diameter (mm) of the circle every view sees: the largest sensible output FOV."""
     half = min(g.u0, g.columns - 1 - g.u0) * g.du
     if g.kind == "parallel":
@@ -61,7 +64,7 @@ def scanned_fov(g: ctpd.ScanGeometry) -> float:
     return float(2 * g.sod * np.sin(angle))
 
 
-def output_grid(g: ctpd.ScanGeometry, params: CTReconParams) -> Grid:
+def output_grid(g: ScanGeometry, params: CTReconParams) -> Grid:
     fov = params.fov_mm or scanned_fov(g)
     dx = fov / params.matrix
     if g.rows == 1:
@@ -88,7 +91,7 @@ def output_grid(g: ctpd.ScanGeometry, params: CTReconParams) -> Grid:
     return Grid(params.matrix, params.matrix, dx, z, thickness)
 
 
-def reconstruct(sino: Any, g: ctpd.ScanGeometry, grid: Grid, params: CTReconParams,
+def reconstruct(sino: Any, g: ScanGeometry, grid: Grid, params: CTReconParams,
                 xp: Any = np) -> Any:
     """Attenuation μ (mm⁻¹) on ``grid`` by the chosen algorithm (``xp``: numpy or cupy)."""
     p = Projector(g, grid, xp)
@@ -118,11 +121,11 @@ class CTRecon(Plugin[CTReconParams]):
 
     def run(self, inputs: Inputs, params: CTReconParams, ctx: Context) -> Outputs:
         src = inputs.primary
-        if not ctpd.is_projection_data(src.datasets[0]):
+        if not is_projection_data(src.datasets[0]):
             raise NotApplicable("not CT projection data (no DICOM-CT-PD detector tags)")
         try:
-            g, sino = ctpd.read_scan(src.datasets)
-        except ctpd.RawDataError as e:
+            g, sino = read_scan(src.datasets)
+        except RawDataError as e:
             raise PluginError(f"raw data cannot be reconstructed: {e}") from e
         if params.algorithm == "fdk" and g.kind != "cone":
             ctx.log.info("fdk asked for %s-beam data: plain FBP is the same method", g.kind)

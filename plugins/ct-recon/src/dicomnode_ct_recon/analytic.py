@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.ctpd import RawDataError, ScanGeometry
+from dicomnode.plugin import RawDataError, ScanGeometry
 from dicomnode_ct_recon.projector import Grid, Projector
 
 FILTERS = ("ram-lak", "shepp-logan", "cosine", "hann")

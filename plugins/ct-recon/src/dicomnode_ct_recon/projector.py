@@ -18,7 +18,7 @@ linear interpolation. ``weighting``:
   forward projection approximates line integrals (mm) and the backprojection is its exact
   transpose (adjoint test in the test suite).
 
-Conventions (from :mod:`dicomnode.ctpd`): source at (−R sin φ, R cos φ, z_s), z_s per view
+Conventions (from :mod:`dicomnode.formats.ctpd`): source at (−R sin φ, R cos φ, z_s), z_s per view
 (constant for a circular scan, advancing for a helical one); central ray
 n = (sin φ, −cos φ, 0); columns along e_u = (cos φ, sin φ, 0); rows along +z.
 """
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from numba import njit, prange
 
-from dicomnode.ctpd import ScanGeometry
+from dicomnode.plugin import ScanGeometry
 
 MODES = {"parallel": 0, "flat": 1, "cylindrical": 2}
 

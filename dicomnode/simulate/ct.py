@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.uid import generate_uid
 
-from dicomnode.ctpd import ScanGeometry, write_tags
+from dicomnode.formats.ctpd import ScanGeometry, write_tags
 from dicomnode.package.series import ds_value
-from dicomnode.simulate import ct_dataset
+from dicomnode.simulate.series import ct_dataset
 
 MU_WATER = 0.0192  # mm⁻¹
 PHANTOM_RADIUS_MM = 110.0  # Shepp–Logan unit length
@@ -77,9 +77,9 @@ def shepp_logan_hu(shape: tuple[int, int, int], voxel_mm: float) -> np.ndarray:
 def detector_rays(g: ScanGeometry, view: int) -> tuple[np.ndarray, np.ndarray]:
     """(origins, unit directions) [rows, columns, 3] of the rays of one projection.
 
-    Conventions (shared with reconstruction through :mod:`dicomnode.ctpd` only): the source is
-    at (−R sin φ, R cos φ, z); the central ray n = (sin φ, −cos φ, 0) runs from the source
-    through the isocentre; columns increase along e_u = (cos φ, sin φ, 0); rows along +z.
+    Conventions (shared with reconstruction through :mod:`dicomnode.formats.ctpd` only): the
+    source is at (−R sin φ, R cos φ, z); the central ray n = (sin φ, −cos φ, 0) runs from the
+    source through the isocentre; columns increase along e_u = (cos φ, sin φ, 0); rows along +z.
     Parallel beams run along n, detector coordinate u = p·e_u.
     """
     phi = float(g.angles[view])

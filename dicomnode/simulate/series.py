@@ -1,8 +1,8 @@
-"""Synthetic studies for tests, benchmarks and demos (no patient data anywhere).
+"""Synthetic CT series (no patient data anywhere), and the CT header every simulator shares.
 
 Data made here is labelled as synthetic in PatientName/SeriesDescription. ``ct_dataset`` is
-the one CT header every simulator writes (``simulate_ct``, ``simulate_head``,
-``simulate_chest`` via ``write_ct_series``), so all of them are dciodvfy-clean alike.
+the one CT header every simulator writes (``simulate.ct``, ``simulate.head``,
+``simulate.chest`` via ``write_ct_series``), so all of them are dciodvfy-clean alike.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.simulate import SlicePlan, slice_plan, write_ct_series
+from dicomnode.simulate.series import SlicePlan, slice_plan, write_ct_series
 
 
 @dataclass

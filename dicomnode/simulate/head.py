@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.simulate import SlicePlan, slice_plan, write_ct_series
+from dicomnode.simulate.series import SlicePlan, slice_plan, write_ct_series
 
 KINDS = ("iph", "sdh", "edh")
 HEAD = np.array([72.0, 92.0, 78.0])  # outer semi-axes (x, y, z) mm
