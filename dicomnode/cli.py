@@ -314,53 +314,49 @@ def jobs_list(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = F
 
 
 @contextmanager
-def _job_for_update(config: Path | None, job_id: int) -> Iterator[tuple[Any, Any]]:
-    """(session, job) in a write transaction; exit 1 with a message if there is no such job."""
+def _job_for_update(config: Path | None, job_id: int) -> Iterator[tuple[Any, Any, Any]]:
+    """(session, job, audit log) in a write transaction; exit 1 with a message if there is no
+    such job. Nothing is written when the body raises."""
+    from dicomnode.audit import AuditLog
     from dicomnode.database import make_engine, make_sessionmaker
     from dicomnode.schema import Job
 
     settings = _settings(config)
-    with make_sessionmaker(make_engine(settings.database_url))() as s, s.begin():
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with sessions() as s, s.begin():
         job = s.get(Job, job_id)
         if job is None:
             err.print(f"[red]error:[/red] no job {job_id}")
             raise typer.Exit(1)
-        yield s, job
+        yield s, job, AuditLog(sessions)
 
 
 @jobs_app.command("retry")
 def jobs_retry(job_id: int, config: ConfigOpt = None) -> None:
-    """Re-queue job ID: its dead deliveries are sent again; a failed or dead job runs again."""
-    from sqlalchemy import update
+    """Re-queue job ID: its dead deliveries are sent again; a failed or dead job runs again.
+    Audited with your operating-system user name."""
+    from dicomnode.run.jobs import retry
+    from dicomnode.state import Actor
 
-    from dicomnode.schema import Delivery, utcnow
-
-    with _job_for_update(config, job_id) as (s, job):
-        n = s.execute(update(Delivery).where(Delivery.job_fk == job_id,
-                                             Delivery.state == "dead")
-                      .values(state="pending", attempts=0, next_attempt_at=utcnow(),
-                              last_error="")).rowcount
-        requeued = job.state in ("failed", "dead")
-        if requeued:
-            job.state, job.attempts, job.reason = "queued", 0, "retried by admin"
+    with _job_for_update(config, job_id) as (s, job, audit):
+        n, requeued = retry(s, audit, job, Actor.os_user())
     console.print(f"job {job_id}: {n} dead deliver{'y' if n == 1 else 'ies'} re-queued"
                   + ("; job queued to run again" if requeued else ""))
 
 
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, config: ConfigOpt = None) -> None:
-    """Cancel job ID: a queued job never runs; a running one is stopped (nothing is sent)."""
-    from dicomnode.schema import utcnow
+    """Cancel job ID: a queued job never runs; a running one is stopped (nothing is sent).
+    Audited with your operating-system user name."""
+    from dicomnode.run.jobs import request_cancel
+    from dicomnode.state import Actor, IllegalTransition
 
-    with _job_for_update(config, job_id) as (_s, job):
-        if job.state == "queued":
-            job.state, job.reason, job.finished_at = "cancelled", "cancelled by admin", utcnow()
-        elif job.state == "running":
-            job.state = "cancelling"  # the runner stops the process and finishes it
-        else:
-            err.print(f"job {job_id} is {job.state}: nothing to cancel")
-            raise typer.Exit(1)
-        state = job.state
+    try:
+        with _job_for_update(config, job_id) as (s, job, audit):
+            state = request_cancel(s, audit, job, Actor.os_user())
+    except IllegalTransition as e:
+        err.print(f"nothing to cancel: {e}")
+        raise typer.Exit(1) from None
     console.print(f"job {job_id}: {state}")
 
 

@@ -228,6 +228,9 @@ class RunnerConfig(_Section):
     # CPU priority of job processes (nice): receiving is what scanners wait on, so jobs (and
     # spares warming up) yield the CPU to it; an idle machine runs them at full speed anyway
     nice: int = Field(10, ge=0, le=19)
+    # a running job is leased to its runner for this long and renewed while it runs; a job
+    # whose lease expired (its runner died or lost the database) is queued again by any runner
+    lease_seconds: float = Field(60.0, ge=5, le=3600)
 
 
 class LoggingConfig(_Section):

@@ -28,9 +28,10 @@ from dicomnode.receive.scp import Receiver, finish_association
 from dicomnode.receive.workers import ReceiverPool
 from dicomnode.route import compile_routes
 from dicomnode.route.router import Router
+from dicomnode.run.jobs import Runner
 from dicomnode.run.registry import discover
 from dicomnode.run.runner import EmbeddedRunner
-from dicomnode.schema import Association, utcnow
+from dicomnode.schema import Association, AssociationState, utcnow
 from dicomnode.send.notify import Notifier
 from dicomnode.send.sender import Sender
 from dicomnode.store import FileStore, InstanceStore
@@ -51,7 +52,12 @@ class Node:
         self.settings = settings
         self.started_at = utcnow()
         # a broken route is a start-up error, not a surprise when the first study arrives
-        self.rules = compile_routes(settings, discover()) if settings.routes else []
+        plugins = discover()
+        for info in plugins.values():  # e.g. built for another plugin API major: refused
+            if info.error:
+                log.error("plugin %s (%s) not loaded: %s", info.name, info.distribution,
+                          info.error)
+        self.rules = compile_routes(settings, plugins) if settings.routes else []
         self._stopped = threading.Event()
         upgrade(settings.database_url)
         self.engine = make_engine(settings.database_url, settings.database.echo)
@@ -73,9 +79,9 @@ class Node:
                                  report=self.pool.local_report if self.pool else None)
         self.sender = Sender(settings, self.sessions, self.audit)
         self.notifier = Notifier(self.sessions, self.audit)
-        self.runner = EmbeddedRunner(settings, self.sessions, self.audit,
-                                     on_success=self.sender.wake,
-                                     on_notify=self.notifier.wake.set)
+        self.runner: Runner = EmbeddedRunner(settings, self.sessions, self.audit,
+                                             on_success=self.sender.wake,
+                                             on_notify=self.notifier.wake.set)
         self.router = Router(self.sessions, self.audit, self.rules, self.files.root,
                              max_attempts=settings.runner.max_attempts,
                              poll_seconds=settings.assemble.poll_seconds,
@@ -86,7 +92,7 @@ class Node:
         with reading(self.sessions)() as s:
             stale = s.execute(select(Association.id, Association.calling_aet,
                                      Association.peer_host, Association.called_aet)
-                              .where(Association.state == "open")).all()
+                              .where(Association.state == AssociationState.OPEN)).all()
         for row_id, calling, host, called in stale:
             finish_association(self.sessions, self.audit, row_id, "interrupted",
                                calling=calling, host=host, called=called)

@@ -1,4 +1,6 @@
-"""THE public plugin API of dicomnode (``API_VERSION`` 1). Everything a plugin author touches.
+"""THE public plugin API of dicomnode (``API_VERSION`` 1.1). Everything a plugin author touches.
+
+Only the names in ``__all__`` are public; a plugin imports nothing else from ``dicomnode``.
 
 A plugin says *what it found or made*, never how to encode it as DICOM: the node's package stage
 turns :class:`Outputs` into conformant objects (derived series, TID 1500 SR, SEG, Encapsulated
@@ -28,15 +30,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from types import ModuleType
+from typing import Any, ClassVar, Generic, TypeAlias, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+from pydicom.dataset import Dataset
 
 from dicomnode.formats.ctpd import RawDataError, ScanGeometry, is_projection_data, read_scan
 
 __all__ = [
     "ABSENT",
+    "API_MAJOR",
     "API_VERSION",
     "AREA",
     "CT_ATTRIBUTES",
@@ -50,10 +55,10 @@ __all__ = [
     "PRESENT",
     "RIGHT",
     "SHORT_AXIS",
-    "SUPPORTED_API_VERSIONS",
     "TISSUE",
     "VOLUME",
     "Accepts",
+    "Array",
     "Code",
     "Context",
     "Finding",
@@ -74,6 +79,7 @@ __all__ = [
     "ScanGeometry",
     "Segment",
     "SeriesInput",
+    "api_mismatch",
     "axial_grid",
     "is_projection_data",
     "ndimage",
@@ -82,9 +88,34 @@ __all__ = [
     "to_numpy",
 ]
 
-API_VERSION = 1
-"""Bumped on any incompatible change. The node loads plugins whose ``api_version`` it supports."""
-SUPPORTED_API_VERSIONS = frozenset({1})
+API_VERSION = "1.1"
+"""The version of this API, ``major.minor``, independent of the node's package version.
+
+Compatibility rule: a plugin built for API ``1.x`` loads on a node with any ``1.y``; the minor
+number grows when something is added (1.1: the DICOM-CT-PD reader ``read_scan`` and its
+``ScanGeometry``), and nothing a plugin uses is removed or changed within a major. A plugin
+built for another major (``2.x`` on a ``1.y`` node, or ``1.x`` on a ``2.y`` node) is refused
+at start with a message naming the plugin, its API version and the node's
+(:func:`api_mismatch`). A plugin that states a bare integer ``N`` means ``N.0``."""
+API_MAJOR = int(API_VERSION.split(".")[0])
+
+Array: TypeAlias = Any
+"""A NumPy ``ndarray``, or a CuPy one when the job holds a GPU slot (``ctx.xp``). CuPy is an
+optional install, so no static type names both: this alias says which values are arrays."""
+
+
+def api_mismatch(plugin: str, plugin_api: object) -> str:
+    """Why a plugin built for ``plugin_api`` cannot load on this node ("" when it can)."""
+    text = str(plugin_api)
+    head = text.split(".", 1)[0]
+    if not head.isdigit() or not all(p.isdigit() for p in text.split(".")[1:]):
+        return (f"plugin {plugin!r} states plugin API version {text!r}: not a 'major.minor' "
+                f"version (this node has API {API_VERSION})")
+    if int(head) != API_MAJOR:
+        return (f"plugin {plugin!r} was built for plugin API {text}, this node has API "
+                f"{API_VERSION}: refused (a plugin built for {head}.x loads only on a node "
+                f"with API {head}.y)")
+    return ""
 ENTRY_POINT_GROUP = "dicomnode.plugins"
 
 
@@ -98,23 +129,20 @@ class NotApplicable(PluginError):
     as ``not-applicable`` with your reason; nothing is sent."""
 
 
-def to_numpy(array: Any) -> np.ndarray:
+def to_numpy(array: Array) -> np.ndarray:
     """A NumPy copy of a NumPy or CuPy array (outputs may be either; this is for plugins that
     need host-side work, e.g. scikit-image, on a GPU-computed result)."""
     get = getattr(array, "get", None)  # cupy.ndarray.get() copies to the host
     return np.asarray(get() if callable(get) else array)
 
 
-def ndimage(xp: Any) -> Any:
+def ndimage(xp: ModuleType) -> ModuleType:
     """``scipy.ndimage`` for NumPy arrays, ``cupyx.scipy.ndimage`` for CuPy ones (the same
     API), so filters, labelling and morphology follow ``ctx.xp``."""
-    if xp is np:
-        import scipy.ndimage
+    import importlib
 
-        return scipy.ndimage
-    import cupyx.scipy.ndimage  # pragma: no cover - GPU only
-
-    return cupyx.scipy.ndimage  # pragma: no cover
+    # scipy and cupyx have no type stubs here: import by name, typed as the module it is
+    return importlib.import_module("scipy.ndimage" if xp is np else "cupyx.scipy.ndimage")
 
 
 # --- what a plugin declares -------------------------------------------------------------------
@@ -268,8 +296,8 @@ def axial_grid(g: Geometry, spacing: tuple[float, float, float]) -> Geometry:
                     frame_of_reference_uid=g.frame_of_reference_uid)
 
 
-def resample(volume: Any, src: Geometry, dst: Geometry, xp: Any = np, order: int = 1,
-             cval: float = 0.0) -> Any:
+def resample(volume: Array, src: Geometry, dst: Geometry, xp: ModuleType = np, order: int = 1,
+             cval: float = 0.0) -> Array:
     """``volume`` (on grid ``src``) sampled at the voxel centres of ``dst`` (same patient
     coordinates): trilinear (``order=1``) for images, nearest (``order=0``) for label maps;
     ``cval`` outside. One output slice at a time, so memory stays at one slice of
@@ -297,10 +325,10 @@ class SeriesInput:
     sop_class_uid: str
     sop_instance_uids: tuple[str, ...]  # in slice order
     geometry: Geometry
-    datasets: tuple[Any, ...]  # pydicom Datasets (headers; pixel data loaded on demand)
+    datasets: tuple[Dataset, ...]  # headers; pixel data loaded on demand
     _pixels: Any = field(default=None, repr=False, compare=False)
 
-    def pixels(self, xp: Any = np) -> Any:
+    def pixels(self, xp: ModuleType = np) -> Array:
         """Pixel data in physical units (HU for CT: RescaleSlope/Intercept applied), float32,
         shape ``geometry.shape``, as an ``xp`` array (NumPy, or CuPy on a GPU)."""
         data = self._pixels() if callable(self._pixels) else self._pixels
@@ -350,7 +378,7 @@ class Context:
     """What the node lends a run: array module, device, scratch space, logger."""
 
     job_id: str
-    xp: Any  # numpy, or cupy when the job holds a GPU slot
+    xp: ModuleType  # numpy, or cupy when the job holds a GPU slot
     device: str  # "cpu" or "cuda:N"
     work_dir: Path
     log: logging.Logger
@@ -382,7 +410,7 @@ CT_ATTRIBUTES = frozenset({
 class ImageVolume:
     """A new image series (→ derived series: MPR, MIP, reconstruction…)."""
 
-    array: Any  # [slice, row, column], physical units (HU for CT)
+    array: Array  # [slice, row, column], physical units (HU for CT)
     geometry: Geometry
     series_description: str
     derivation: str  # DerivationDescription, e.g. "coronal MPR, 3 mm"
@@ -451,7 +479,7 @@ class Segment:
 class LabelMap:
     """A segmentation (→ SEG): integer labels on a grid, 0 = background."""
 
-    array: Any  # [slice, row, column] integers
+    array: Array  # [slice, row, column] integers
     geometry: Geometry
     segments: tuple[Segment, ...]
     source_series_uid: str
@@ -493,8 +521,8 @@ class Finding:
 class Mesh:
     """A surface (→ Encapsulated STL), vertices in LPS mm."""
 
-    vertices: Any  # (N, 3) float
-    faces: Any  # (M, 3) int, counter-clockwise seen from outside
+    vertices: Array  # (N, 3) float
+    faces: Array  # (M, 3) int, counter-clockwise seen from outside
     name: str
     frame_of_reference_uid: str
 
@@ -545,7 +573,7 @@ class Plugin(ABC, Generic[P]):
 
     name: ClassVar[str]
     version: ClassVar[str]
-    api_version: ClassVar[int] = API_VERSION
+    api_version: ClassVar[str | int] = API_VERSION
     description: ClassVar[str] = ""
     #: CID 7162 Algorithm Family, recorded in every SEG and SR the plugin's results become
     #: (required for plugins that return findings or label maps; None for the others),

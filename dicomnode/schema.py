@@ -11,7 +11,8 @@ stage consumes, and ``audit_events`` is the append-only, hash-chained audit trai
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -65,6 +66,81 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# -- states, defined once -------------------------------------------------------------------
+# Each aggregate's legal moves are in dicomnode/state (``transition``): nothing else writes them.
+
+
+class JobState(StrEnum):
+    """queued → running → succeeded | failed | not-applicable | dead (retries exhausted);
+    running → queued (retry, lease expired); queued → cancelled; running → cancelling →
+    cancelled; failed | dead → queued (an admin's retry)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not-applicable"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+
+class DeliveryState(StrEnum):
+    """pending → sent | dead (dead letter) | cancelled; dead → pending (an admin's retry)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+class NotificationState(StrEnum):
+    """pending → sent | failed (after ``max_attempts``)."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class AssociationState(StrEnum):
+    """open → released | aborted | interrupted (the node stopped or crashed while it was
+    open, or its receiver process died)."""
+
+    OPEN = "open"
+    RELEASED = "released"
+    ABORTED = "aborted"
+    INTERRUPTED = "interrupted"
+
+
+class ArrivalState(StrEnum):
+    """A study's or series' completion: receiving → complete (quiet for
+    ``assemble.quiet_seconds``) → receiving (a late instance: revision + 1)."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+
+
+S = TypeVar("S", bound=StrEnum)
+
+
+class StateColumn(TypeDecorator[S], Generic[S]):
+    """A state stored as its string value (no DDL change, no database enum type) and read back
+    as the enum, so an unknown value in the table fails loudly instead of drifting."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def __init__(self, enum: type[S]) -> None:
+        super().__init__()
+        self.enum = enum
+
+    def process_bind_param(self, value: S | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> S | None:
+        return None if value is None else self.enum(value)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
@@ -95,7 +171,8 @@ class Study(Base):
     referring_physician: Mapped[str] = mapped_column(String(324), default="")
     # Completion state: 'receiving' until quiet for assemble.quiet_seconds, then 'complete'.
     # A late instance re-opens the study as revision+1 (never dropped).
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[ArrivalState] = mapped_column(StateColumn(ArrivalState),
+                                                default=ArrivalState.RECEIVING, index=True)
     revision: Mapped[int] = mapped_column(Integer, default=1)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -115,7 +192,8 @@ class Series(Base):
     series_description: Mapped[str] = mapped_column(String(64), default="")
     body_part: Mapped[str] = mapped_column(String(16), default="")
     frame_of_reference_uid: Mapped[str] = mapped_column(UID, default="")
-    state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
+    state: Mapped[ArrivalState] = mapped_column(StateColumn(ArrivalState),
+                                                default=ArrivalState.RECEIVING, index=True)
     revision: Mapped[int] = mapped_column(Integer, default=1)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -134,7 +212,8 @@ class Association(Base):
     peer_host: Mapped[str] = mapped_column(String(64))
     peer_port: Mapped[int] = mapped_column(Integer)
     # open → released | aborted | interrupted (node stopped or crashed while it was open)
-    state: Mapped[str] = mapped_column(String(16), default="open", index=True)
+    state: Mapped[AssociationState] = mapped_column(
+        StateColumn(AssociationState), default=AssociationState.OPEN, index=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     ended_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     instances_received: Mapped[int] = mapped_column(Integer, default=0)
@@ -223,8 +302,8 @@ class AuditHead(Base):
 class Job(Base):
     """One pipeline run for one completed study/series revision and one route.
 
-    queued → running → succeeded | failed | not-applicable; failed → queued (retry) until
-    ``attempts`` reaches ``max_attempts``, then dead. ``uid`` seeds every output UID, so a re-run
+    States and moves: :class:`JobState`; retried until ``attempts`` reaches ``max_attempts``,
+    then dead. ``uid`` seeds every output UID, so a re-run
     re-creates the same SOP Instance UIDs.
     """
 
@@ -240,7 +319,8 @@ class Job(Base):
     send_to: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of destinations
     completion_fk: Mapped[int | None] = mapped_column(ForeignKey("completions.id"),
                                                       nullable=True)
-    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    state: Mapped[JobState] = mapped_column(StateColumn(JobState), default=JobState.QUEUED,
+                                            index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     reason: Mapped[str] = mapped_column(Text, default="")
@@ -249,6 +329,10 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # who runs it (a runner's ``worker_id``) and until when: a running job whose lease has
+    # expired is queued again by any runner (its worker died or lost the database)
+    lease_owner: Mapped[str] = mapped_column(String(128), default="", server_default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     __table_args__ = (
         # one job per route per completion: the router can never queue the same work twice
         UniqueConstraint("completion_fk", "route", name="uq_jobs_completion_route"),
@@ -268,7 +352,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_fk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64), index=True)
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    state: Mapped[DeliveryState] = mapped_column(
+        StateColumn(DeliveryState), default=DeliveryState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     last_status: Mapped[str] = mapped_column(String(64), default="")
@@ -295,7 +380,8 @@ class Notification(Base):
     channel: Mapped[str] = mapped_column(String(16))  # webhook | command
     target: Mapped[str] = mapped_column(Text)  # URL, or the command as a JSON argv list
     payload: Mapped[str] = mapped_column(Text)  # the JSON body
-    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    state: Mapped[NotificationState] = mapped_column(
+        StateColumn(NotificationState), default=NotificationState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     timeout_seconds: Mapped[float] = mapped_column(Float, default=10.0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -148,7 +150,9 @@ def test_discovery_reports_broken_plugins_without_failing(tmp_path: Path,
     assert "cannot import: ImportError: no cuda" in found["crashes"].error
     assert "not a subclass" in found["plain"].error
     assert "calls itself 'other'" in found["misnamed"].error
-    assert "api_version 99 not supported" in found["future"].error
+    assert found["future"].error == (
+        "plugin 'future' was built for plugin API 99, this node has API 1.1: refused (a plugin "
+        "built for 99.x loads only on a node with API 99.y)")
     assert found["anonymous"].ok
     assert "algorithm_family' must be a Code" in found["uncoded"].error
     assert not any(found[n].ok for n in ("crashes", "plain", "misnamed", "future"))
@@ -299,3 +303,36 @@ def test_array_module_falls_back_to_numpy_without_a_usable_gpu(
     assert array_module(None) == (np, "cpu")
     monkeypatch.setitem(sys.modules, "cupy", None)  # "not installed"
     assert array_module(0) == (np, "cpu")
+
+
+def test_a_plugin_for_another_api_major_is_refused_at_start(tmp_path: Path) -> None:
+    """`dicomnode serve` names the plugin, its API version and the node's in its log, leaves
+    the plugin out and starts; a plugin built for an older 1.x loads beside it."""
+    from tests.helpers import NodeProc
+
+    plugins = tmp_path / "site"
+    plugins.mkdir()
+    _fake_dist(plugins, "next-gen", "next_gen", """
+        from dicomnode.plugin import Outputs, Plugin
+        class Next(Plugin):
+            name, version, api_version = "next-gen", "3", "2.0"
+            def run(self, inputs, params, ctx): return Outputs()
+        class Old(Plugin):
+            name, version, api_version = "old-one", "1", "1.0"
+            def run(self, inputs, params, ctx): return Outputs()
+        """, "next-gen = next_gen:Next\nold-one = next_gen:Old")
+    path = os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])
+    node = NodeProc(tmp_path / "node", f"sqlite:///{tmp_path / 'index.db'}",
+                    env={"PYTHONPATH": path})
+    try:
+        node.start()
+        assert ("plugin next-gen (next-gen) not loaded: plugin 'next-gen' was built for plugin "
+                "API 2.0, this node has API 1.1: refused") in node.log()
+        assert "old-one" not in node.log()
+        r = subprocess.run([sys.executable, "-m", "dicomnode", "plugins", "--json"],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": path})
+        listed = {p["name"]: p for p in json.loads(r.stdout)}
+        assert listed["old-one"]["ok"] and not listed["next-gen"]["ok"]
+    finally:
+        node.stop()

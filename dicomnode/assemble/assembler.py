@@ -26,7 +26,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.audit import AuditLog, EventKind
 from dicomnode.database import reading
 from dicomnode.runtime.periodic import Periodic
-from dicomnode.schema import Association, Completion, Instance, Series, Study, utcnow
+from dicomnode.schema import (
+    ArrivalState,
+    Association,
+    AssociationState,
+    Completion,
+    Instance,
+    Series,
+    Study,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +86,20 @@ class Assembler:
         level = "study" if model is Study else "series"
         fk = Instance.study_fk if model is Study else Instance.series_fk
         sent_by_open_association = exists().where(
-            Instance.association_fk == Association.id, Association.state == "open",
+            Instance.association_fk == Association.id, Association.state == AssociationState.OPEN,
             fk == model.id)
         with self.readers() as s:
             due = s.execute(select(model.id).where(
-                model.state == "receiving", model.last_received_at <= cutoff,
+                model.state == ArrivalState.RECEIVING, model.last_received_at <= cutoff,
                 ~sent_by_open_association)).scalars().all()
         out: list[Completed] = []
         for row_id in due:
             with self.index_lock, self.sessions() as s, s.begin():
                 n = s.execute(
                     update(model)
-                    .where(model.id == row_id, model.state == "receiving",
+                    .where(model.id == row_id, model.state == ArrivalState.RECEIVING,
                            model.last_received_at <= cutoff)
-                    .values(state="complete", completed_at=now)
+                    .values(state=ArrivalState.COMPLETE, completed_at=now)
                 ).rowcount  # type: ignore[attr-defined]
                 if n != 1:
                     continue  # an instance arrived meanwhile

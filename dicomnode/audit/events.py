@@ -45,6 +45,10 @@ class EventKind(Enum):
     RESULTS_SENT = ("results-sent", "110106", "Export", "R")
     SEND_FAILED = ("send-failed", "110106", "Export", "R")
     CRITICAL_NOTIFIED = ("critical-notified", "DN0006", "Critical Finding Notified", "E")
+    # a job or delivery moved between states other than by finishing (claimed, queued again
+    # after a lost lease or a restart, cancelled, retried by an admin): who did it is recorded
+    JOB_STATE = ("job-state", "DN0007", "Job State Changed", "U")
+    DELIVERY_STATE = ("delivery-state", "DN0008", "Delivery State Changed", "U")
 
     @property
     def type_name(self) -> str:

@@ -22,7 +22,16 @@ from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.database import reading
 from dicomnode.route.rules import Rule, select_series
 from dicomnode.runtime.periodic import Periodic
-from dicomnode.schema import Association, Completion, Instance, Job, Series, Study, utcnow
+from dicomnode.schema import (
+    Association,
+    Completion,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +105,7 @@ class Router:
                                                 "params": st.params.model_dump(mode="json")}
                                                for st in rule.steps]),
                           send_to=json.dumps(list(rule.send_to)), completion_fk=c.id,
-                          state="queued", attempts=0, max_attempts=self.max_attempts,
+                          state=JobState.QUEUED, attempts=0, max_attempts=self.max_attempts,
                           created_at=utcnow())
                 s.add(job)
                 s.flush()

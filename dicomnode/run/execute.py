@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,10 @@ from dicomnode.plugin import (
     SeriesInput,
 )
 from dicomnode.run.inputs import projection_input, series_input
+from dicomnode.run.jobs import JobOutcome, read_step, step_record
 from dicomnode.run.registry import discover
 from dicomnode.runtime.memory import tune_allocator
-from dicomnode.schema import Instance, Job, Series
+from dicomnode.schema import Instance, Job, JobState, Series
 from dicomnode.store.files import _fsync_dir, _start_writeback
 
 log = logging.getLogger("dicomnode.job")
@@ -186,21 +187,6 @@ def array_module(gpu_index: int | None) -> tuple[Any, str]:
         return np, "cpu"
 
 
-def step_record(out_dir: Path, step: int) -> Path:
-    """Where a finished step's record is: its result files, summary and critical finding."""
-    return out_dir / f"step{step}.json"
-
-
-def read_step(path: Path) -> dict[str, Any] | None:
-    """A step record, or None when there is none (or a crash left it unreadable)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("results"), list) \
-        else None
-
-
 def _write_step(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_suffix(".part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -213,113 +199,151 @@ def _write_step(path: Path, record: dict[str, Any]) -> None:
     _fsync_dir(path.parent)
 
 
+@dataclass
+class _Progress:
+    """What the steps done so far came to: the outcome's results, summaries, criticals."""
+
+    results: list[str] = field(default_factory=list)
+    summaries: list[str] = field(default_factory=list)
+    critical: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.results += record["results"]
+        self.summaries.append(str(record.get("summary", "")))
+        if record.get("critical"):
+            self.critical.append(str(record["critical"]))
+
+    def outcome(self) -> JobOutcome:
+        return JobOutcome(state=JobState.SUCCEEDED, results=self.results,
+                          summary="; ".join(self.summaries), critical="; ".join(self.critical),
+                          timings={k: round(v, 3) for k, v in self.timings.items()})
+
+
+def _step_plugin(plugins: dict[str, Any], spec: dict[str, Any], inputs: Inputs) -> Any:
+    """The plugin class of a pipeline step, checked against the inputs it will get."""
+    info = plugins.get(spec["plugin"])
+    if info is None or info.cls is None:
+        raise PluginError(f"plugin {spec['plugin']!r} is not installed or broken")
+    cls = info.cls
+    for si in inputs.series:
+        why = cls.accepts.check(si.modality, si.sop_class_uid, len(si.sop_instance_uids))
+        if why:
+            raise NotApplicable(f"{cls.name}: {why}")
+    return cls
+
+
+def _step_context(cls: Any, job: Job, xp: Any, device: str, work: Path) -> Context:
+    """The plugin's context: CuPy on the job's GPU unless the plugin wants none."""
+    if cls.needs.gpu == GPU.REQUIRED and device == "cpu":
+        raise PluginError(f"{cls.name} requires a GPU and this job has none")
+    use_gpu = device != "cpu" and cls.needs.gpu != GPU.NO
+    return Context(job.uid, xp if use_gpu else np, device if use_gpu else "cpu", work,
+                   logging.getLogger(f"dicomnode.plugin.{cls.name}"))
+
+
+def _provenance(settings: Settings, cls: Any, job: Job, step: int,
+                outputs: Outputs) -> Provenance:
+    """Who made a step's results (UIDs derive from the job and step: a re-run re-creates
+    them)."""
+    family = cls.algorithm_family
+    prov = Provenance(f"{job.uid}/{step}", cls.name, cls.version,
+                      algorithm_family=None if family is None else (
+                          family.value, family.scheme, family.meaning),
+                      node_ae_title=settings.node.ae_title)
+    if outputs.algorithm is not None:
+        prov = replace(prov, plugin_name=outputs.algorithm[0][:64],
+                       plugin_version=outputs.algorithm[1][:64])
+    return prov
+
+
+def _run_step(settings: Settings, job: Job, step: int, spec: dict[str, Any],
+              plugins: dict[str, Any], inputs: Inputs, xp: Any, device: str, out_dir: Path,
+              done: _Progress) -> None:
+    """Run one pipeline step, package its outputs durably and leave its step record."""
+    cls = _step_plugin(plugins, spec, inputs)
+    params = cls.params_model.model_validate(spec.get("params", {}))
+    work = out_dir / "work" / f"step{step}"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = _step_context(cls, job, xp, device, work)
+    t = time.perf_counter()
+    outputs = cls().run(inputs, params, ctx)
+    done.timings[f"plugin:{cls.name}"] = time.perf_counter() - t
+    if not isinstance(outputs, Outputs):
+        raise PluginError(f"{cls.name} returned {type(outputs).__name__}, not Outputs")
+    t = time.perf_counter()
+    written = _package(outputs, inputs, _provenance(settings, cls, job, step, outputs), step,
+                       out_dir, settings.package.derived_series,
+                       settings.package.source_references)
+    done.timings["package"] = done.timings.get("package", 0.0) + time.perf_counter() - t
+    critical = f"{cls.name}: {outputs.critical}" if outputs.critical else ""
+    record = {"plugin": cls.name, "results": written,
+              "summary": f"{cls.name}: {outputs.summary or 'done'}", "critical": critical}
+    done.add(record)
+    _write_step(step_record(out_dir, step), record)
+    # packaged: the caller drops the step's arrays before the next step allocates its own (it
+    # then reuses this memory instead of faulting in fresh pages: surface 0.71 → 0.37 s after
+    # reformat's two 150 MB volumes)
+
+
+def _run_pipeline(settings: Settings, job: Job, sessions: Any, gpu_index: int | None,
+                  plugins: dict[str, Any] | None,
+                  progress: Callable[[int], None] | None) -> JobOutcome:
+    done = _Progress()
+    t = time.perf_counter()
+    plugins = plugins if plugins is not None else discover()
+    xp, device = array_module(gpu_index)
+    pipeline = json.loads(job.pipeline)
+    first = plugins.get(pipeline[0]["plugin"]) if pipeline else None
+    # the first step decides how the series is read (images, or raw projections)
+    projections = bool(first and first.cls and first.cls.accepts.projections)
+    inputs = _load_inputs(settings, job, sessions, projections)
+    done.timings["load"] = time.perf_counter() - t
+    out_dir = settings.storage.path / "results" / job.uid
+    for step, spec in enumerate(pipeline):
+        kept = read_step(step_record(out_dir, step))
+        if kept is not None:
+            log.info("step %d (%s) finished in an earlier attempt: kept", step, spec["plugin"])
+            done.add(kept)
+        else:
+            _run_step(settings, job, step, spec, plugins, inputs, xp, device, out_dir, done)
+        if progress is not None:
+            progress(step)
+    return done.outcome()
+
+
 def run_job(settings: Settings, job_id: int, outcome_path: Path,
             gpu_index: int | None = None,
             plugins: dict[str, Any] | None = None,
-            progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[int], None] | None = None) -> JobOutcome:
     """Execute the job and return (and write) its outcome. Never raises. ``plugins``: what
     :func:`discover` found, when the caller (a warm spare) already looked.
 
     Each step, once its results are packaged and synced, leaves a record
-    (:func:`step_record`) and calls ``progress(step)``: the runner delivers that step's
-    results at once, while later steps run. A re-run (retry, restart after a crash) takes a
-    recorded step as done — its files may be on their way to a PACS and are never rewritten.
+    (:func:`~dicomnode.run.jobs.step_record`) and calls ``progress(step)``: the runner delivers
+    that step's results at once, while later steps run. A re-run (retry, restart after a
+    crash) takes a recorded step as done — its files may be on their way to a PACS and are
+    never rewritten.
     """
     engine = make_engine(settings.database_url)
     sessions = make_sessionmaker(engine, readonly=True)
-    outcome: dict[str, Any]
+    outcome: JobOutcome
     try:
         with sessions() as s:
             job = s.get_one(Job, job_id)
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
-        plugins = plugins if plugins is not None else discover()
-        xp, device = array_module(gpu_index)
-        pipeline = json.loads(job.pipeline)
-        first = plugins.get(pipeline[0]["plugin"]) if pipeline else None
-        # the first step decides how the series is read (images, or raw projections)
-        projections = bool(first and first.cls and first.cls.accepts.projections)
-        inputs = _load_inputs(settings, job, sessions, projections)
-        timings["load"] = time.perf_counter() - t
-        results: list[str] = []
-        summaries: list[str] = []
-        critical: list[str] = []
-        out_dir = settings.storage.path / "results" / job.uid
-        for step, spec in enumerate(pipeline):
-            done = read_step(step_record(out_dir, step))
-            if done is not None:
-                log.info("step %d (%s) finished in an earlier attempt: kept", step,
-                         spec["plugin"])
-                results += done["results"]
-                summaries.append(str(done.get("summary", "")))
-                if done.get("critical"):
-                    critical.append(str(done["critical"]))
-                if progress is not None:
-                    progress(step)
-                continue
-            info = plugins.get(spec["plugin"])
-            if info is None or info.cls is None:
-                raise PluginError(f"plugin {spec['plugin']!r} is not installed or broken")
-            cls = info.cls
-            for si in inputs.series:
-                why = cls.accepts.check(si.modality, si.sop_class_uid, len(si.sop_instance_uids))
-                if why:
-                    raise NotApplicable(f"{cls.name}: {why}")
-            params = cls.params_model.model_validate(spec.get("params", {}))
-            work = out_dir / "work" / f"step{step}"
-            work.mkdir(parents=True, exist_ok=True)
-            plugin_log = logging.getLogger(f"dicomnode.plugin.{cls.name}")
-            if cls.needs.gpu == GPU.REQUIRED and device == "cpu":
-                raise PluginError(f"{cls.name} requires a GPU and this job has none")
-            use_gpu = device != "cpu" and cls.needs.gpu != GPU.NO
-            ctx = Context(job.uid, xp if use_gpu else np, device if use_gpu else "cpu", work,
-                          plugin_log)
-            t = time.perf_counter()
-            outputs = cls().run(inputs, params, ctx)
-            timings[f"plugin:{cls.name}"] = time.perf_counter() - t
-            if not isinstance(outputs, Outputs):
-                raise PluginError(f"{cls.name} returned {type(outputs).__name__}, not Outputs")
-            family = cls.algorithm_family
-            prov = Provenance(f"{job.uid}/{step}", cls.name, cls.version,
-                              algorithm_family=None if family is None else (
-                                  family.value, family.scheme, family.meaning),
-                              node_ae_title=settings.node.ae_title)
-            if outputs.algorithm is not None:
-                prov = replace(prov, plugin_name=outputs.algorithm[0][:64],
-                               plugin_version=outputs.algorithm[1][:64])
-            t = time.perf_counter()
-            written = _package(outputs, inputs, prov, step, out_dir,
-                               settings.package.derived_series,
-                               settings.package.source_references)
-            timings["package"] = timings.get("package", 0.0) + time.perf_counter() - t
-            results += written
-            summaries.append(f"{cls.name}: {outputs.summary or 'done'}")
-            if outputs.critical:
-                critical.append(f"{cls.name}: {outputs.critical}")
-            _write_step(step_record(out_dir, step), {
-                "plugin": cls.name, "results": written, "summary": summaries[-1],
-                "critical": f"{cls.name}: {outputs.critical}" if outputs.critical else ""})
-            # packaged: free the step's arrays before the next step allocates its own (it then
-            # reuses this memory instead of faulting in fresh pages: surface 0.71 → 0.37 s
-            # after reformat's two 150 MB volumes)
-            del outputs
-            if progress is not None:
-                progress(step)
-        outcome = {"state": "succeeded", "results": results, "summary": "; ".join(summaries),
-                   "critical": "; ".join(critical),
-                   "timings": {k: round(v, 3) for k, v in timings.items()}}
+        outcome = _run_pipeline(settings, job, sessions, gpu_index, plugins, progress)
     except NotApplicable as e:
-        outcome = {"state": "not-applicable", "reason": str(e)}
+        outcome = JobOutcome(state=JobState.NOT_APPLICABLE, reason=str(e))
     except (PluginError, ValueError) as e:
         # expected refusals and invalid outputs (API values check themselves): not retried
-        outcome = {"state": "failed", "retry": False, "reason": f"{type(e).__name__}: {e}"}
+        outcome = JobOutcome.failed(f"{type(e).__name__}: {e}", retry=False)
     except Exception as e:
-        outcome = {"state": "failed", "retry": True, "reason": f"{type(e).__name__}: {e}",
-                   "traceback": traceback.format_exc()[-4000:]}
+        outcome = JobOutcome(state=JobState.FAILED, retry=True, reason=f"{type(e).__name__}: {e}",
+                             traceback=traceback.format_exc()[-4000:])
     finally:
         engine.dispose()
     tmp = outcome_path.with_suffix(".part")
-    tmp.write_text(json.dumps(outcome))
+    tmp.write_text(outcome.model_dump_json())
     os.replace(tmp, outcome_path)
     return outcome
 

@@ -10,7 +10,7 @@ import importlib.metadata as md
 from dataclasses import dataclass
 from typing import Any
 
-from dicomnode.plugin import ENTRY_POINT_GROUP, SUPPORTED_API_VERSIONS, Code, Params, Plugin
+from dicomnode.plugin import ENTRY_POINT_GROUP, Code, Params, Plugin, api_mismatch
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,9 @@ def _check(name: str, obj: object) -> str:
     family = getattr(obj, "algorithm_family", None)
     if family is not None and not isinstance(family, Code):
         return "class attribute 'algorithm_family' must be a Code from CID 7162 (or None)"
-    if obj.api_version not in SUPPORTED_API_VERSIONS:
-        return (f"api_version {obj.api_version} not supported (this node supports "
-                f"{sorted(SUPPORTED_API_VERSIONS)})")
+    mismatch = api_mismatch(name, obj.api_version)
+    if mismatch:
+        return mismatch
     if not (isinstance(obj.params_model, type) and issubclass(obj.params_model, Params)):
         return "params_model must subclass dicomnode.plugin.Params"
     if getattr(obj.run, "__isabstractmethod__", False):

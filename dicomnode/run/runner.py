@@ -1,9 +1,11 @@
 """The embedded runner: jobs from SQL, each in its own spawned process, with a timeout.
 
-The interface the rest of the node uses is ``submit(job_id)``: a Celery runner (several machines)
-will implement the same, and nothing here assumes one process (all state is in SQL; the
-runner process is only the one writer of job state transitions). After a crash, jobs left
-``running`` are queued again. Each pipeline step's results are delivered as soon as the job
+It implements :class:`~dicomnode.run.jobs.Runner` on top of the executor's plain functions
+(:mod:`dicomnode.run.jobs`: claim with a lease, record the outcome, hand results to the
+senders), which a Celery task calls unchanged; nothing here assumes one process or machine
+(all state is in SQL, every state change goes through :func:`dicomnode.state.transition`).
+After a crash, the jobs this node held are queued again at once; another runner's jobs only
+when their lease expires. Each pipeline step's results are delivered as soon as the job
 process reports that step done (its record synced: see :func:`~dicomnode.run.execute.run_job`),
 while later steps still run; one delivery per step and destination (a unique key), and a
 re-run keeps recorded steps, so each result is sent once.
@@ -15,24 +17,29 @@ import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
+from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.audit import AuditLog, EventKind, Outcome
+from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
 from dicomnode.database import reading
 from dicomnode.plugin import GPU
-from dicomnode.run.execute import child_main, read_step, spare_main, step_record
+from dicomnode.run import jobs
+from dicomnode.run.execute import child_main, spare_main
+from dicomnode.run.jobs import JobOutcome
 from dicomnode.run.registry import discover
-from dicomnode.schema import Completion, Delivery, Job, Notification, Study, utcnow
-from dicomnode.send.notify import enqueue
+from dicomnode.schema import Job, JobState
+from dicomnode.state import Actor
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +53,25 @@ class _Running:
     deadline: float
     gpu: int | None = None
     conn: Any = None  # the job process reports finished steps here
-    progress: threading.Event | None = None  # set when it did
-    delivered: set[int] | None = None  # steps whose deliveries exist
+    progress: threading.Event = field(default_factory=threading.Event)  # set when it did
+    delivered: set[int] = field(default_factory=set)  # steps whose deliveries exist
+
+
+def embedded_owner(settings: Settings) -> str:
+    """The lease owner name of this node's embedded runner: the same across restarts (so a
+    restarted node takes back its own jobs at once), different for every node."""
+    return f"embedded:{socket.gethostname()}:{settings.storage.path.resolve()}"
 
 
 class EmbeddedRunner:
+    """Runs jobs in spawned processes on this machine (:class:`~dicomnode.run.jobs.Runner`)."""
+
     def __init__(self, settings: Settings, sessions: sessionmaker[Session],
                  audit: AuditLog, on_success: Callable[[], None] | None = None,
                  on_notify: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self._on_success = on_success or (lambda: None)
         self._on_notify = on_notify or (lambda: None)
-        self._notified = False
         self.sessions = sessions
         self.readers = reading(sessions)
         self.audit = audit
@@ -68,6 +82,10 @@ class EmbeddedRunner:
         self._thread: threading.Thread | None = None
         self._settings_json = settings.model_dump_json()
         self._spares: list[tuple[Any, Any]] = []  # (process, parent end of its pipe)
+        self.owner = embedded_owner(settings)
+        self.actor = Actor.system("runner")
+        self._lease = settings.runner.lease_seconds
+        self._renewed = 0.0  # monotonic time of the last lease renewal
 
     # -- interface -------------------------------------------------------------------------
     def submit(self, job_id: int) -> None:
@@ -75,12 +93,16 @@ class EmbeddedRunner:
         self._wake.set()
 
     def recover(self) -> int:
-        """Jobs a crash left running are queued again (their attempt is counted)."""
+        """Jobs this node held when it stopped (crash, SIGKILL) are queued again at once (their
+        attempt is counted), and any runner's whose lease expired."""
         with self.sessions() as s, s.begin():
-            n = s.execute(update(Job).where(Job.state == "running")
-                          .values(state="queued", reason="node restarted while running")
-                          ).rowcount  # type: ignore[attr-defined]
-        return int(n)
+            n = jobs.recover(s, self.audit, owner=self.owner, by=self.actor)
+            n += jobs.expire_leases(s, self.audit, by=self.actor)
+        return n
+
+    def cancel(self, job_id: int) -> None:
+        """The job's state says ``cancelling``: the next pass stops it if it runs here."""
+        self._wake.set()
 
     # -- loop ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -107,6 +129,7 @@ class EmbeddedRunner:
         while not self._stop.is_set():
             try:
                 self._reap()
+                self._keep_leases()
                 self._claim()
                 self._keep_spares()
             except Exception:
@@ -131,26 +154,25 @@ class EmbeddedRunner:
         used = {r.gpu for r in self._running.values() if r.gpu is not None}
         return next((k for k in range(self.settings.runner.gpu_slots) if k not in used), None)
 
+    def _fits(self, job: Job, chosen: dict[str, Any]) -> bool:
+        """Whether a slot here can run the job now; its timeout and GPU slot into ``chosen``."""
+        timeout, need = self._needs(json.loads(job.pipeline))
+        gpu_index = self._free_gpu() if need != GPU.NO else None
+        if need == GPU.REQUIRED and gpu_index is None:
+            return False  # waits for a GPU slot; CPU jobs behind it may go first
+        chosen.update(gpu=gpu_index, timeout=timeout)
+        return True
+
     def _claim(self) -> None:
         while len(self._running) < self.settings.runner.processes:
+            chosen: dict[str, Any] = {}
             with self.sessions() as s, s.begin():
-                candidates = s.execute(select(Job).where(Job.state == "queued")
-                                       .order_by(Job.id).limit(20)
-                                       .with_for_update(skip_locked=True)).scalars().all()
-                job, gpu_index, timeout = None, None, 0.0
-                for cand in candidates:
-                    timeout, need = self._needs(json.loads(cand.pipeline))
-                    gpu_index = self._free_gpu() if need != GPU.NO else None
-                    if need == GPU.REQUIRED and gpu_index is None:
-                        continue  # waits for a GPU slot; CPU jobs behind it may go first
-                    job = cand
-                    break
-                if job is None:
-                    return
-                job.state = "running"
-                job.attempts += 1
-                job.started_at = utcnow()
-                job_id, uid = job.id, job.uid
+                got = jobs.claim(s, self.audit, owner=self.owner, lease_seconds=self._lease,
+                                 pick=partial(self._fits, chosen=chosen), by=self.actor)
+            if got is None:
+                return
+            job_id, uid = got.job_id, got.uid
+            gpu_index, timeout = chosen["gpu"], chosen["timeout"]
             outcome = self.settings.storage.path / "results" / uid / "outcome.json"
             outcome.parent.mkdir(parents=True, exist_ok=True)
             outcome.unlink(missing_ok=True)
@@ -164,8 +186,7 @@ class EmbeddedRunner:
                                             gpu_index, child))
                 p.start()
                 child.close()
-            r = _Running(job_id, uid, p, outcome, time.monotonic() + timeout, gpu_index,
-                         conn, threading.Event(), set())
+            r = _Running(job_id, uid, p, outcome, time.monotonic() + timeout, gpu_index, conn)
             self._running[job_id] = r
             # reap it the moment it exits, deliver a step the moment it is done
             threading.Thread(target=self._watch, args=(r,), name=f"job-{job_id}-watch",
@@ -185,7 +206,6 @@ class EmbeddedRunner:
                     continue
                 try:
                     conn.recv()
-                    assert r.progress is not None
                     r.progress.set()
                 except (EOFError, OSError):
                     waiting.remove(conn)
@@ -231,140 +251,78 @@ class EmbeddedRunner:
             p.join(5)
         return None
 
+    def _keep_leases(self) -> None:
+        """Renew the leases of the jobs running here (every third of a lease), and queue again
+        the jobs of runners whose leases expired."""
+        if time.monotonic() - self._renewed < self._lease / 3:
+            return
+        self._renewed = time.monotonic()
+        with self.sessions() as s, s.begin():
+            jobs.renew_leases(s, owner=self.owner, job_ids=list(self._running),
+                              lease_seconds=self._lease)
+            if jobs.expire_leases(s, self.audit, by=self.actor):
+                self._wake.set()
+
     def _cancelled(self) -> set[int]:
         if not self._running:
             return set()
         with self.readers() as s:
             return set(s.execute(select(Job.id).where(Job.id.in_(list(self._running)),
-                                                      Job.state == "cancelling")).scalars())
+                                                      Job.state == JobState.CANCELLING)
+                                 ).scalars())
+
+    def _kill(self, r: _Running) -> None:
+        r.process.terminate()
+        r.process.join(5)
+        if r.process.is_alive():
+            r.process.kill()
+            r.process.join(5)
 
     def _reap(self) -> None:
         for job_id in self._cancelled():
             r = self._running[job_id]
-            r.process.terminate()
-            r.process.join(5)
-            if r.process.is_alive():
-                r.process.kill()
-                r.process.join(5)
-            self._finish(r, {"state": "cancelled", "reason": "cancelled by admin"})
+            self._kill(r)
+            self._finish(r, JobOutcome(state=JobState.CANCELLED, reason="cancelled by admin"))
         for r in list(self._running.values()):
-            if r.progress is not None and r.progress.is_set():
+            if r.progress.is_set():
                 r.progress.clear()
-                with self.sessions() as s, s.begin():
-                    self._deliver_steps(s, s.get_one(Job, r.job_id), r)
-                self._on_success()  # wake the senders
-                if self._notified:
-                    self._notified = False
-                    self._on_notify()
+                self._hand_over(r)
             if r.process.is_alive():
                 if time.monotonic() > r.deadline:
-                    r.process.terminate()
-                    r.process.join(5)
-                    if r.process.is_alive():
-                        r.process.kill()
-                        r.process.join(5)
-                    self._finish(r, {"state": "failed", "retry": True,
-                                     "reason": "timed out (plugin needs.timeout_seconds)"})
+                    self._kill(r)
+                    self._finish(r, JobOutcome.failed(
+                        "timed out (plugin needs.timeout_seconds)"))
                 continue
             r.process.join()
-            try:
-                outcome = json.loads(r.outcome.read_text())
-            except (OSError, ValueError):
-                outcome = {"state": "failed", "retry": True,
-                           "reason": f"job process died (exit code {r.process.exitcode})"}
-            self._finish(r, outcome)
+            self._finish(r, self._read_outcome(r))
 
-    def _notify(self, s: Session, job: Job, message: str, step: int, results: int) -> None:
-        """Queue the route's notification of a critical finding, in the transaction that
-        queues the results of the step that made it (so before they can reach a PACS)."""
-        route = next((rc for rc in self.settings.routes if rc.name == job.route), None)
-        if route is None or route.notify is None:
-            log.warning("job %s: critical finding but route %r has no notify: %s", job.uid,
-                        job.route, message)
-            return
-        study = s.scalars(select(Study).where(Study.study_uid == job.study_uid)).first()
-        completion = s.get(Completion, job.completion_fk) if job.completion_fk else None
-        completed_at = completion.completed_at if completion else None
-        payload = {"event": "critical-finding", "message": message, "job_uid": job.uid,
-                   "route": job.route, "study_uid": job.study_uid,
-                   "accession_number": study.accession_number if study else "",
-                   "patient_id": study.patient.patient_id if study else "",
-                   "study_completed_at": completed_at.isoformat() if completed_at else None,
-                   "step": step, "results": results}
-        if enqueue(s, route.notify, job.id, job.route, payload, completed_at, step):
-            self._notified = True
+    @staticmethod
+    def _read_outcome(r: _Running) -> JobOutcome:
+        """The outcome the job process wrote; a failure worth a retry when it wrote none (it
+        died: killed, out of memory, a crash in native code)."""
+        try:
+            return JobOutcome.model_validate_json(r.outcome.read_bytes())
+        except (OSError, ValidationError):
+            return JobOutcome.failed(f"job process died (exit code {r.process.exitcode})")
 
-    def _deliver_steps(self, s: Session, job: Job, r: _Running) -> list[str]:
-        """Deliveries (one per destination) for every step the job process has recorded as
-        done and that has none yet, and the notification of a critical finding the step made
-        (once: none is queued for a step that has one); returns the result files of all
-        recorded steps."""
-        out_dir = r.outcome.parent
-        delivered = r.delivered if r.delivered is not None else set()
-        files: list[str] = []
-        for step in range(len(json.loads(job.pipeline))):
-            record = read_step(step_record(out_dir, step))
-            if record is None:
-                continue
-            files += record["results"]
-            if step in delivered:
-                continue
-            have = set(s.execute(select(Delivery.destination).where(
-                Delivery.job_fk == job.id, Delivery.step == step)).scalars())
-            for dest in json.loads(job.send_to):
-                if dest not in have:
-                    s.add(Delivery(job_fk=job.id, destination=dest, state="pending",
-                                   attempts=0, next_attempt_at=utcnow(), created_at=utcnow(),
-                                   step=step, results=json.dumps(record["results"])))
-            if record.get("critical") and s.execute(select(Notification.id).where(
-                    Notification.job_fk == job.id, Notification.step == step)).first() is None:
-                self._notify(s, job, str(record["critical"]), step, len(record["results"]))
-            delivered.add(step)
-            log.info("job %d: step %d done, %d result(s) queued for sending", job.id, step,
-                     len(record["results"]))
-        return files
-
-    def _finish(self, r: _Running, outcome: dict[str, Any]) -> None:
-        del self._running[r.job_id]
-        state = outcome["state"]
+    def _hand_over(self, r: _Running) -> None:
+        """Deliver the steps the job process has reported done, while later steps run."""
         with self.sessions() as s, s.begin():
-            job = s.get_one(Job, r.job_id)
-            job.finished_at = utcnow()
-            job.reason = str(outcome.get("reason", ""))[:4000]
-            if state == "cancelled":
-                # nothing more is sent: deliveries of steps done before the cancel wait no more
-                s.execute(update(Delivery).where(Delivery.job_fk == job.id,
-                                                 Delivery.state == "pending")
-                          .values(state="cancelled"))
-            else:
-                # every step recorded as done is delivered, even when a later one failed
-                sent = self._deliver_steps(s, job, r)
-                job.results = json.dumps(outcome.get("results", sent)
-                                         if state == "succeeded" else sent)
-            if state == "succeeded":
-                job.state = "succeeded"
-                job.summary = str(outcome.get("summary", ""))[:4000]
-            elif state in ("not-applicable", "cancelled"):
-                job.state = state
-            elif outcome.get("retry") and job.attempts < job.max_attempts:
-                job.state = "queued"  # retried on the next pass
-            else:
-                job.state = "dead" if outcome.get("retry") else "failed"
-            took = (job.finished_at - job.started_at).total_seconds() if job.started_at else 0
-            self.audit.record(
-                EventKind.JOB_FINISHED,
-                Outcome.SUCCESS if job.state in ("succeeded", "not-applicable", "cancelled")
-                else Outcome.MINOR_FAILURE if job.state == "queued" else Outcome.SERIOUS_FAILURE,
-                session=s, job_id=job.id, job_uid=job.uid, route=job.route,
-                study_uid=job.study_uid, state=job.state, attempt=job.attempts,
-                seconds=round(took, 3), reason=job.reason[:500],
-                results=len(json.loads(job.results)), summary=job.summary[:500],
-                timings=outcome.get("timings", {}))
-        log.info("job %d %s%s", r.job_id, state,
-                 f": {outcome.get('reason')}" if outcome.get("reason") else "")
-        if state == "succeeded":
+            handed = jobs.deliver_done_steps(s, self.settings, s.get_one(Job, r.job_id),
+                                             r.outcome.parent, r.delivered)
+        self._on_success()  # wake the senders
+        if handed.notified:
+            self._on_notify()
+
+    def _finish(self, r: _Running, outcome: JobOutcome) -> None:
+        del self._running[r.job_id]
+        with self.sessions() as s, s.begin():
+            handed = jobs.record_outcome(s, self.audit, self.settings, s.get_one(Job, r.job_id),
+                                         outcome, r.outcome.parent, r.delivered, self.actor)
+        log.info("job %d %s%s", r.job_id, outcome.state,
+                 f": {outcome.reason}" if outcome.reason else "")
+        if outcome.state == JobState.SUCCEEDED or handed.queued:
             self._on_success()
-        if self._notified:
-            self._notified = False
+        if handed.notified:
             self._on_notify()
         self._wake.set()

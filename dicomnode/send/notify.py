@@ -1,8 +1,9 @@
 """Critical-finding notifications: a webhook POST and/or a local command, durable and audited.
 
-When a job that reported ``Outputs.critical`` succeeds, the runner writes one
-:class:`~dicomnode.schema.Notification` row per channel *in the same transaction* that marks
-the job succeeded; the :class:`Notifier` thread delivers pending rows, retrying with backoff
+When a job step reports ``Outputs.critical``, the runner writes one
+:class:`~dicomnode.schema.Notification` row per channel *in the same transaction* that queues
+the step's results (:func:`dicomnode.run.jobs.queue_notification`); the :class:`Notifier`
+thread delivers pending rows, retrying with backoff
 (``attempts``, ``timeout_seconds``), and after a crash or restart simply goes on with what is
 still pending — a critical finding is never silently lost. Delivery is at least once (a crash
 between the receiver's answer and the row update re-sends it); the payload carries the job UID
@@ -19,16 +20,15 @@ import logging
 import subprocess
 import threading
 import urllib.request
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
-from dicomnode.config import NotifyConfig
 from dicomnode.database import reading
-from dicomnode.schema import Notification, utcnow
+from dicomnode.schema import Notification, NotificationState, utcnow
+from dicomnode.state import Actor, transition
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +54,6 @@ def _send(channel: str, target: str, body: bytes, timeout: float) -> str:
     return _run(json.loads(target), body, timeout)
 
 
-def enqueue(s: Session, cfg: NotifyConfig, job_fk: int, route: str, payload: dict[str, Any],
-            completed_at: datetime | None, step: int = -1) -> int:
-    """Add the pending notification rows of one critical finding (in the caller's transaction).
-    Returns how many channels were queued."""
-    now = utcnow()
-    channels = ([("webhook", cfg.webhook)] if cfg.webhook else []) + (
-        [("command", json.dumps(cfg.command))] if cfg.command else [])
-    for channel, target in channels:
-        row = Notification(job_fk=job_fk, step=step, route=route, channel=channel,
-                           target=target,
-                           payload="", state="pending", attempts=0,
-                           max_attempts=cfg.attempts, timeout_seconds=cfg.timeout_seconds,
-                           next_attempt_at=now, last_error="", study_completed_at=completed_at,
-                           created_at=now)
-        s.add(row)
-        s.flush()
-        row.payload = json.dumps({**payload, "notification_id": row.id})
-    return len(channels)
-
-
 class Notifier:
     """Delivers pending notifications (one thread; each attempt outside any transaction)."""
 
@@ -82,6 +62,7 @@ class Notifier:
         self.sessions = sessions
         self.readers = reading(sessions)
         self.audit = audit
+        self.actor = Actor.system("notifier")
         self.poll = poll_seconds
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -110,7 +91,8 @@ class Notifier:
     def _deliver_one(self) -> bool:
         with self.readers() as s:
             row = s.execute(select(Notification).where(
-                Notification.state == "pending", Notification.next_attempt_at <= utcnow())
+                Notification.state == NotificationState.PENDING,
+                Notification.next_attempt_at <= utcnow())
                 .order_by(Notification.next_attempt_at).limit(1)).scalar_one_or_none()
             if row is None:
                 return False
@@ -125,9 +107,9 @@ class Notifier:
             row = s.get_one(Notification, nid)
             row.attempts += 1
             if ok:
-                row.state, row.sent_at = "sent", utcnow()
+                row.sent_at = utcnow()
             elif row.attempts >= row.max_attempts:
-                row.state, row.last_error = "failed", detail[:2000]
+                row.last_error = detail[:2000]
             else:
                 row.last_error = detail[:2000]
                 row.next_attempt_at = utcnow() + timedelta(
@@ -138,10 +120,11 @@ class Notifier:
             payload = json.loads(row.payload)
             completed = row.study_completed_at
             latency = (utcnow() - completed).total_seconds() if completed else None
-            self.audit.record(
-                EventKind.CRITICAL_NOTIFIED, Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE,
-                session=s, channel=name, attempts=row.attempts, detail=detail[:500],
-                notification_id=nid,
+            transition(
+                s, row, NotificationState.SENT if ok else NotificationState.FAILED,
+                by=self.actor, audit=self.audit, event=EventKind.CRITICAL_NOTIFIED,
+                outcome=Outcome.SUCCESS if ok else Outcome.SERIOUS_FAILURE,
+                channel=name, attempts=row.attempts, detail=detail[:500],
                 seconds_since_completion=None if latency is None else round(latency, 3),
                 job_uid=payload["job_uid"], route=payload["route"],
                 study_uid=payload["study_uid"], message=payload["message"][:500])

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom import AE, _config
@@ -30,7 +31,8 @@ from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import DestinationConfig, Settings
 from dicomnode.database import reading
 from dicomnode.receive import dul_patches
-from dicomnode.schema import Delivery, Job, utcnow
+from dicomnode.schema import Delivery, DeliveryState, Job, utcnow
+from dicomnode.state import Actor, transition
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,7 @@ class DestinationWorker:
         self.sessions = sessions
         self.readers = reading(sessions)
         self.audit = audit
+        self.actor = Actor.system(f"sender {name}")
         self.poll = 0.5
         self.wake = threading.Event()
         self._stop = threading.Event()
@@ -143,7 +146,7 @@ class DestinationWorker:
                 select(Delivery.id, Delivery.results, Job.results, Job.uid, Job.id,
                        Job.study_uid, Delivery.step)
                 .join(Job, Delivery.job_fk == Job.id)
-                .where(Delivery.destination == self.name, Delivery.state == "pending",
+                .where(Delivery.destination == self.name, Delivery.state == DeliveryState.PENDING,
                        Delivery.next_attempt_at <= utcnow())
                 .order_by(Delivery.next_attempt_at).limit(1)).first()
         if row is None or self._stop.is_set():
@@ -163,12 +166,13 @@ class DestinationWorker:
             return True
         with self.sessions() as s, s.begin():
             d = s.get_one(Delivery, delivery_id)
-            d.state, d.sent_at, d.attempts, d.last_error = "sent", utcnow(), d.attempts + 1, ""
-            self.audit.record(EventKind.RESULTS_SENT, session=s, source_aet=self.calling_aet,
-                              dest_aet=self.dest.ae_title, destination=self.name,
-                              host=f"{self.dest.host}:{self.dest.port}", job_id=job_id,
-                              job_uid=job_uid, study_uid=study_uid, step=step, instances=n,
-                              seconds=round(time.monotonic() - t0, 3))
+            d.sent_at, d.attempts, d.last_error = utcnow(), d.attempts + 1, ""
+            transition(s, d, DeliveryState.SENT, by=self.actor, audit=self.audit,
+                       event=EventKind.RESULTS_SENT, source_aet=self.calling_aet,
+                       dest_aet=self.dest.ae_title, destination=self.name,
+                       host=f"{self.dest.host}:{self.dest.port}", job_id=job_id,
+                       job_uid=job_uid, study_uid=study_uid, step=step, instances=n,
+                       seconds=round(time.monotonic() - t0, 3))
         log.info("job %d: %d object(s) sent to %s", job_id, n, self.name)
         return True
 
@@ -177,19 +181,21 @@ class DestinationWorker:
             d = s.get_one(Delivery, delivery_id)
             d.attempts += 1
             d.last_error, d.last_status = str(e)[:2000], e.status
-            if not e.retry or d.attempts > self.dest.max_retries:
-                d.state = "dead"
-            else:
+            what: dict[str, Any] = {
+                "source_aet": self.calling_aet, "dest_aet": self.dest.ae_title,
+                "destination": self.name, "job_id": job_id, "study_uid": study_uid,
+                "attempt": d.attempts, "reason": str(e)[:500]}
+            if not e.retry or d.attempts > self.dest.max_retries:  # a dead letter
+                transition(s, d, DeliveryState.DEAD, by=self.actor, audit=self.audit,
+                           event=EventKind.SEND_FAILED, outcome=Outcome.SERIOUS_FAILURE,
+                           state=str(DeliveryState.DEAD), **what)
+            else:  # still pending: no state change, the failed attempt is audited
                 delay = min(self.dest.retry_delay_seconds
                             * self.dest.retry_multiplier ** (d.attempts - 1),
                             self.dest.retry_max_delay_seconds)
                 d.next_attempt_at = utcnow() + timedelta(seconds=delay)
-            self.audit.record(EventKind.SEND_FAILED,
-                              Outcome.SERIOUS_FAILURE if d.state == "dead"
-                              else Outcome.MINOR_FAILURE,
-                              session=s, source_aet=self.calling_aet, dest_aet=self.dest.ae_title,
-                              destination=self.name, job_id=job_id, study_uid=study_uid,
-                              attempt=d.attempts, state=d.state, reason=str(e)[:500])
+                self.audit.record(EventKind.SEND_FAILED, Outcome.MINOR_FAILURE, session=s,
+                                  state=str(d.state), **what)
         log.warning("job %d → %s: %s (%s)", job_id, self.name, e,
                     "dead letter" if not e.retry else "will retry")
 

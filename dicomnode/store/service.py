@@ -23,7 +23,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.database import reading
-from dicomnode.schema import Association, Instance, Patient, Series, Study, utcnow
+from dicomnode.schema import (
+    ArrivalState,
+    Association,
+    Instance,
+    Patient,
+    Series,
+    Study,
+    utcnow,
+)
 from dicomnode.store import digest as content
 from dicomnode.store.files import DiskFull, FileStore, Staged, StreamingFile
 from dicomnode.store.hotindex import GroupCommit, HotIndex
@@ -284,8 +292,8 @@ class InstanceStore:
         # FOR UPDATE (PostgreSQL): the assembler may be completing this study right now
         study = c.execute(_STUDY, {"uid": attrs.study_uid}).first()
         series = c.execute(_SERIES, {"uid": attrs.series_uid}).first() if study else None
-        if (study is not None and series is not None and study.state == "receiving"
-                and series.state == "receiving"):
+        if (study is not None and series is not None and study.state == ArrivalState.RECEIVING
+                and series.state == ArrivalState.RECEIVING):
             study_id, series_id, revision = study.id, series.id, study.revision
             c.execute(_BUMP_STUDY, {"row": study_id, "now": now})
             c.execute(_BUMP_SERIES, {"row": series_id, "now": now})
@@ -321,13 +329,14 @@ class InstanceStore:
                           study_date=attrs.study_date, study_time=attrs.study_time,
                           accession_number=attrs.accession_number, study_id=attrs.study_id,
                           study_description=attrs.study_description,
-                          referring_physician=attrs.referring_physician, state="receiving",
+                          referring_physician=attrs.referring_physician,
+                          state=ArrivalState.RECEIVING,
                           revision=1, num_instances=0, first_received_at=now,
                           last_received_at=now)
             s.add(study)
             s.flush()
-        elif study.state == "complete":
-            study.state = "receiving"
+        elif study.state == ArrivalState.COMPLETE:
+            study.state = ArrivalState.RECEIVING
             study.revision += 1
             study.completed_at = None
         series = s.execute(select(Series).where(Series.series_uid == attrs.series_uid)
@@ -338,11 +347,12 @@ class InstanceStore:
                             series_description=attrs.series_description,
                             body_part=attrs.body_part,
                             frame_of_reference_uid=attrs.frame_of_reference_uid,
-                            state="receiving", revision=1, num_instances=0, last_received_at=now)
+                            state=ArrivalState.RECEIVING, revision=1, num_instances=0,
+                            last_received_at=now)
             s.add(series)
             s.flush()
-        elif series.state == "complete":
-            series.state = "receiving"
+        elif series.state == ArrivalState.COMPLETE:
+            series.state = ArrivalState.RECEIVING
             series.revision += 1
             series.completed_at = None
         study.num_instances += 1
@@ -357,9 +367,11 @@ class InstanceStore:
         sender that is re-sending it. A complete study is not re-opened (nothing new arrived)."""
         now = utcnow()
         s.execute(update(Study).where(Study.study_uid == attrs.study_uid,
-                                      Study.state == "receiving").values(last_received_at=now))
+                                      Study.state == ArrivalState.RECEIVING)
+                  .values(last_received_at=now))
         s.execute(update(Series).where(Series.series_uid == attrs.series_uid,
-                                       Series.state == "receiving").values(last_received_at=now))
+                                       Series.state == ArrivalState.RECEIVING)
+                  .values(last_received_at=now))
 
     def _replace(self, s: Session, instance_id: int, staged: Staged, digest: str) -> None:
         inst = s.get_one(Instance, instance_id)
@@ -369,8 +381,8 @@ class InstanceStore:
         study = s.get_one(Study, inst.study_fk)
         series = s.get_one(Series, inst.series_fk)
         for row in (study, series):
-            if row.state == "complete":  # new content: consumers must see a new revision
-                row.state = "receiving"
+            if row.state == ArrivalState.COMPLETE:  # new content: consumers see a new revision
+                row.state = ArrivalState.RECEIVING
                 row.revision += 1
                 row.completed_at = None
             row.last_received_at = now
