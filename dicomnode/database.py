@@ -91,87 +91,102 @@ def make_engine(url: str, echo: bool = False) -> Engine:
     """Create an engine with the durability settings the node relies on."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite":
-        if u.database and u.database != ":memory:":
-            Path(u.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(
-            url, echo=echo, connect_args={"timeout": 60, "check_same_thread": False}
-        )
-        queue_path = writers_path(url)
-
-        @event.listens_for(engine, "connect")
-        def _on_connect(dbapi_conn: Any, rec: Any) -> None:
-            dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=60000")
-            cur.close()
-            if queue_path is not None and _QUEUE not in rec.info:
-                rec.info[_QUEUE] = WriterQueue(queue_path)
-
-        @event.listens_for(engine, "begin")
-        def _on_begin(conn: Any) -> None:
-            # writers take the write lock up front (no failed lock upgrades); readers never do,
-            # so a long listing can't stall ingest. Writers queue on the flock first (see
-            # WriterQueue), released once the DBAPI commit or rollback has returned.
-            if conn.get_execution_options().get(READONLY, False):
-                conn.exec_driver_sql("BEGIN")
-                return
-            if queue_path is None:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-                return
-            info = conn.info
-            queue = info.get(_QUEUE)
-            if queue is not None and not info.get(_HELD) and queue.acquire():
-                info[_HELD] = True
-            try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
-            except BaseException:
-                _release_writer(info)
-                raise
-
-        if queue_path is None:
-            return engine
-        dialect = engine.dialect
-        do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
-
-        def _commit(dbapi_conn: Any) -> None:
-            try:
-                do_commit(dbapi_conn)
-            finally:
-                _release_writer(_record_info(dbapi_conn))
-
-        def _rollback(dbapi_conn: Any) -> None:
-            try:
-                do_rollback(dbapi_conn)
-            finally:
-                _release_writer(_record_info(dbapi_conn))
-
-        # this engine's own dialect instance: commit/rollback events fire *before* the DBAPI
-        # call, so the queue is released here, after it
-        dialect.do_commit = _commit  # type: ignore[method-assign,assignment]
-        dialect.do_rollback = _rollback  # type: ignore[method-assign,assignment]
-
-        @event.listens_for(engine, "checkin")
-        def _on_checkin(_dbapi_conn: Any, rec: Any) -> None:
-            _release_writer(rec.info)  # never kept by a connection back in the pool
-
-        @event.listens_for(engine, "close")
-        def _on_close(_dbapi_conn: Any, rec: Any) -> None:
-            _release_writer(rec.info)
-            queue = rec.info.pop(_QUEUE, None)
-            if queue is not None:
-                queue.close()
-
-        @event.listens_for(engine, "invalidate")
-        def _on_invalidate(_dbapi_conn: Any, rec: Any, _exc: Any) -> None:
-            _release_writer(rec.info)
-
-        return engine
+        return _sqlite_engine(url, echo)
     if u.drivername == "postgresql":
         url = u.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_engine(url: str, echo: bool) -> Engine:
+    """SQLite: WAL, full sync, writers up front; on a file index, the writers' queue."""
+    u = make_url(url)
+    if u.database and u.database != ":memory:":
+        Path(u.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url, echo=echo, connect_args={"timeout": 60, "check_same_thread": False}
+    )
+    queue_path = writers_path(url)
+    _sqlite_connections(engine, queue_path)
+    if queue_path is not None:
+        _release_writers_after_commit(engine)
+    return engine
+
+
+def _sqlite_connections(engine: Engine, queue_path: str | None) -> None:
+    """Pragmas on every connection; ``BEGIN IMMEDIATE`` for writers (after the queue), a plain
+    ``BEGIN`` for readers."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, rec: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=60000")
+        cur.close()
+        if queue_path is not None and _QUEUE not in rec.info:
+            rec.info[_QUEUE] = WriterQueue(queue_path)
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # writers take the write lock up front (no failed lock upgrades); readers never do,
+        # so a long listing can't stall ingest. Writers queue on the flock first (see
+        # WriterQueue), released once the DBAPI commit or rollback has returned.
+        if conn.get_execution_options().get(READONLY, False):
+            conn.exec_driver_sql("BEGIN")
+            return
+        if queue_path is None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        info = conn.info
+        queue = info.get(_QUEUE)
+        if queue is not None and not info.get(_HELD) and queue.acquire():
+            info[_HELD] = True
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _release_writer(info)
+            raise
+
+
+def _release_writers_after_commit(engine: Engine) -> None:
+    """Release the writers' queue once the DBAPI commit or rollback has returned, and whenever
+    a connection leaves use (checked in, closed, invalidated)."""
+    dialect = engine.dialect
+    do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
+
+    def _commit(dbapi_conn: Any) -> None:
+        try:
+            do_commit(dbapi_conn)
+        finally:
+            _release_writer(_record_info(dbapi_conn))
+
+    def _rollback(dbapi_conn: Any) -> None:
+        try:
+            do_rollback(dbapi_conn)
+        finally:
+            _release_writer(_record_info(dbapi_conn))
+
+    # this engine's own dialect instance: commit/rollback events fire *before* the DBAPI
+    # call, so the queue is released here, after it
+    dialect.do_commit = _commit  # type: ignore[method-assign,assignment]
+    dialect.do_rollback = _rollback  # type: ignore[method-assign,assignment]
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, rec: Any) -> None:
+        _release_writer(rec.info)  # never kept by a connection back in the pool
+
+    @event.listens_for(engine, "close")
+    def _on_close(_dbapi_conn: Any, rec: Any) -> None:
+        _release_writer(rec.info)
+        queue = rec.info.pop(_QUEUE, None)
+        if queue is not None:
+            queue.close()
+
+    @event.listens_for(engine, "invalidate")
+    def _on_invalidate(_dbapi_conn: Any, rec: Any, _exc: Any) -> None:
+        _release_writer(rec.info)
 
 
 def make_sessionmaker(engine: Engine, readonly: bool = False) -> sessionmaker[Session]:

@@ -4,6 +4,7 @@ or return nonsense, the node killed mid-job."""
 
 from __future__ import annotations
 
+import getpass
 import subprocess
 import textwrap
 import time
@@ -119,6 +120,11 @@ def test_destination_down_retries_then_dead_letter_then_retry(node_factory, orth
         assert "1 dead delivery re-queued" in node.cli("jobs", "retry", str(job["id"])).stdout
         wait_until(lambda: len(list(out.iterdir())) == 2, timeout=30, what="backup delivery")
         assert len(orthanc.series()) == 2  # nothing sent twice to the PACS that had it
+        # the admin's retry is audited with who did it
+        (moved,) = node.audit("delivery-state")
+        assert moved["user"] == getpass.getuser()
+        assert (moved["detail"]["from"], moved["detail"]["to"], moved["detail"]["job_id"]) == (
+            "dead", "pending", job["id"])
     finally:
         scp.terminate()
         scp.wait(10)
@@ -346,7 +352,18 @@ def test_cancel_running_and_queued_jobs(node_factory, orthanc, bad_plugins,  # t
     assert all(j["deliveries"] == [] for j in final)
     time.sleep(1)
     assert orthanc.series() == []
-    assert node.cli("jobs", "cancel", str(running["id"]), check=False).returncode == 1
+    refused = node.cli("jobs", "cancel", str(running["id"]), check=False)
+    assert refused.returncode == 1 and "is cancelled: it cannot become cancelling" in \
+        refused.stderr
+    # both cancels audited with the operating-system user; the runner finished the second
+    moves = [(e["user"], e["detail"]["job_id"], e["detail"]["from"], e["detail"]["to"])
+             for e in node.audit("job-state") if e["detail"]["to"].startswith("cancel")]
+    me = getpass.getuser()
+    assert sorted(moves) == sorted([(me, queued["id"], "queued", "cancelled"),
+                                    (me, running["id"], "running", "cancelling")])
+    finished = [e for e in node.audit("job-finished") if e["detail"]["job_id"] == running["id"]]
+    assert [(e["detail"]["from"], e["detail"]["to"], e["user"]) for e in finished] == [
+        ("cancelling", "cancelled", "")]
 
 
 def test_pydicoms_real_world_ct_sets(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
