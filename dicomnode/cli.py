@@ -60,8 +60,9 @@ def _print_json(value: Any) -> None:
 def serve(config: ConfigOpt = None) -> None:
     """Run the node until SIGTERM/SIGINT (then finish in-flight instances and stop)."""
     settings = _settings(config)
-    from dicomnode.node import Node, configure_logging
+    from dicomnode.node import Node
     from dicomnode.runtime.memory import tune_allocator
+    from dicomnode.runtime.process import configure_logging
 
     configure_logging(settings.logging.level)
     tune_allocator()

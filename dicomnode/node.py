@@ -39,14 +39,6 @@ from dicomnode.store import FileStore, InstanceStore
 log = logging.getLogger(__name__)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # pynetdicom logs every PDU at INFO; keep it to warnings unless debugging
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if level == "DEBUG" else
-                                             logging.WARNING)
-
-
 class Node:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

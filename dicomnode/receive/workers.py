@@ -323,13 +323,12 @@ class ReceiverPool:
 # -- the worker process ---------------------------------------------------------------------
 def worker_main(settings: Settings, sock: socket.socket, index: int) -> None:
     from dicomnode.database import make_engine, make_sessionmaker
-    from dicomnode.node import configure_logging
     from dicomnode.receive.scp import Receiver
-    from dicomnode.run.execute import _die_with_parent
     from dicomnode.runtime.memory import tune_allocator
+    from dicomnode.runtime.process import configure_logging, die_with_parent
     from dicomnode.store import FileStore, InstanceStore
 
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node stops us (Ctrl-C reaches all)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tune_allocator()

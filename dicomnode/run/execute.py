@@ -10,11 +10,9 @@ the same content and UIDs (UIDs derive from the job).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -49,6 +47,7 @@ from dicomnode.run.inputs import projection_input, series_input
 from dicomnode.run.jobs import JobOutcome, read_step, step_record
 from dicomnode.run.registry import discover
 from dicomnode.runtime.memory import tune_allocator
+from dicomnode.runtime.process import die_with_parent
 from dicomnode.schema import Instance, Job, JobState, Series
 from dicomnode.store.files import _fsync_dir, _start_writeback
 
@@ -348,20 +347,8 @@ def run_job(settings: Settings, job_id: int, outcome_path: Path,
     return outcome
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this job process if the node dies (a SIGKILLed node must not leave
-    orphan jobs running; the restarted node re-runs them)."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        log.warning("could not set PR_SET_PDEATHSIG; an orphaned job may outlive the node")
-
-
 def _child_setup(nice: int = 0) -> None:
-    _die_with_parent()
+    die_with_parent()
     # a job allocates and frees volume-sized arrays; fresh mmaps cost their page faults each
     # time (measured: 0.06 → 0.5 s to fill a 300 MB volume on this VM)
     tune_allocator()
