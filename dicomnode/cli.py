@@ -188,6 +188,98 @@ def _parse_since(value: str | None) -> str | None:
     return dt.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+_OUTCOME_WORDS = {0: "ok", 4: "minor", 8: "serious", 12: "major"}
+
+
+def _audit_table(data: list[dict[str, Any]]) -> Table:
+    """The default `audit list`: what an operator scans for in an 80-column terminal. Times
+    are HH:MM:SS (UTC) under a date row whenever the day changes; the summary wraps, the
+    event type never does."""
+    table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("event", no_wrap=True)
+    table.add_column("outcome", no_wrap=True)
+    table.add_column("who", max_width=16, overflow="fold")  # an AE title: 16 at most
+    table.add_column("summary", overflow="fold", ratio=1)
+    day = ""
+    for d in data:
+        ts = str(d["ts"])
+        if ts[:10] != day:
+            day = ts[:10]
+            table.add_row(f"[bold]{day}[/bold]", "", "", "", "")
+        outcome = int(d["outcome"])
+        word = _OUTCOME_WORDS.get(outcome, str(outcome))
+        if outcome >= 8:
+            word = f"[red]{word}[/red]"
+        elif outcome:
+            word = f"[yellow]{word}[/yellow]"
+        who = d["user"] or d["source_aet"] or d["source_host"] or ""
+        table.add_row(ts[11:19], d["event_type"], word, _plain(who),
+                      _plain(_audit_summary(d["event_type"], d["detail"])))
+    return table
+
+
+def _plain(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _short_uid(uid: Any) -> str:
+    text = str(uid or "")
+    return text if len(text) <= 16 else "..." + text[-13:]
+
+
+def _audit_summary(kind: str, d: dict[str, Any]) -> str:
+    """One line that says what happened; the whole detail is in --wide and --json."""
+    def g(key: str) -> Any:
+        return d.get(key)
+
+    text: str
+    if kind == "application-start":
+        recovered = ", ".join(f"{k.replace('_', ' ')} {v}"
+                              for k, v in (g("recovered") or {}).items() if v)
+        text = f"{g('version')} on port {g('port')}, {g('database')}"
+        text += f"; recovered: {recovered}" if recovered else ""
+    elif kind == "instances-received":
+        parts = [f"{g('instances')} stored"]
+        if g("failed"):
+            refusals = ", ".join(f"{k} x{v}" for k, v in (g("refusals") or {}).items())
+            parts.append(f"{g('failed')} refused" + (f" ({refusals})" if refusals else ""))
+        if g("duplicates"):
+            parts.append(f"{g('duplicates')} duplicate(s)")
+        parts.append(f"{len(g('studies') or {})} study(ies), {g('ended')}")
+        text = ", ".join(parts)
+    elif kind == "store-refused":
+        text = f"{g('status')} {g('reason')}"
+    elif kind in ("study-completed", "series-completed"):
+        uid = g("series_uid") if kind == "series-completed" else g("study_uid")
+        text = f"{_short_uid(uid)} rev {g('revision')}, {g('instances')} instance(s)"
+    elif kind == "route-matched":
+        text = f"{', '.join(map(str, g('routes') or []))} -> job(s) " \
+               f"{', '.join(map(str, g('jobs') or []))}"
+    elif kind == "no-route":
+        text = f"{_short_uid(g('study_uid'))} ({', '.join(g('modalities') or [])}): no route"
+    elif kind == "job-finished":
+        text = f"job {g('job_id')} {g('route')}: {g('state')} in {g('seconds')} s"
+        text += f": {g('reason')}" if g("reason") else ""
+    elif kind in ("results-sent", "send-failed"):
+        what = (f"{g('instances')} sent" if kind == "results-sent"
+                else f"{g('state')}: {g('reason')}")
+        text = f"job {g('job_id')} -> {g('destination')}: {what}"
+    elif kind == "critical-notified":
+        text = f"{g('channel')}: {g('message')}"
+    elif kind == "association-accepted":
+        text = f"association {g('association_id')}, {g('contexts')} context(s)"
+    elif kind == "receiver-process-died":
+        text = f"worker {g('process')} exit {g('exitcode')}, removed {g('removed_partial')}"
+    elif g("reason") or g("how"):
+        text = str(g("reason") or g("how"))
+    else:
+        text = ", ".join(f"{k} {v}" for k, v in d.items() if not isinstance(v, dict | list))
+    return text[:160]
+
+
 @audit_app.command("list")
 def audit_list(
     config: ConfigOpt = None,
@@ -196,9 +288,12 @@ def audit_list(
     event: Annotated[str | None, typer.Option(help="Event type (e.g. store-refused) or "
                                               "code (e.g. 110104).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (newest last).")] = 1000,
+    wide: Annotated[bool, typer.Option("--wide", help="Every column (seq, code, host, full "
+                                       "detail); needs a wide terminal.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """List audit events."""
+    """List audit events: time, event, outcome, who and a one-line summary (fits 80
+    columns); --wide for every column, --json for everything."""
     from sqlalchemy import or_, select
 
     from dicomnode.schema import AuditEvent
@@ -221,6 +316,9 @@ def audit_list(
         } for r in rows]
     if as_json:
         _print_json(data)
+        return
+    if not wide:
+        console.print(_audit_table(data))
         return
     table = Table("seq", "time (UTC)", "event", "type", "outcome", "who", "detail")
     for d in data:

@@ -11,6 +11,8 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -211,12 +213,41 @@ def _alembic_config(url: str) -> Any:
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (idempotent; the node runs it on start)."""
-    from alembic import command
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic logs a dozen INFO lines per start ("setup plugin ...", "Context impl ...",
+    "Will assume ..."): noise before anything useful. Keep them to warnings, unless the node
+    logs at DEBUG, and let :func:`upgrade` say the outcome in one line."""
+    alembic_log = logging.getLogger("alembic")
+    if alembic_log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    previous = alembic_log.level
+    alembic_log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        alembic_log.setLevel(previous)
 
-    make_engine(url).dispose()  # creates the SQLite folder if needed
-    command.upgrade(_alembic_config(url), revision)
+
+def upgrade(url: str, revision: str = "head") -> str | None:
+    """Bring the schema to ``revision`` (idempotent; the node runs it on start) and log one
+    line with where it stands, e.g. "database schema at revision 0005 (head)". Returns the
+    revision the database is at."""
+    with _quiet_alembic():
+        from alembic import command
+        from alembic.script import ScriptDirectory
+
+        cfg = _alembic_config(url)
+        before = current_revision(url)  # also creates the SQLite folder if needed
+        command.upgrade(cfg, revision)
+        after = current_revision(url)
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+    where = "head" if after == head else f"head is {head}"
+    if before != after:
+        where += f"; upgraded from {before}" if before else "; created"
+    log.info("database schema at revision %s (%s)", after, where)
+    return after
 
 
 def current_revision(url: str) -> str | None:
@@ -224,7 +255,7 @@ def current_revision(url: str) -> str | None:
 
     engine = make_engine(url)
     try:
-        with engine.connect() as conn:
+        with engine.connect() as conn, _quiet_alembic():
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()

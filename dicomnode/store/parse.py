@@ -18,7 +18,13 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT",
              b"UV"}
@@ -152,7 +158,84 @@ def check_complete(dataset: bytes | memoryview, transfer_syntax: str) -> PlainDa
         walker = _Walker(plain, True, True, _WANTED)
         walker.dataset(0, len(plain), True, 0, in_item=False)
         implicit = True
-    return PlainDataset(plain, implicit, little, walker.found)
+    found = walker.found
+    # the pixel attributes leave the index elements here: the slow index path hands every
+    # element to pydicom, and must never copy the Pixel Data
+    pixels = {t: found.pop(t) for t in _PIXEL_TAGS if t in found}
+    if ts in _NATIVE and pixels:
+        check_pixel_length(plain, walker.u16, pixels)
+    return PlainDataset(plain, implicit, little, found)
+
+
+# --- the Pixel Data length (native transfer syntaxes) -----------------------------------------
+#
+# pynetdicom's SCU (and other toolkits) read a file cut short with pydicom, which returns the
+# short Pixel Data value as-is, and re-encode it: the node receives a well-formed dataset whose
+# pixels simply stop. The structure walk cannot see that; the Image Pixel module can
+# (PS3.3 C.7.6.3, PS3.5 8.1.1). Encapsulated syntaxes carry compressed fragments whose length
+# says nothing, and are not checked.
+
+_SAMPLES, _PHOTOMETRIC, _FRAMES = 0x00280002, 0x00280004, 0x00280008
+_ROWS, _COLUMNS, _BITS = 0x00280010, 0x00280011, 0x00280100
+_PIXEL_DATA, _FLOAT_PIXELS, _DOUBLE_PIXELS = 0x7FE00010, 0x7FE00008, 0x7FE00009
+_PIXEL_TAGS = (_SAMPLES, _PHOTOMETRIC, _FRAMES, _ROWS, _COLUMNS, _BITS, _PIXEL_DATA,
+               _FLOAT_PIXELS, _DOUBLE_PIXELS)
+_PIXEL_VALUES = ((_PIXEL_DATA, "Pixel Data", 0), (_FLOAT_PIXELS, "Float Pixel Data", 32),
+                 (_DOUBLE_PIXELS, "Double Float Pixel Data", 64))  # 0: BitsAllocated says
+_NATIVE = frozenset((ImplicitVRLittleEndian, ExplicitVRLittleEndian,
+                     DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian))
+
+Element = tuple[bytes | None, int, int]  # (VR or None when implicit, length, value position)
+
+
+def check_pixel_length(data: bytes | memoryview, u16: struct.Struct,
+                       elements: dict[int, Element]) -> None:
+    """Raise MalformedDataset when native pixel data is shorter than the Image Pixel module
+    says: Rows x Columns x Samples per Pixel x Number of Frames x Bits Allocated, bit-packed
+    for Bits Allocated 1 (PS3.5 8.1.1), two thirds of that for YBR_FULL_422 (PS3.3
+    C.7.6.3.1.2), 32/64 bits for Float/Double Float Pixel Data. Only a value that is surely
+    short is refused: when Rows, Columns or Bits Allocated are missing or not one US value,
+    nothing is checked; a missing Samples per Pixel or Number of Frames counts as 1. A longer
+    value (padding to even length, trailing bytes) is accepted, as pydicom and dcmtk do.
+
+    ``elements``: top-level elements by tag, as the walker collects them (undefined-length
+    values are absent: encapsulated pixels are never checked); ``u16``: the dataset's
+    unsigned-short decoder (its byte order)."""
+
+    def us(tag: int) -> int | None:
+        e = elements.get(tag)
+        if e is None or e[1] != 2:
+            return None
+        return int(u16.unpack_from(data, e[2])[0])
+
+    def text(tag: int) -> bytes:
+        e = elements.get(tag)
+        return b"" if e is None else bytes(data[e[2]: e[2] + e[1]]).strip(b" \x00")
+
+    rows, columns = us(_ROWS), us(_COLUMNS)
+    if rows is None or columns is None:
+        return
+    samples = us(_SAMPLES) or 1
+    try:
+        frames = max(int(text(_FRAMES) or b"1"), 1)  # pydicom too reads 0 frames as 1
+    except ValueError:
+        frames = 1
+    for tag, name, fixed_bits in _PIXEL_VALUES:
+        e = elements.get(tag)
+        if e is None:
+            continue
+        bits = fixed_bits or us(_BITS)
+        if not bits:
+            continue
+        expected = (rows * columns * samples * frames * bits + 7) // 8
+        if fixed_bits == 0 and text(_PHOTOMETRIC) == b"YBR_FULL_422":
+            expected = expected // 3 * 2
+        length = e[1]
+        if length < expected:
+            odd = ", odd length" if length % 2 else ""
+            raise MalformedDataset(
+                f"truncated: {name} holds {length} of {expected} bytes{odd} "
+                f"({rows}x{columns}, {samples} sample(s), {bits} bits, {frames} frame(s))")
 
 
 @dataclass(frozen=True)
@@ -187,7 +270,7 @@ _KEYWORDS = ("SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInst
              "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
              "StudyID", "StudyDescription", "ReferringPhysicianName", "Modality", "SeriesNumber",
              "SeriesDescription", "BodyPartExamined", "FrameOfReferenceUID", "InstanceNumber")
-_WANTED = frozenset(int(tag_for_keyword(k) or 0) for k in _KEYWORDS)
+_WANTED = frozenset(int(tag_for_keyword(k) or 0) for k in _KEYWORDS) | frozenset(_PIXEL_TAGS)
 
 
 _FIELDS = (("sop_class_uid", "SOPClassUID", 64), ("sop_instance_uid", "SOPInstanceUID", 64),
