@@ -81,7 +81,6 @@ if a release moves or changes what these classes override.
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import io
 import logging
@@ -523,13 +522,13 @@ ASSOCIATION_TIME = _AssociationTime()
 DUL_TIME = _DULTime()
 
 
-def with_time(function: Any, shim: Any) -> Any:
-    """Upstream ``function``'s own code, run with the name ``time`` bound to ``shim`` in a
-    copy of its module's globals: the module itself, and everyone else calling the upstream
-    function, keep the real ``time`` (``tests/test_pynetdicom_contained.py`` pins the code
-    this runs)."""
+def with_globals(function: Any, **names: Any) -> Any:
+    """Upstream ``function``'s own code, run with some of its module's global ``names``
+    bound to stand-ins, in a copy of the module's globals: the module itself, and everyone
+    else calling the upstream function, keep the real ones (``tests/
+    test_pynetdicom_contained.py`` pins the code this runs)."""
     namespace = dict(function.__globals__)
-    namespace["time"] = shim
+    namespace.update(names)
     new = types.FunctionType(function.__code__, namespace, function.__name__,
                              function.__defaults__, function.__closure__)
     new.__doc__ = function.__doc__
@@ -714,7 +713,10 @@ def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationConte
     another's contexts)."""
     out = []
     for cx in contexts:
-        new = copy.copy(cx)
+        # a shallow copy by hand: copy.copy would also leave copyreg's __slotnames__ cache on
+        # pynetdicom's class (harmless, but the class should stay as imported)
+        new = object.__new__(type(cx))
+        new.__dict__.update(cx.__dict__)
         new._transfer_syntax = list(cx._transfer_syntax)
         out.append(new)
     return out
@@ -884,7 +886,7 @@ class NodeDUL(DULServiceProvider):
         self._run_loop_delay = 0  # the wait happens in NodeSocket.ready's select instead
 
     # pynetdicom's reactor loop itself, its `time` the shim that skips sleep(0) (_DULTime)
-    run_reactor = with_time(DULServiceProvider.run_reactor, DUL_TIME)
+    run_reactor = with_globals(DULServiceProvider.run_reactor, time=DUL_TIME)
 
     def _read_pdu_data(self) -> None:
         """Upstream reads the whole length a PDU header claims, 4 KiB at a time, and hands
@@ -980,7 +982,14 @@ class NodeAssociation(Association):
         adopt(self)
 
     # pynetdicom's reactor loop itself, its 1 ms sleep a wait on the wake event
-    _run_reactor = with_time(Association._run_reactor, ASSOCIATION_TIME)
+    _run_reactor = with_globals(Association._run_reactor, time=ASSOCIATION_TIME)
+
+    def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """Upstream's ``send_c_store``; with ``ae.send_files_as_stored``, a file is sent as
+        its data set's bytes are stored (:class:`_FilesAsStored`)."""
+        if getattr(self.ae, "send_files_as_stored", False):
+            return _send_c_store_as_stored(self, dataset, *args, **kwargs)
+        return super().send_c_store(dataset, *args, **kwargs)
 
     def _bind_defaults(self) -> None:
         """Upstream binds the standard logging handlers when the process-global
@@ -990,6 +999,22 @@ class NodeAssociation(Association):
         if _log_handlers(self.ae):
             for event, handler in _STANDARD_HANDLERS:
                 self.bind(event, handler)
+
+
+class _FilesAsStored:
+    """Stands in for ``pynetdicom._config`` in the node's copy of ``send_c_store``
+    (:attr:`NodeAssociation.send_c_store`): ``STORE_SEND_CHUNKED_DATASET`` is True there, so
+    a file is sent as its data set's bytes are stored, not decoded and re-encoded by pydicom
+    (what the process-global setting does for every AE). Every other setting is pynetdicom's
+    own."""
+
+    STORE_SEND_CHUNKED_DATASET = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_config, name)
+
+
+_send_c_store_as_stored = with_globals(Association.send_c_store, _config=_FilesAsStored())
 
 
 def adopt(assoc: Any) -> None:
@@ -1062,17 +1087,21 @@ class NodeAE(AE):
     aborted (1). ``stream_factory(assoc, message)``: the sink an incoming C-STORE's data set
     is written to as it arrives (3). ``log_handlers``: bind pynetdicom's standard logging
     handlers (None: as ``_config.LOG_HANDLER_LEVEL`` says, as upstream).
+    ``send_files_as_stored``: ``send_c_store(path)`` sends the file's data set bytes as
+    stored (upstream: only with the process-global ``_config.STORE_SEND_CHUNKED_DATASET``).
     """
 
     def __init__(self, ae_title: str = "PYNETDICOM", *,
                  on_violation: Callable[[Any, str], None] | None = None,
                  stream_factory: Callable[[Any, Any], Any] | None = None,
-                 log_handlers: bool | None = None) -> None:
+                 log_handlers: bool | None = None,
+                 send_files_as_stored: bool = False) -> None:
         check_version()
         super().__init__(ae_title=ae_title)
         self.on_violation = on_violation
         self.stream_factory = stream_factory
         self.log_handlers = log_handlers
+        self.send_files_as_stored = send_files_as_stored
 
     def make_server(self, address: Any, ae_title: str | None = None,
                     contexts: Any = None, ssl_context: Any = None,

@@ -22,7 +22,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
-from pynetdicom import _config
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -70,11 +69,10 @@ def send_files(dest: DestinationConfig, calling_aet: str, files: list[Path]) -> 
 
 def _send_batch(dest: DestinationConfig, calling_aet: str, files: list[Path]) -> int:
     """C-STORE files over one association; raise SendError on the first failure."""
-    # stream each file's dataset bytes as stored instead of decoding and re-encoding it
-    _config.STORE_SEND_CHUNKED_DATASET = True
     # the node's own AE (receive.node_ae): TCP_NODELAY, the PDU length guard and the
-    # event-driven reactors on these associations only, the same transport as the SCP's
-    ae = NodeAE(ae_title=calling_aet,
+    # event-driven reactors on these associations only, the same transport as the SCP's;
+    # each file's dataset bytes sent as stored instead of decoded and re-encoded
+    ae = NodeAE(ae_title=calling_aet, send_files_as_stored=True,
                 log_handlers=logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG))
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
     contexts: dict[str, set[str]] = {}
