@@ -45,6 +45,8 @@ PINNED_SOURCES = {
     "pynetdicom.pdu:A_ASSOCIATE_RQ._wrap_generate_items": "17e05aa8e1a1bc30",  # mirrored
     "pynetdicom.presentation:PresentationContext.abstract_syntax": "50f27b2cf80fecf2",
     "pynetdicom.presentation:PresentationContext.add_transfer_syntax": "83bb818ef65a6968",
+    "pynetdicom.presentation:negotiate_as_acceptor": "d5413f08f0ac7b32",  # with_globals
+    "pynetdicom.acse:ACSE._negotiate_as_acceptor": "fffd360957c42a8e",  # with_globals
 }
 
 # (module:Class.name, the parameter names it must take) for what node_ae overrides or calls
@@ -68,6 +70,10 @@ SIGNATURES = {
     "pynetdicom.dimse:DIMSEServiceProvider.send_msg": ["self", "primitive", "context_id"],
     "pynetdicom.dimse_messages:DIMSEMessage.message_to_primitive": ["self"],
     "pynetdicom.association:Association.__init__": ["self", "ae", "mode"],
+    "pynetdicom.acse:ACSE.__init__": ["self", "assoc"],
+    "pynetdicom.acse:ACSE._negotiate_as_acceptor": ["self"],
+    "pynetdicom.presentation:negotiate_as_acceptor": ["rq_contexts", "ac_contexts",
+                                                      "roles"],
     "pynetdicom.association:Association._run_reactor": ["self"],
     "pynetdicom.association:Association._bind_defaults": ["self"],
     "pynetdicom.association:Association.send_c_store": [
@@ -103,11 +109,13 @@ def test_the_private_pynetdicom_api_the_node_relies_on_is_unchanged() -> None:
     import pynetdicom
     from pynetdicom import _config, evt
     from pynetdicom._globals import DEFAULT_MAX_LENGTH
+    from pynetdicom.acse import ACSE
     from pynetdicom.association import Association
     from pynetdicom.dimse import DIMSEServiceProvider
     from pynetdicom.dimse_messages import DIMSEMessage
     from pynetdicom.dul import DULServiceProvider
     from pynetdicom.pdu_items import PDU_ITEM_TYPES
+    from pynetdicom.presentation import negotiate_as_acceptor
     from pynetdicom.transport import AssociationSocket, RequestHandler
 
     from dicomnode.receive import node_ae
@@ -159,6 +167,8 @@ def test_the_private_pynetdicom_api_the_node_relies_on_is_unchanged() -> None:
     assert "time" in DULServiceProvider.run_reactor.__code__.co_names
     assert "time" in Association._run_reactor.__code__.co_names
     assert "_config" in Association.send_c_store.__code__.co_names
+    assert "negotiate_as_acceptor" in ACSE._negotiate_as_acceptor.__code__.co_names
+    assert "PresentationContext" in negotiate_as_acceptor.__code__.co_names
     assert DIMSEServiceProvider.receive_primitive.__code__.co_names  # (pinned above)
 
 
@@ -234,6 +244,7 @@ _SCRIPT = textwrap.dedent('''
                 "assoc": type(assoc).__module__ + "." + type(assoc).__name__,
                 "dul": type(assoc.dul).__module__ + "." + type(assoc.dul).__name__,
                 "dimse": type(assoc.dimse).__module__ + "." + type(assoc.dimse).__name__,
+                "acse": type(assoc.acse).__module__ + "." + type(assoc.acse).__name__,
                 "socket": type(assoc.dul.socket).__module__ + "."
                           + type(assoc.dul.socket).__name__,
                 "local_max_pdu": local.maximum_length,
@@ -348,6 +359,7 @@ def test_a_started_node_leaves_pynetdicom_as_upstream(tmp_path: Path) -> None:
     stock = {"assoc": "pynetdicom.association.Association",
              "dul": "pynetdicom.dul.DULServiceProvider",
              "dimse": "pynetdicom.dimse.DIMSEServiceProvider",
+             "acse": "pynetdicom.acse.ACSE",
              "socket": "pynetdicom.transport.AssociationSocket",
              "local_max_pdu": default, "nodelay": 0, "run_loop_delay": 0.001}
     assert out["stock_server"] == ["ThreadedAssociationServer", "RequestHandler"]
@@ -364,6 +376,7 @@ def test_a_started_node_leaves_pynetdicom_as_upstream(tmp_path: Path) -> None:
     assert node["assoc"] == "dicomnode.receive.node_ae.NodeAssociation"
     assert node["dul"] == "dicomnode.receive.node_ae.NodeDUL"
     assert node["dimse"] == "dicomnode.receive.node_ae.NodeDIMSE"
+    assert node["acse"] == "dicomnode.receive.node_ae.NodeACSE"
     assert node["socket"] == "dicomnode.receive.node_ae.NodeSocket"
     assert node["local_max_pdu"] == 1048576 == out["node_max_pdu_seen_by_stock_scu"]
     assert node["nodelay"] != 0 and node["run_loop_delay"] == 0

@@ -65,8 +65,10 @@ follows it on the socket (:class:`ReadAhead`).
 
 7. Class and syntax UIDs checked once (:func:`_set_uid`, :func:`_add_transfer_syntax`, warmed
 at start-up by :func:`warm_uid_checks`) where the node's DUL decodes an A-ASSOCIATE-RQ
-(:meth:`NodeDUL._decode_pdu`): every association proposes the same ~100 presentation contexts,
-and pynetdicom converts and validates each UID through pydicom's regexes every time.
+(:meth:`NodeDUL._decode_pdu`) and where the node's ACSE negotiates (:class:`NodeACSE`): every
+association proposes the same ~100 presentation contexts, and pynetdicom converts and
+validates each UID through pydicom's regexes every time. (The A-ASSOCIATE-AC is still encoded
+by pynetdicom's state machine, one check per context: ~128 per dcmtk ``storescu``.)
 
 8. pynetdicom's standard logging handlers (which format every PDU and DIMSE message whether or
 not anything is logged, ~0.5 ms per instance) are bound to the node's associations only when
@@ -97,6 +99,7 @@ from datetime import datetime
 from typing import Any
 
 import pynetdicom
+import pynetdicom.presentation
 import pynetdicom.utils
 from pynetdicom import AE, _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
@@ -106,6 +109,7 @@ from pynetdicom._handlers import (
     standard_pdu_recv_handler,
     standard_pdu_sent_handler,
 )
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
@@ -793,6 +797,19 @@ class CachedContext(PresentationContext):
         _add_transfer_syntax(self, syntax)
 
 
+# pynetdicom's negotiation itself, the result contexts it makes CachedContexts
+_negotiate_as_acceptor = with_globals(pynetdicom.presentation.negotiate_as_acceptor,
+                                      PresentationContext=CachedContext)
+
+
+class NodeACSE(ACSE):
+    """The node's ACSE: pynetdicom's acceptor negotiation, the accepted and rejected
+    contexts it makes :class:`CachedContext` (7)."""
+
+    _negotiate_as_acceptor = with_globals(ACSE._negotiate_as_acceptor,
+                                          negotiate_as_acceptor=_negotiate_as_acceptor)
+
+
 def warm_uid_checks(contexts: Any) -> None:
     """Check the UIDs of ``contexts`` (the supported ones) now, at start-up, rather than while
     the first association of each receiving process waits (~20 ms)."""
@@ -1019,8 +1036,9 @@ _send_c_store_as_stored = with_globals(Association.send_c_store, _config=_FilesA
 
 def adopt(assoc: Any) -> None:
     """Give ``assoc`` (just made by ``Association.__init__``, nothing started) the node's
-    DUL and DIMSE providers in place of the stock ones, with the timeouts re-applied (their
-    setters push them into the DUL's timers)."""
+    ACSE, DUL and DIMSE providers in place of the stock ones, with the timeouts re-applied
+    (their setters push them into the DUL's timers)."""
+    assoc.acse = NodeACSE(assoc)
     assoc.dul = NodeDUL(assoc)
     assoc.dimse = NodeDIMSE(assoc)
     assoc.acse_timeout = assoc.acse_timeout
