@@ -804,7 +804,9 @@ _negotiate_as_acceptor = with_globals(pynetdicom.presentation.negotiate_as_accep
 
 class NodeACSE(ACSE):
     """The node's ACSE: pynetdicom's acceptor negotiation, the accepted and rejected
-    contexts it makes :class:`CachedContext` (7)."""
+    contexts it makes :class:`CachedContext` (7); upstream makes plain
+    ``PresentationContext`` objects, re-validating each context's UIDs on every
+    association."""
 
     _negotiate_as_acceptor = with_globals(ACSE._negotiate_as_acceptor,
                                           negotiate_as_acceptor=_negotiate_as_acceptor)
@@ -877,7 +879,7 @@ class NodeSocket(AssociationSocket):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.socket is not None:
-            _nodelay(self.socket)  # accepted (SCP) sockets
+            _nodelay(self.socket)  # accepted (SCP) sockets; upstream never sets TCP_NODELAY
 
     def _create_socket(self, address: Any) -> socket.socket:
         sock = super()._create_socket(address)
@@ -912,8 +914,9 @@ class NodeDUL(DULServiceProvider):
         _guarded_read_pdu_data(self)
 
     def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
-        """An A-ASSOCIATE-RQ decoded with remembered UID checks (7); any other PDU as
-        upstream."""
+        """Upstream decodes an A-ASSOCIATE-RQ through items whose setters convert and
+        regex-validate every abstract and transfer syntax UID; here the same items and
+        primitives, with those checks remembered (7). Any other PDU: upstream's own."""
         if bytestream[:1] != b"\x01":
             return super()._decode_pdu(bytestream)
         b = bytes(bytestream)
@@ -956,6 +959,10 @@ class NodeDIMSE(DIMSEServiceProvider):
     C-STORE responses are encoded directly (5a)."""
 
     def receive_primitive(self, primitive: Any) -> None:
+        """Upstream starts each incoming message as a plain ``DIMSEMessage`` (its data set a
+        BytesIO, converted through pydicom) and the association reactor finds it on its next
+        1 ms poll; here the message is the node's own (:func:`_new_message`) and the reactor
+        is woken (:class:`_AssociationTime`)."""
         if self.message is None:
             self.message = _new_message(self.assoc)
         super().receive_primitive(primitive)
