@@ -544,16 +544,15 @@ def test_results_go_over_parallel_associations(tmp_path: Path) -> None:
 
 def test_association_sockets_have_tcp_nodelay() -> None:
     """Without TCP_NODELAY a sender stalls ~40 ms per object on the peer's delayed ACK (bench
-    e2e: 54 ms/object); the patch sets it on outgoing and accepted sockets."""
+    e2e: 54 ms/object); the node's AE (NodeSocket) sets it on outgoing and accepted sockets."""
     import socket
     import threading
 
-    from pynetdicom import AE, evt
+    from pynetdicom import evt
 
-    from dicomnode.receive import dul_patches
+    from dicomnode.receive.node_ae import NodeAE as AE
     from tests.helpers import free_port
 
-    dul_patches.install()
     accepted: list[int] = []
     got = threading.Event()
 
@@ -596,7 +595,7 @@ def test_fast_c_store_response_is_byte_identical(status: int, comment: str | Non
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from dicomnode.receive.dul_patches import encode_c_store_rsp
+    from dicomnode.receive.node_ae import encode_c_store_rsp
 
     p = C_STORE()
     p.MessageIDBeingRespondedTo = 7
@@ -623,7 +622,7 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
                                                        tmp_path: Path,
                                                        pdu_args: list[str]) -> None:
     """The P-DATA PDUs of a C-STORE (its command, its data set fragments, the last one
-    included) skip pynetdicom's PDU objects and state machine (dul_patches._pdu_received).
+    included) skip pynetdicom's PDU objects and state machine (node_ae._pdu_received).
     dcmtk sends the same files once with those paths and once without: the handler's request
     and data set and the stream sink's hash must be the same, byte for byte, for several
     instances on one association."""
@@ -631,16 +630,12 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
     import threading
 
     from pydicom.data import get_testdata_file
-    from pynetdicom import AE, _config, evt
+    from pynetdicom import evt
 
-    from dicomnode.receive import dul_patches
+    from dicomnode.receive import node_ae
     from tests.helpers import free_port, split_part10, storescu, with_new_uids
 
-    dul_patches.install()
-    # as the receive stage sets it (no PDU logging handlers unless DEBUG: the fast path is off
-    # while pynetdicom logs every PDU)
-    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
-    original = dul_patches._pdu_received
+    original = node_ae._pdu_received
     files = []
     for i, name in enumerate(["693_UNCR.dcm", "CT_small.dcm", "693_UNCR.dcm"]):
         files.append(tmp_path / f"{i}.dcm")
@@ -661,7 +656,7 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
             taken.append(original(dul, buf) if fast else False)
             return taken[-1]
 
-        monkeypatch.setattr(dul_patches, "_pdu_received", fragments)
+        monkeypatch.setattr(node_ae, "_pdu_received", fragments)
         received: dict[str, tuple[bytes, str, str, int, int]] = {}
         done = threading.Event()
 
@@ -675,9 +670,11 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
                 done.set()
             return 0
 
-        scp = AE(ae_title="DICOMNODE")
+        # as the receive stage sets it (no PDU logging handlers unless DEBUG: the fast path is
+        # off while pynetdicom logs every PDU)
+        scp = node_ae.NodeAE(ae_title="DICOMNODE", log_handlers=False,
+                             stream_factory=lambda assoc, msg: Sink())
         scp.maximum_pdu_size = 4 << 20
-        scp._dicomnode_stream_factory = lambda assoc, msg: Sink()  # type: ignore[attr-defined]
         scp.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
         port = free_port()
         server = scp.start_server(("127.0.0.1", port), block=False,
@@ -741,7 +738,7 @@ def test_fast_c_store_request_primitive_matches_pynetdicoms(move_originator: str
     from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
     from pynetdicom.dsutils import decode
 
-    from dicomnode.receive.dul_patches import _original_to_primitive, c_store_rq_primitive
+    from dicomnode.receive.node_ae import _original_to_primitive, c_store_rq_primitive
 
     _, encoded = _c_store_rq_command(7, instance, priority, move_originator)
 
@@ -771,7 +768,7 @@ def test_fast_c_store_request_primitive_matches_pynetdicoms(move_originator: str
 
 
 def test_read_ahead_returns_every_pdu_whole_however_the_bytes_arrive() -> None:
-    """dul_patches.ReadAhead: PDU bodies read with what follows them. PDUs of many sizes
+    """node_ae.ReadAhead: PDU bodies read with what follows them. PDUs of many sizes
     (some larger than the read-ahead buffer) sent in odd-sized pieces come back whole and in
     order; a peer that closes mid-body gives a short read, not a hang."""
     import random
@@ -779,7 +776,7 @@ def test_read_ahead_returns_every_pdu_whole_however_the_bytes_arrive() -> None:
     import struct
     import threading
 
-    from dicomnode.receive.dul_patches import ReadAhead
+    from dicomnode.receive.node_ae import ReadAhead
 
     rng = random.Random(7)
     pdus = [bytes([k % 7 + 1, 0]) + struct.pack(">L", n) + rng.randbytes(n)
@@ -816,7 +813,7 @@ def test_read_ahead_returns_every_pdu_whole_however_the_bytes_arrive() -> None:
 
 
 def test_c_store_command_fast_path_builds_the_message_pynetdicom_would() -> None:
-    """A C-STORE-RQ's command PDU is read directly (dul_patches._c_store_command): the
+    """A C-STORE-RQ's command PDU is read directly (node_ae._c_store_command): the
     request primitive is the one pynetdicom's own path makes from the same PDU. A command
     the direct reader cannot convert (two values) is decoded through pydicom after all and
     converted by pynetdicom; PDUs it does not cover are left to pynetdicom untouched."""
@@ -828,7 +825,7 @@ def test_c_store_command_fast_path_builds_the_message_pynetdicom_would() -> None
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu_primitives import P_DATA
 
-    from dicomnode.receive import dul_patches
+    from dicomnode.receive import node_ae
 
     p, encoded = _c_store_rq_command(9, "1.2.826.0.1.3680043.8.498.1234567890123", 2,
                                      "MOVESCU")
@@ -840,19 +837,19 @@ def test_c_store_command_fast_path_builds_the_message_pynetdicom_would() -> None
     def ours(command: bytes, *more: tuple[int, bytes]) -> tuple[bool, object]:
         dul = SimpleNamespace(assoc=SimpleNamespace(dimse=SimpleNamespace(message=None),
                                                     ae=SimpleNamespace()))
-        taken = dul_patches._c_store_command(dul, pdu((0x03, command), *more))
+        taken = node_ae._c_store_command(dul, pdu((0x03, command), *more))
         return taken, dul.assoc.dimse.message
 
     def primitive(message: object) -> C_STORE:
         message.data_set.write(b"\x08\x00")  # type: ignore[attr-defined]
-        return dul_patches._message_to_primitive(message)  # type: ignore[no-any-return]
+        return node_ae._message_to_primitive(message)  # type: ignore[no-any-return]
 
     reference = DIMSEMessage()
     pdata = P_DATA()
     pdata.presentation_data_value_list = [[5, b"\x03" + encoded]]
     assert reference.decode_msg(pdata) is False  # command done, data set to come
     reference.data_set = io.BytesIO(b"\x08\x00")
-    theirs = dul_patches._original_to_primitive(reference)
+    theirs = node_ae._original_to_primitive(reference)
 
     taken, message = ours(encoded)
     assert taken and type(message) is C_STORE_RQ
@@ -882,24 +879,22 @@ def test_c_store_command_fast_path_builds_the_message_pynetdicom_would() -> None
     for command, more in ((echo, ()), (no_data, ()), (encoded, ((0x00, b"\x08\x00"),))):
         assert ours(command, *more) == (False, None)
     dul = SimpleNamespace(assoc=SimpleNamespace(dimse=SimpleNamespace(message=None)))
-    assert not dul_patches._c_store_command(dul, pdu((0x01, encoded)))  # not the last part
+    assert not node_ae._c_store_command(dul, pdu((0x01, encoded)))  # not the last part
     assert dul.assoc.dimse.message is None
 
 
 def test_presentation_context_copies_are_independent() -> None:
-    """Associations copy the supported contexts cheaply (shared UIDs); a copy must still be
-    its own object: negotiating one association cannot change another's contexts."""
-    import copy
-
+    """Associations copy the supported contexts cheaply (shared UIDs, node_ae.copy_contexts);
+    a copy must still be its own object: negotiating one association cannot change another's
+    contexts."""
     from pynetdicom.presentation import build_context
 
-    from dicomnode.receive import dul_patches
+    from dicomnode.receive import node_ae
 
-    dul_patches.install()
     original = build_context("1.2.840.10008.5.1.4.1.1.2",
                              ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
     original.context_id = 1
-    [clone] = copy.deepcopy([original])
+    [clone] = node_ae.copy_contexts([original])
     assert clone is not original and clone.context_id == 1
     assert clone.abstract_syntax == original.abstract_syntax
     assert clone.transfer_syntax == original.transfer_syntax
@@ -961,20 +956,25 @@ def test_migrations_reach_the_models_and_keep_old_deliveries(db_url: str) -> Non
 
 
 def test_remembered_uid_checks_answer_as_pynetdicom_does() -> None:
-    """Class and syntax UIDs are checked once and remembered (dul_patches 7); the answers are
+    """Class and syntax UIDs are checked once and remembered (node_ae 7: the contexts and
+    syntax sub-items the node's DUL decodes from an A-ASSOCIATE-RQ); the answers are
     pynetdicom's own: the same UID objects, duplicates dropped, invalid values refused every
     time with the field's name, instance UIDs never remembered."""
+    import struct
+
     from pydicom.uid import UID
-    from pynetdicom.dimse_primitives import C_STORE
-    from pynetdicom.pdu_items import AbstractSyntaxSubItem, TransferSyntaxSubItem
-    from pynetdicom.presentation import PresentationContext
+    from pynetdicom.pdu_items import PresentationContextItemRQ
 
-    from dicomnode.receive import dul_patches
+    from dicomnode.receive import node_ae
 
-    dul_patches.install()
+    def sub_items(*items: tuple[int, bytes]) -> list[Any]:
+        """Sub-items as an A-ASSOCIATE-RQ carries them, decoded as the node's DUL does."""
+        raw = b"".join(struct.pack(">BBH", t, 0, len(v)) + v for t, v in items)
+        return node_ae._context_sub_items(PresentationContextItemRQ(), raw)
+
     too_long = "1." + "2" * 70
     for _ in range(2):  # a second time: from the cache, or raising again
-        cx = PresentationContext()
+        cx = node_ae.CachedContext()
         cx.abstract_syntax = "1.2.840.10008.5.1.4.1.1.2"
         assert isinstance(cx.abstract_syntax, UID) and cx.abstract_syntax.is_valid
         cx.add_transfer_syntax(b"1.2.840.10008.1.2.1")
@@ -987,21 +987,18 @@ def test_remembered_uid_checks_answer_as_pynetdicom_does() -> None:
             cx.add_transfer_syntax(too_long)
         with pytest.raises(ValueError, match="abstract_syntax"):
             cx.abstract_syntax = too_long
-        item = AbstractSyntaxSubItem()
-        item.abstract_syntax_name = b"1.2.840.10008.5.1.4.1.1.2"
+        item, ts = sub_items((0x30, b"1.2.840.10008.5.1.4.1.1.2"),
+                             (0x40, b"1.2.840.10008.1.2\0"))  # a NUL-padded one
         assert item.abstract_syntax_name == cx.abstract_syntax
-        ts = TransferSyntaxSubItem()
-        ts.transfer_syntax_name = b"1.2.840.10008.1.2"
         assert ts.transfer_syntax_name == "1.2.840.10008.1.2"
         with pytest.raises(ValueError, match="Abstract Syntax Name"):
-            item.abstract_syntax_name = too_long.encode()
-    before = dul_patches._set_uid_cached.cache_info().currsize
+            sub_items((0x30, too_long.encode()))
+    before = node_ae._set_uid_cached.cache_info().currsize
     for i in range(50):
-        prim = C_STORE()
-        prim.AffectedSOPInstanceUID = f"1.2.3.{i}"
-        prim.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        assert prim.AffectedSOPInstanceUID == f"1.2.3.{i}"
-    assert dul_patches._set_uid_cached.cache_info().currsize - before <= 1
+        instance = node_ae._set_uid(f"1.2.3.{i}", "Affected SOP Instance UID")
+        node_ae._set_uid("1.2.840.10008.5.1.4.1.1.2", "Affected SOP Class UID")
+        assert instance == f"1.2.3.{i}"
+    assert node_ae._set_uid_cached.cache_info().currsize - before <= 1
 
 
 def test_reactor_does_not_wait_on_the_socket_with_events_queued(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -1013,9 +1010,9 @@ def test_reactor_does_not_wait_on_the_socket_with_events_queued(monkeypatch) -> 
     import socket
     import time
 
-    from dicomnode.receive import dul_patches
+    from dicomnode.receive import node_ae
 
-    monkeypatch.setattr(dul_patches, "IDLE_WAIT", 3.0)
+    monkeypatch.setattr(node_ae, "IDLE_WAIT", 3.0)
 
     class Sock:  # the attributes of pynetdicom's AssociationSocket that _ready reads
         _is_connected = True
@@ -1029,14 +1026,14 @@ def test_reactor_does_not_wait_on_the_socket_with_events_queued(monkeypatch) -> 
         s = Sock(a)
         s.event_queue.put("Evt6")
         t0 = time.monotonic()
-        assert dul_patches._ready(s) is False  # nothing to read, and it did not wait
+        assert node_ae._ready(s) is False  # nothing to read, and it did not wait
         assert time.monotonic() - t0 < 1.5
         s.event_queue.get()
         t0 = time.monotonic()
-        assert dul_patches._ready(s) is False
+        assert node_ae._ready(s) is False
         assert time.monotonic() - t0 >= 2.5  # idle: it waited for data or a wake-up
         b.sendall(b"x")
-        assert dul_patches._ready(s) is True
+        assert node_ae._ready(s) is True
     finally:
         a.close()
         b.close()
@@ -1044,19 +1041,21 @@ def test_reactor_does_not_wait_on_the_socket_with_events_queued(monkeypatch) -> 
 
 def test_reactor_thread_does_not_give_up_the_lock_for_a_zero_sleep(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """pynetdicom's DUL reactor calls time.sleep(0) after every turn without an event (its
-    loop delay is 0: the wait is in _ready's select). On the reactor's own thread that sleep
-    returns without a system call; any other sleep, and a zero sleep on any other thread
-    (stop_dul waiting for the reactor to end), still sleeps."""
+    loop delay is 0 in the node's DUL: the wait is in _ready's select); the node's DUL runs
+    that reactor with the name `time` bound to a shim (pynetdicom.dul keeps the real one).
+    On the reactor's own thread that sleep returns without a system call; any other sleep,
+    and a zero sleep on any other thread (stop_dul waiting for the reactor to end), still
+    sleeps."""
     import threading
     import time
 
     import pynetdicom.dul
 
-    from dicomnode.receive import dul_patches
+    from dicomnode.receive import node_ae
 
-    dul_patches.install()
-    shim = pynetdicom.dul.time
-    assert isinstance(shim, dul_patches._DULTime) and shim.monotonic is time.monotonic
+    shim = node_ae.NodeDUL.run_reactor.__globals__["time"]
+    assert shim is node_ae.DUL_TIME and pynetdicom.dul.time is time
+    assert isinstance(shim, node_ae._DULTime) and shim.monotonic is time.monotonic
     slept: list[tuple[str, float]] = []
     real_sleep = time.sleep
     monkeypatch.setattr(time, "sleep", lambda s: slept.append(

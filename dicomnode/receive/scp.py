@@ -18,14 +18,14 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import AllStoragePresentationContexts, evt
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
-from dicomnode.receive import dul_patches
+from dicomnode.receive import node_ae
+from dicomnode.receive.node_ae import NodeAE, NodeServer
 from dicomnode.schema import Association, Instance, Series, Study, utcnow
 from dicomnode.store import InstanceStore, Received
 from dicomnode.store.files import StreamingFile
@@ -79,7 +79,7 @@ class _AssocStats:
     stream: StreamingFile | None = None  # the instance being received, if streamed
 
 
-class _HandedOverServer(ThreadedAssociationServer):
+class _HandedOverServer(NodeServer):
     """A receiver worker's server: it never listens; the node hands it connected sockets
     (see :mod:`dicomnode.receive.workers`), which it runs as pynetdicom's server would."""
 
@@ -121,14 +121,15 @@ class Receiver:
         configure_mappers()
 
     # -- set-up ----------------------------------------------------------------------------
-    def _build_ae(self) -> AE:
-        dul_patches.install()
+    def _build_ae(self) -> NodeAE:
+        n = self.settings.node
+        # the node's own AE (node_ae): its server, associations and their DUL are the node's
+        # subclasses; pynetdicom itself, and any other AE in this process, stay as upstream.
         # pynetdicom's standard handlers format every PDU and DIMSE message for its DEBUG log,
         # whether or not anything is logged: ~0.5 ms per instance. Only with logging.level DEBUG.
-        _config.LOG_HANDLER_LEVEL = (
-            "standard" if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG) else "none")
-        n = self.settings.node
-        ae = AE(ae_title=n.ae_title)
+        ae = NodeAE(ae_title=n.ae_title, on_violation=self._on_violation,
+                    stream_factory=self._open_stream,
+                    log_handlers=logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG))
         ae.maximum_pdu_size = n.max_pdu_bytes
         # node.max_associations is shared by the receiving processes (node.receiver_processes)
         ae.maximum_associations = n.associations_per_process
@@ -140,18 +141,16 @@ class Receiver:
         ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
         for uid in storage_sop_classes():
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
-        dul_patches.warm_uid_checks(ae.supported_contexts)
-        ae._dicomnode_on_violation = self._on_violation  # type: ignore[attr-defined]
-        ae._dicomnode_stream_factory = self._open_stream  # type: ignore[attr-defined]
+        node_ae.warm_uid_checks(ae.supported_contexts)
         return ae
 
     def _open_stream(self, assoc: Any, message: Any) -> StreamingFile | None:
         """Called on the network thread at a C-STORE's first data fragment: the file the
-        fragments go to as they arrive (see dul_patches.StreamingDataSet)."""
+        fragments go to as they arrive (see node_ae.StreamingDataSet)."""
         context = assoc._accepted_cx.get(message.context_id)
         if context is None:
             return None  # pynetdicom refuses the message itself
-        # read from the encoded command by the receive fast path (dul_patches), or decoded
+        # read from the encoded command by the receive fast path (node_ae), or decoded
         uids = getattr(message, "_dicomnode_uids", None)
         if uids is None:
             cs = message.command_set

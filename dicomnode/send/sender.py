@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pynetdicom import AE, _config
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import DestinationConfig, Settings
 from dicomnode.database import reading
-from dicomnode.receive import dul_patches
+from dicomnode.receive.node_ae import NodeAE
 from dicomnode.schema import Delivery, DeliveryState, Job, utcnow
 from dicomnode.state import Actor, transition
 
@@ -72,10 +71,11 @@ def send_files(dest: DestinationConfig, calling_aet: str, files: list[Path]) -> 
 
 def _send_batch(dest: DestinationConfig, calling_aet: str, files: list[Path]) -> int:
     """C-STORE files over one association; raise SendError on the first failure."""
-    dul_patches.install()  # TCP_NODELAY, PDU guard: the same transport fixes as the SCP
-    # stream each file's dataset bytes as stored instead of decoding and re-encoding it
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    ae = AE(ae_title=calling_aet)
+    # the node's own AE (receive.node_ae): TCP_NODELAY, the PDU length guard and the
+    # event-driven reactors on these associations only, the same transport as the SCP's;
+    # each file's dataset bytes sent as stored instead of decoded and re-encoded
+    ae = NodeAE(ae_title=calling_aet, send_files_as_stored=True,
+                log_handlers=logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG))
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_seconds
     contexts: dict[str, set[str]] = {}
     for f in files:

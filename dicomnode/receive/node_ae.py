@@ -1,41 +1,61 @@
-"""pynetdicom 3.0.4 patches: a PDU length guard, reactors that wait on events, not sleeps,
-data sets streamed to disk as they arrive, and TCP_NODELAY on association sockets.
+"""The node's own pynetdicom 3.0.4 classes: an AE, its association server, request handler,
+association, DUL, socket and DIMSE provider, each a subclass that the node's AE creates.
+Nothing here changes pynetdicom itself: a stock ``pynetdicom.AE`` in the same process (a
+plugin's, a test's) behaves exactly as upstream (see ``docs/pynetdicom.md`` and
+``tests/test_pynetdicom_contained.py``).
 
-1. Never let a peer decide how much memory we allocate.
+How the node's classes come in, through pynetdicom's own hooks:
 
-pynetdicom 3.0.4 reads whatever length a PDU header claims (``socket.recv(pdu_length)``, growing a
-bytearray 4 KiB at a time), so a peer announcing a 4 GiB PDU can exhaust memory. This replaces
-``DULServiceProvider._read_pdu_data`` with a version that checks the length *before* reading:
+* :class:`NodeAE` (an ``AE``): ``make_server`` builds a :class:`NodeServer` (``start_server``
+  passes ``ThreadedAssociationServer``; ``make_server(server_class=...)`` is public), whose
+  request handler (``AssociationServer(request_handler=...)``, public) is
+  :class:`NodeRequestHandler`; it creates a :class:`NodeAssociation` for each connection. As a
+  requestor (the send stage) ``NodeAE._create_socket``, which ``AE.associate`` calls on the
+  association it has just made, makes that association a :class:`NodeAssociation`.
+* :class:`NodeAssociation` gives itself a :class:`NodeDUL` and a :class:`NodeDIMSE` in place of
+  the stock providers ``Association.__init__`` made (same constructor arguments, timeouts
+  re-applied), and runs its reactor with a wake event instead of 1 ms sleeps.
+* :class:`NodeSocket` is the association's ``AssociationSocket``.
+
+What each changes, relative to upstream 3.0.4:
+
+1. Never let a peer decide how much memory we allocate (:meth:`NodeDUL._read_pdu_data`).
+pynetdicom 3.0.4 reads whatever length a PDU header claims (``socket.recv(pdu_length)``, growing
+a bytearray 4 KiB at a time; pynetdicom #1086), so a peer announcing a 4 GiB PDU can exhaust
+memory. The length is checked *before* reading:
 
 * P-DATA-TF: at most the maximum PDU length we negotiated (plus a small tolerance for peers that
   count the PDV header), never more than :data:`HARD_CAP`;
 * any other PDU (association request, release, abort): at most :data:`CONTROL_PDU_CAP`.
 
 A PDU over the limit is treated as an invalid PDU (event 19): the state machine sends A-ABORT and
-closes the connection; the body is never read. The callback ``ae._dicomnode_on_violation`` (set by
-the receive stage) audits it.
-
-It also reads PDU bodies with ``recv_into`` a buffer of the right size in large chunks instead of
-4 KiB appends: fewer Python round trips for big PDUs.
+closes the connection; the body is never read. ``NodeAE.on_violation`` (set by the receive
+stage) audits it. PDU bodies are read with ``recv_into`` a buffer of the right size in large
+chunks instead of 4 KiB appends.
 
 2. Latency. pynetdicom's DUL reactor polls: ``select(timeout=0)``, then ``sleep(1 ms)`` when idle.
 Every instance waits up to 1 ms for its data to be noticed and up to 1 ms more for its response to
 be sent; with a synchronous sender that is ~1 ms per instance of pure idling (bench/ingest showed
 pynetdicom alone at 0.97 s for 300 × 512² CT, 0.63 s without the idle sleep). Here the reactor
 instead blocks in ``select`` on the socket *and* a per-association wake pipe that ``send_pdu``
-writes to, for at most :data:`IDLE_WAIT` seconds: incoming data and outgoing responses are handled
-at once, and an idle association wakes only 50 times a second (pynetdicom's: 1000). A C-STORE
-response is encoded directly and sent from the association thread under a send lock (no hop to
-the DUL thread).
+writes to, for at most :data:`IDLE_WAIT` seconds (:meth:`NodeSocket.ready`): incoming data and
+outgoing responses are handled at once, and an idle association wakes only 50 times a second
+(pynetdicom's: 1000). A C-STORE response is encoded directly and sent from the association
+thread under a send lock (:meth:`NodeDUL.send_pdu`; no hop to the DUL thread). The association
+reactor waits on an event that completed DIMSE messages set (:class:`_AssociationTime`), and the
+DUL reactor skips its ``time.sleep(0)`` (:class:`_DULTime`).
 
 3. Stream each incoming C-STORE data set to disk while it arrives (:class:`StreamingDataSet`):
 writing and hashing ~0.5 MB after the last fragment used to be on the sender's critical path.
 
-4. TCP_NODELAY on every association socket.
+4. TCP_NODELAY on the node's association sockets (:class:`NodeSocket`), accepted and outgoing:
+pynetdicom never sets it, and a C-STORE (a command PDU, then data PDUs) then waits ~40 ms per
+object for the peer's delayed ACK.
 
-5. Copy presentation contexts cheaply when an association starts (shared immutable UIDs),
-encode C-STORE responses directly (:func:`encode_c_store_rsp`) and decode C-STORE requests
-directly (:func:`c_store_rq_primitive`).
+5. Copy presentation contexts cheaply when an association starts (shared immutable UIDs,
+:meth:`NodeRequestHandler._create_association`), encode C-STORE responses directly
+(:func:`encode_c_store_rsp`, :meth:`NodeDIMSE.send_msg`) and decode C-STORE requests directly
+(:func:`c_store_rq_primitive`, set on each of the node's own DIMSE messages).
 
 6. The P-DATA PDUs of a C-STORE request — its command set (:func:`_c_store_command`, read
 without pydicom) and its data set fragments, the last one included (:func:`_data_fragments`,
@@ -44,18 +64,25 @@ objects, the event queue and the state machine. Each PDU body is read together w
 follows it on the socket (:class:`ReadAhead`).
 
 7. Class and syntax UIDs checked once (:func:`_set_uid`, :func:`_add_transfer_syntax`, warmed
-at start-up by :func:`warm_uid_checks`): every association decodes, negotiates and answers the
-same ~100 presentation contexts, and pynetdicom converts and validates each UID through
-pydicom's regexes every time, ~20 ms of CPU per association from a dcmtk ``storescu``.
+at start-up by :func:`warm_uid_checks`) where the node's DUL decodes an A-ASSOCIATE-RQ
+(:meth:`NodeDUL._decode_pdu`) and where the node's ACSE negotiates (:class:`NodeACSE`): every
+association proposes the same ~100 presentation contexts, and pynetdicom converts and
+validates each UID through pydicom's regexes every time. (The A-ASSOCIATE-AC is still encoded
+by pynetdicom's state machine, one check per context: ~128 per dcmtk ``storescu``.)
 
-The replaced method is private; ``pynetdicom`` is pinned to 3.0.4 in ``pyproject.toml`` and
-:func:`install` refuses to patch another version.
+8. pynetdicom's standard logging handlers (which format every PDU and DIMSE message whether or
+not anything is logged, ~0.5 ms per instance) are bound to the node's associations only when
+``NodeAE.log_handlers`` says so (the ``pynetdicom`` logger at DEBUG), instead of by the
+process-global ``_config.LOG_HANDLER_LEVEL``.
+
+The overridden methods are private; ``pynetdicom`` is pinned to 3.0.4 in ``pyproject.toml``,
+:func:`check_version` refuses another version, and ``tests/test_pynetdicom_contained.py`` fails
+if a release moves or changes what these classes override.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import io
 import logging
@@ -65,28 +92,39 @@ import socket
 import struct
 import threading
 import time
+import types
 import weakref
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import pynetdicom
-import pynetdicom.ae
-import pynetdicom.association
-import pynetdicom.dimse_primitives
-import pynetdicom.dul
-import pynetdicom.pdu_items
-import pynetdicom.pdu_primitives
 import pynetdicom.presentation
 import pynetdicom.utils
-from pynetdicom import evt
+from pynetdicom import AE, _config, evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
+from pynetdicom.acse import ACSE
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu_items import PDU_ITEM_TYPES, AbstractSyntaxSubItem, TransferSyntaxSubItem
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import (
+    AssociationSocket,
+    RequestHandler,
+    ThreadedAssociationServer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +146,7 @@ def _local_max(dul: Any) -> int:
 
 def _violation(dul: Any, reason: str) -> None:
     log.error("protocol violation, aborting association: %s", reason)
-    callback = getattr(dul.assoc.ae, "_dicomnode_on_violation", None)
+    callback = getattr(dul.assoc.ae, "on_violation", None)  # NodeAE.on_violation
     if callback is not None:
         try:
             callback(dul.assoc, reason)
@@ -308,8 +346,7 @@ def _c_store_command(dul: Any, buf: bytearray) -> bool:
         uids = (_text_uid(values[0x0002]), _text_uid(values[0x1000]))
     except (KeyError, UnicodeDecodeError):
         return False
-    message: Any = DIMSEMessage()
-    message.data_set = StreamingDataSet(dul.assoc, message)
+    message: Any = _new_message(dul.assoc)
     message.encoded_command_set.write(raw)
     message.context_id = context_id
     message.__class__ = C_STORE_RQ
@@ -385,6 +422,7 @@ def _complete(dul: Any, message: Any) -> None:
     dul.assoc._dicomnode_msg.set()
 
 
+
 # --- 2. a reactor that waits on the socket and a wake pipe -----------------------------------
 
 def _wake_fds(sock: Any) -> tuple[int, int]:
@@ -430,61 +468,19 @@ def _ready(self: Any) -> bool:
     return self.socket in ready
 
 
-_original_send_pdu = DULServiceProvider.send_pdu
-_original_dul_init = DULServiceProvider.__init__
-
-
-_original_dul_send = DULServiceProvider._send
-
-
-def _send_lock(dul: Any) -> threading.Lock:
-    return dul._dicomnode_send_lock  # type: ignore[no-any-return]
-
-
-def _dul_send(self: Any, pdu: Any) -> None:
-    """Every PDU the DUL thread sends goes out under the association's send lock."""
-    with _send_lock(self):
-        _original_dul_send(self, pdu)
-
-
-def _send_pdu(self: Any, primitive: Any) -> None:
-    # In data transfer, a P-DATA (a C-STORE response) is encoded and sent right here, on the
-    # calling thread, under the send lock, as the state machine's DT-1 would: handing it to the
-    # DUL thread cost a thread switch and ~0.7 ms per instance while the sender waits.
-    # Anything else, or anything queued before it, takes pynetdicom's queue.
-    if (type(primitive) is P_DATA and self.socket is not None
-            and self.to_provider_queue.empty()):
-        with _send_lock(self):
-            if self.state_machine.current_state in ("Sta6", "Sta8"):
-                self._dicomnode_direct(P_DATA_TF(primitive))
-                return
-    _original_send_pdu(self, primitive)
-    sock = self.socket
-    fds = getattr(sock, "_dicomnode_wake", None) if sock is not None else None
-    if fds is not None:
-        with contextlib.suppress(OSError):  # pipe full (reactor already awake) or closed
-            os.write(fds[1], b"\0")
-
-
-def _dul_init(self: Any, *args: Any, **kwargs: Any) -> None:
-    _original_dul_init(self, *args, **kwargs)
-    # created here, before either thread can look for it (see _AssociationTime)
-    self.assoc._dicomnode_msg = threading.Event()
-    self._dicomnode_send_lock = threading.Lock()
-    self._dicomnode_direct = functools.partial(_original_dul_send, self)
-    self._run_loop_delay = 0  # the wait happens in _ready's select instead
-
-
 # --- 3. the association reactor wakes when a DIMSE message arrives -------------------------
 
 class _AssociationTime:
-    """Stands in for the ``time`` module inside ``pynetdicom.association``.
+    """Stands in for the ``time`` module in the node's copy of pynetdicom's association
+    reactor (:attr:`NodeAssociation._run_reactor`; ``pynetdicom.association`` itself keeps
+    the real module).
 
     The acceptor reactor loops on ``time.sleep(0.001)`` before looking for a new DIMSE message;
     here that sleep waits on the association's wake event instead, which
-    :func:`_receive_primitive` sets as soon as a message is complete: no added latency, and an
-    idle association wakes every :data:`IDLE_WAIT` s instead of every 1 ms (release and abort
-    are noticed within that). Any other sleep passes through unchanged.
+    :meth:`NodeDIMSE.receive_primitive` and :func:`_complete` set as soon as a message is
+    complete: no added latency, and an idle association wakes every :data:`IDLE_WAIT` s
+    instead of every 1 ms (release and abort are noticed within that). Any other sleep passes
+    through unchanged.
     """
 
     def __getattr__(self, name: str) -> Any:
@@ -505,7 +501,8 @@ class _AssociationTime:
 
 
 class _DULTime:
-    """Stands in for the ``time`` module inside ``pynetdicom.dul``.
+    """Stands in for the ``time`` module in the node's copy of pynetdicom's DUL reactor
+    (:attr:`NodeDUL.run_reactor`; ``pynetdicom.dul`` itself keeps the real module).
 
     With ``_run_loop_delay`` 0 (the wait is in :func:`_ready`'s select), pynetdicom's reactor
     still calls ``time.sleep(0)`` after every turn that found no event: a system call that
@@ -525,7 +522,22 @@ class _DULTime:
         time.sleep(seconds)
 
 
-_original_receive_primitive = DIMSEServiceProvider.receive_primitive
+ASSOCIATION_TIME = _AssociationTime()
+DUL_TIME = _DULTime()
+
+
+def with_globals(function: Any, **names: Any) -> Any:
+    """Upstream ``function``'s own code, run with some of its module's global ``names``
+    bound to stand-ins, in a copy of the module's globals: the module itself, and everyone
+    else calling the upstream function, keep the real ones (``tests/
+    test_pynetdicom_contained.py`` pins the code this runs)."""
+    namespace = dict(function.__globals__)
+    namespace.update(names)
+    new = types.FunctionType(function.__code__, namespace, function.__name__,
+                             function.__defaults__, function.__closure__)
+    new.__doc__ = function.__doc__
+    new.__qualname__ = function.__qualname__
+    return new
 
 
 class StreamingDataSet(io.BytesIO):
@@ -533,10 +545,10 @@ class StreamingDataSet(io.BytesIO):
     hands every fragment to a sink as it arrives (dicomnode writes it to disk and hashes it
     there, instead of doing both after the last fragment while the sender waits).
 
-    The sink comes from ``ae._dicomnode_stream_factory(assoc, message)``, asked once, at the
-    first data fragment (the command set is decoded by then); None means "no streaming". The
-    bytes are also kept in memory as pynetdicom always does: the handler still gets
-    ``event.request.DataSet`` as a BytesIO and validates it there.
+    The sink comes from ``ae.stream_factory(assoc, message)`` (:class:`NodeAE`), asked once,
+    at the first data fragment (the command set is decoded by then); None means "no
+    streaming". The bytes are also kept in memory as pynetdicom always does: the handler still
+    gets ``event.request.DataSet`` as a BytesIO and validates it there.
     """
 
     def __init__(self, assoc: Any, message: Any) -> None:
@@ -548,7 +560,7 @@ class StreamingDataSet(io.BytesIO):
     def write(self, data: Any) -> int:
         if self._message is not None:
             message, self._message = self._message, None
-            factory = getattr(self._assoc.ae, "_dicomnode_stream_factory", None)
+            factory = getattr(self._assoc.ae, "stream_factory", None)
             if factory is not None and isinstance(message, C_STORE_RQ):
                 try:
                     self.stream = factory(self._assoc, message)
@@ -561,41 +573,24 @@ class StreamingDataSet(io.BytesIO):
         return n
 
 
-def _receive_primitive(self: Any, primitive: Any) -> None:
-    if self.message is None:
-        self.message = DIMSEMessage()
-        self.message.data_set = StreamingDataSet(self.assoc, self.message)
-    _original_receive_primitive(self, primitive)
-    self.assoc._dicomnode_msg.set()
+def _new_message(assoc: Any) -> DIMSEMessage:
+    """A DIMSE message of the node's own: its data set streamed (:class:`StreamingDataSet`),
+    and a C-STORE-RQ converted to its primitive directly (:func:`_message_to_primitive`, set
+    on this one object; ``DIMSEMessage`` itself is unchanged)."""
+    message: Any = DIMSEMessage()
+    message.data_set = StreamingDataSet(assoc, message)
+    message.message_to_primitive = types.MethodType(_message_to_primitive, message)
+    return message  # type: ignore[no-any-return]
 
 
-# --- 4. TCP_NODELAY on every association socket ---------------------------------------------
-
-_original_socket_init = AssociationSocket.__init__
-_original_create_socket = AssociationSocket._create_socket
-
+# --- 4. TCP_NODELAY on the node's association sockets --------------------------------------
 
 def _nodelay(sock: Any) -> None:
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _socket_init(self: Any, *args: Any, **kwargs: Any) -> None:
-    _original_socket_init(self, *args, **kwargs)
-    if self.socket is not None:
-        _nodelay(self.socket)  # accepted (SCP) sockets
-
-
-def _create_socket(self: Any, *args: Any, **kwargs: Any) -> Any:
-    sock = _original_create_socket(self, *args, **kwargs)
-    _nodelay(sock)  # outgoing (SCU) sockets: a C-STORE is a command PDU then data PDUs, and
-    return sock     # with Nagle the data waits ~40 ms for the peer's delayed ACK
-
-
 # --- 5a. C-STORE responses encoded directly --------------------------------------------------
-
-_original_send_msg = DIMSEServiceProvider.send_msg
-
 
 def _element(group_elem: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0, group_elem, len(value)) + value
@@ -633,21 +628,9 @@ def encode_c_store_rsp(primitive: Any) -> bytes | None:
     return struct.pack("<HHLL", 0, 0, 4, len(body)) + body
 
 
-def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
-    if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
-        encoded = encode_c_store_rsp(primitive)
-        limit = self.maximum_pdu_size
-        if encoded is not None and (not limit or len(encoded) <= limit - 6):
-            pdata = P_DATA()
-            pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
-            self.dul.send_pdu(pdata)
-            return
-    _original_send_msg(self, primitive, context_id)
-
-
 # --- 5c. C-STORE requests turned into primitives directly ------------------------------------
 
-_original_to_primitive = DIMSEMessage.message_to_primitive
+_original_to_primitive = DIMSEMessage.message_to_primitive  # pynetdicom's own, unchanged
 _C_STORE_RQ_ELEMENTS = frozenset((0x0000, 0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000,
                                   0x1030, 0x1031))
 
@@ -709,6 +692,9 @@ def c_store_rq_primitive(message: Any) -> C_STORE | None:
 
 
 def _message_to_primitive(self: Any) -> Any:
+    """``DIMSEMessage.message_to_primitive`` for the node's own messages (see
+    :func:`_new_message`): a C-STORE-RQ read directly (:func:`c_store_rq_primitive`),
+    anything else by pynetdicom."""
     if type(self) is C_STORE_RQ:
         primitive = c_store_rq_primitive(self)
         if primitive is not None:
@@ -722,14 +708,25 @@ def _message_to_primitive(self: Any) -> Any:
 
 # --- 5b. cheap copies of presentation contexts -----------------------------------------------
 
-def _context_deepcopy(self: PresentationContext, memo: dict[int, Any]) -> PresentationContext:
-    """Each new association deep-copies the ~150 × 40 supported contexts; a generic deepcopy
-    re-validates every transfer syntax UID against a regex (~80 ms of CPU per association).
-    UIDs are immutable strings: share them, copy only the list that holds them."""
-    new = copy.copy(self)
-    new._transfer_syntax = list(self._transfer_syntax)
-    return new
+def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
+    """What ``deepcopy(server.contexts)`` gives each new association in pynetdicom's request
+    handler, cheaply: each new association copies the ~150 × 40 supported contexts, and a
+    generic deepcopy re-validates every transfer syntax UID against a regex (~80 ms of CPU per
+    association). UIDs are immutable strings: share them, copy only the list that holds
+    them (each copy is still its own object: negotiating one association cannot change
+    another's contexts)."""
+    out = []
+    for cx in contexts:
+        # a shallow copy by hand: copy.copy would also leave copyreg's __slotnames__ cache on
+        # pynetdicom's class (harmless, but the class should stay as imported)
+        new = object.__new__(type(cx))
+        new.__dict__.update(cx.__dict__)
+        new._transfer_syntax = list(cx._transfer_syntax)
+        out.append(new)
+    return out
 
+
+# --- 7. class and syntax UIDs checked once ---------------------------------------------------
 
 _original_set_uid = pynetdicom.utils.set_uid
 _original_add_transfer_syntax = PresentationContext.add_transfer_syntax
@@ -783,6 +780,38 @@ def _add_transfer_syntax(self: PresentationContext, syntax: Any) -> None:
         self._transfer_syntax.append(uid)
 
 
+class CachedContext(PresentationContext):
+    """A ``PresentationContext`` whose abstract and transfer syntaxes are checked once per
+    process (:func:`_set_uid`, :func:`_add_transfer_syntax`); the presentation contexts the
+    node's DUL decodes from an A-ASSOCIATE-RQ (:meth:`NodeDUL._decode_pdu`) are these."""
+
+    @property
+    def abstract_syntax(self) -> Any:
+        return self._abstract_syntax
+
+    @abstract_syntax.setter
+    def abstract_syntax(self, value: Any) -> None:
+        self._abstract_syntax = _set_uid(value, "abstract_syntax", True, False, True)
+
+    def add_transfer_syntax(self, syntax: Any) -> None:
+        _add_transfer_syntax(self, syntax)
+
+
+# pynetdicom's negotiation itself, the result contexts it makes CachedContexts
+_negotiate_as_acceptor = with_globals(pynetdicom.presentation.negotiate_as_acceptor,
+                                      PresentationContext=CachedContext)
+
+
+class NodeACSE(ACSE):
+    """The node's ACSE: pynetdicom's acceptor negotiation, the accepted and rejected
+    contexts it makes :class:`CachedContext` (7); upstream makes plain
+    ``PresentationContext`` objects, re-validating each context's UIDs on every
+    association."""
+
+    _negotiate_as_acceptor = with_globals(ACSE._negotiate_as_acceptor,
+                                          negotiate_as_acceptor=_negotiate_as_acceptor)
+
+
 def warm_uid_checks(contexts: Any) -> None:
     """Check the UIDs of ``contexts`` (the supported ones) now, at start-up, rather than while
     the first association of each receiving process waits (~20 ms)."""
@@ -794,30 +823,349 @@ def warm_uid_checks(contexts: Any) -> None:
             _checked_transfer_syntax(str(ts))
 
 
-def install() -> None:
-    """Patch pynetdicom once; raise if the installed version is not the one this was written for."""
-    if getattr(DULServiceProvider, "_dicomnode_guarded", False):
-        return
+def _associate_rq_items(pdu: Any, bytestream: bytes) -> list[Any]:
+    """``A_ASSOCIATE_RQ._wrap_generate_items`` for an A-ASSOCIATE-RQ the node's DUL decodes
+    (set on that one PDU object): its presentation context items decode their syntaxes with
+    the remembered checks (:func:`_context_sub_items`) and become :class:`CachedContext`
+    primitives (:func:`_context_to_primitive`). The items are pynetdicom's own classes."""
+    items = []
+    for item_type, item_bytes in pdu._generate_items(bytestream):
+        item: Any = PDU_ITEM_TYPES[item_type]()
+        if item_type == 0x20:
+            item._wrap_generate_items = types.MethodType(_context_sub_items, item)
+            item.to_primitive = types.MethodType(_context_to_primitive, item)
+        item.decode(item_bytes)
+        items.append(item)
+    return items
+
+
+def _context_sub_items(item: Any, bytestream: bytes) -> list[Any]:
+    """``PresentationContextItemRQ._wrap_generate_items``, its abstract and transfer syntax
+    sub-items' UIDs set through :func:`_set_uid` (what their setters do with pynetdicom's
+    ``set_uid``, remembered)."""
+    sub_items = []
+    for item_type, item_bytes in item._generate_items(bytestream):
+        sub: Any = PDU_ITEM_TYPES[item_type]()
+        if item_type == 0x30:
+            value = sub._wrap_uid_bytes(item_bytes[4:])
+            sub._abstract_syntax_name = _set_uid(value, "Abstract Syntax Name")
+        elif item_type == 0x40:
+            value = sub._wrap_uid_bytes(item_bytes[4:])
+            sub._transfer_syntax_name = _set_uid(value, "Transfer Syntax Name") or None
+        else:
+            sub.decode(item_bytes)
+        sub_items.append(sub)
+    return sub_items
+
+
+def _context_to_primitive(item: Any) -> PresentationContext:
+    """``PresentationContextItemRQ.to_primitive``, the context a :class:`CachedContext`."""
+    context = CachedContext()
+    context.context_id = item.presentation_context_id
+    for syntax in item.abstract_transfer_syntax_sub_items:
+        if isinstance(syntax, TransferSyntaxSubItem):
+            context.add_transfer_syntax(syntax.transfer_syntax_name)
+        elif isinstance(syntax, AbstractSyntaxSubItem):
+            context.abstract_syntax = syntax.abstract_syntax_name
+    return context
+
+
+# --- the node's own classes ------------------------------------------------------------------
+
+class NodeSocket(AssociationSocket):
+    """The node's association socket: TCP_NODELAY (4), the waiting :attr:`ready` (2), and the
+    read-ahead buffer and wake pipe that :class:`NodeDUL` uses (per socket attributes)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.socket is not None:
+            _nodelay(self.socket)  # accepted (SCP) sockets; upstream never sets TCP_NODELAY
+
+    def _create_socket(self, address: Any) -> socket.socket:
+        sock = super()._create_socket(address)
+        _nodelay(sock)  # outgoing (SCU) sockets: a C-STORE is a command PDU then data PDUs,
+        return sock     # and with Nagle the data waits ~40 ms for the peer's delayed ACK
+
+    @property
+    def ready(self) -> bool:
+        """Upstream: ``select(timeout=0)`` (the reactor then sleeps 1 ms); here up to
+        :data:`IDLE_WAIT` on the socket and the wake pipe (:func:`_ready`)."""
+        return _ready(self)
+
+
+class NodeDUL(DULServiceProvider):
+    """The node's DUL: the PDU length guard and read-ahead (1, 6), P-DATA sent from the
+    calling thread (2), and a reactor that waits in ``select`` rather than sleeping."""
+
+    def __init__(self, assoc: Any) -> None:
+        super().__init__(assoc)
+        # created here, before either thread can look for it (see _AssociationTime)
+        assoc._dicomnode_msg = threading.Event()
+        self._dicomnode_send_lock = threading.Lock()
+        self._run_loop_delay = 0  # the wait happens in NodeSocket.ready's select instead
+
+    # pynetdicom's reactor loop itself, its `time` the shim that skips sleep(0) (_DULTime)
+    run_reactor = with_globals(DULServiceProvider.run_reactor, time=DUL_TIME)
+
+    def _read_pdu_data(self) -> None:
+        """Upstream reads the whole length a PDU header claims, 4 KiB at a time, and hands
+        every PDU to the state machine: here the length is checked first, bodies are read
+        with what follows them, and C-STORE P-DATA takes the fast paths."""
+        _guarded_read_pdu_data(self)
+
+    def _decode_pdu(self, bytestream: bytearray) -> tuple[Any, str]:
+        """Upstream decodes an A-ASSOCIATE-RQ through items whose setters convert and
+        regex-validate every abstract and transfer syntax UID; here the same items and
+        primitives, with those checks remembered (7). Any other PDU: upstream's own."""
+        if bytestream[:1] != b"\x01":
+            return super()._decode_pdu(bytestream)
+        b = bytes(bytestream)
+        evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": b})
+        pdu: Any = A_ASSOCIATE_RQ()
+        pdu._wrap_generate_items = types.MethodType(_associate_rq_items, pdu)
+        pdu.decode(b)
+        evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
+        return pdu, "Evt6"
+
+    def _send(self, pdu: Any) -> None:
+        """Every PDU the DUL thread sends goes out under the association's send lock (the
+        association thread sends C-STORE responses itself, see :meth:`send_pdu`)."""
+        with self._dicomnode_send_lock:
+            super()._send(pdu)
+
+    def send_pdu(self, primitive: Any) -> None:
+        """Upstream queues every primitive for the DUL thread. In data transfer, a P-DATA (a
+        C-STORE response) is encoded and sent right here, on the calling thread, under the
+        send lock, as the state machine's DT-1 would: handing it to the DUL thread cost a
+        thread switch and ~0.7 ms per instance while the sender waits. Anything else, or
+        anything queued before it, takes pynetdicom's queue, and the reactor is woken."""
+        if (type(primitive) is P_DATA and self.socket is not None
+                and self.to_provider_queue.empty()):
+            with self._dicomnode_send_lock:
+                if self.state_machine.current_state in ("Sta6", "Sta8"):
+                    DULServiceProvider._send(self, P_DATA_TF(primitive))
+                    return
+        super().send_pdu(primitive)
+        sock = self.socket
+        fds = getattr(sock, "_dicomnode_wake", None) if sock is not None else None
+        if fds is not None:
+            with contextlib.suppress(OSError):  # pipe full (reactor already awake) or closed
+                os.write(fds[1], b"\0")
+
+
+class NodeDIMSE(DIMSEServiceProvider):
+    """The node's DIMSE provider: incoming messages are the node's own (streamed data set,
+    direct C-STORE-RQ conversion, :func:`_new_message`) and wake the association reactor;
+    C-STORE responses are encoded directly (5a)."""
+
+    def receive_primitive(self, primitive: Any) -> None:
+        """Upstream starts each incoming message as a plain ``DIMSEMessage`` (its data set a
+        BytesIO, converted through pydicom) and the association reactor finds it on its next
+        1 ms poll; here the message is the node's own (:func:`_new_message`) and the reactor
+        is woken (:class:`_AssociationTime`)."""
+        if self.message is None:
+            self.message = _new_message(self.assoc)
+        super().receive_primitive(primitive)
+        self.assoc._dicomnode_msg.set()  # type: ignore[attr-defined]
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Upstream builds a pydicom Dataset for the command set and encodes it (~0.4 ms per
+        instance); a C-STORE response is encoded directly (:func:`encode_c_store_rsp`) and
+        sent as one P-DATA, unless something wants to see the DIMSE message."""
+        if type(primitive) is C_STORE and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            encoded = encode_c_store_rsp(primitive)
+            limit = self.maximum_pdu_size
+            if encoded is not None and (not limit or len(encoded) <= limit - 6):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
+
+
+_STANDARD_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def _log_handlers(ae: Any) -> bool:
+    value = getattr(ae, "log_handlers", None)
+    return bool(_config.LOG_HANDLER_LEVEL == "standard" if value is None else value)
+
+
+class NodeAssociation(Association):
+    """The node's association: a :class:`NodeDUL` and a :class:`NodeDIMSE`, pynetdicom's
+    standard logging handlers only if ``ae.log_handlers`` (8), and a reactor that waits on a
+    wake event (:class:`_AssociationTime`)."""
+
+    def __init__(self, ae: Any, mode: str) -> None:
+        super().__init__(ae, mode)
+        adopt(self)
+
+    # pynetdicom's reactor loop itself, its 1 ms sleep a wait on the wake event
+    _run_reactor = with_globals(Association._run_reactor, time=ASSOCIATION_TIME)
+
+    def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """Upstream's ``send_c_store``; with ``ae.send_files_as_stored``, a file is sent as
+        its data set's bytes are stored (:class:`_FilesAsStored`)."""
+        if getattr(self.ae, "send_files_as_stored", False):
+            return _send_c_store_as_stored(self, dataset, *args, **kwargs)
+        return super().send_c_store(dataset, *args, **kwargs)
+
+    def _bind_defaults(self) -> None:
+        """Upstream binds the standard logging handlers when the process-global
+        ``_config.LOG_HANDLER_LEVEL`` is "standard"; here when the AE says so."""
+        for event in evt._INTERVENTION_EVENTS:
+            self.bind(event, evt.get_default_handler(event))
+        if _log_handlers(self.ae):
+            for event, handler in _STANDARD_HANDLERS:
+                self.bind(event, handler)
+
+
+class _FilesAsStored:
+    """Stands in for ``pynetdicom._config`` in the node's copy of ``send_c_store``
+    (:attr:`NodeAssociation.send_c_store`): ``STORE_SEND_CHUNKED_DATASET`` is True there, so
+    a file is sent as its data set's bytes are stored, not decoded and re-encoded by pydicom
+    (what the process-global setting does for every AE). Every other setting is pynetdicom's
+    own."""
+
+    STORE_SEND_CHUNKED_DATASET = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_config, name)
+
+
+_send_c_store_as_stored = with_globals(Association.send_c_store, _config=_FilesAsStored())
+
+
+def adopt(assoc: Any) -> None:
+    """Give ``assoc`` (just made by ``Association.__init__``, nothing started) the node's
+    ACSE, DUL and DIMSE providers in place of the stock ones, with the timeouts re-applied
+    (their setters push them into the DUL's timers)."""
+    assoc.acse = NodeACSE(assoc)
+    assoc.dul = NodeDUL(assoc)
+    assoc.dimse = NodeDIMSE(assoc)
+    assoc.acse_timeout = assoc.acse_timeout
+    assoc.network_timeout = assoc.network_timeout
+
+
+class NodeRequestHandler(RequestHandler):
+    """The node server's request handler: each connection becomes a :class:`NodeAssociation`
+    on a :class:`NodeSocket`."""
+
+    def _create_association(self) -> Association:
+        """``RequestHandler._create_association`` of pynetdicom 3.0.4, with the node's
+        association and socket classes, and the supported contexts copied cheaply
+        (:func:`copy_contexts`; upstream: ``deepcopy``)."""
+        assoc = NodeAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
+        assoc.name = f"AcceptorThread@{timestamp}"
+        sock = NodeSocket(assoc, client_socket=self.request)
+        assoc.set_socket(sock)
+        # Association Acceptor object -> local AE
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = copy_contexts(self.server.contexts)
+        # Association Requestor object -> remote AE
+        assoc.requestor.address_info = self.remote
+        # Bind events to handlers
+        handlers: Any = self.server._handlers
+        for event in handlers:
+            if event.is_intervention and handlers[event]:
+                assoc.bind(event, *handlers[event])
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in handlers[event]:
+                    assoc.bind(event, handler[0], handler[1])
+        return assoc
+
+
+class NodeServer(ThreadedAssociationServer):
+    """The node's association server: :class:`NodeRequestHandler` per connection (through
+    ``AssociationServer``'s public ``request_handler`` argument), and the standard logging
+    handlers only if ``ae.log_handlers`` (8)."""
+
+    def __init__(self, *args: Any, request_handler: Any = None, **kwargs: Any) -> None:
+        kwargs["request_handler"] = request_handler or NodeRequestHandler
+        super().__init__(*args, **kwargs)
+
+    def _bind_defaults(self) -> None:
+        """Upstream: the standard logging handlers when ``_config.LOG_HANDLER_LEVEL`` is
+        "standard"; here when the AE says so."""
+        for event in evt._INTERVENTION_EVENTS:
+            self.bind(event, evt.get_default_handler(event))
+        if _log_handlers(self.ae):
+            for event, handler in _STANDARD_HANDLERS:
+                self.bind(event, handler)
+
+
+class NodeAE(AE):
+    """The node's application entity (the receive stage's SCP, the send stage's SCU).
+
+    ``on_violation(assoc, reason)``: told of a protocol violation before the association is
+    aborted (1). ``stream_factory(assoc, message)``: the sink an incoming C-STORE's data set
+    is written to as it arrives (3). ``log_handlers``: bind pynetdicom's standard logging
+    handlers (None: as ``_config.LOG_HANDLER_LEVEL`` says, as upstream).
+    ``send_files_as_stored``: ``send_c_store(path)`` sends the file's data set bytes as
+    stored (upstream: only with the process-global ``_config.STORE_SEND_CHUNKED_DATASET``).
+    """
+
+    def __init__(self, ae_title: str = "PYNETDICOM", *,
+                 on_violation: Callable[[Any, str], None] | None = None,
+                 stream_factory: Callable[[Any, Any], Any] | None = None,
+                 log_handlers: bool | None = None,
+                 send_files_as_stored: bool = False) -> None:
+        check_version()
+        super().__init__(ae_title=ae_title)
+        self.on_violation = on_violation
+        self.stream_factory = stream_factory
+        self.log_handlers = log_handlers
+        self.send_files_as_stored = send_files_as_stored
+
+    def make_server(self, address: Any, ae_title: str | None = None,
+                    contexts: Any = None, ssl_context: Any = None,
+                    evt_handlers: Any = None, server_class: Any = None,
+                    **kwargs: Any) -> Any:
+        """Upstream's ``make_server``; the server a :class:`NodeServer` (``start_server``
+        asks for a ``ThreadedAssociationServer``), or, for a server class of the caller's
+        own, run with :class:`NodeRequestHandler`."""
+        if server_class is None or server_class is ThreadedAssociationServer:
+            server_class = NodeServer
+        elif not issubclass(server_class, NodeServer):
+            kwargs.setdefault("request_handler", NodeRequestHandler)
+        return super().make_server(address, ae_title=ae_title, contexts=contexts,
+                                   ssl_context=ssl_context, evt_handlers=evt_handlers,
+                                   server_class=server_class, **kwargs)
+
+    def _create_socket(self, assoc: Association, address: Any,
+                       tls_args: Any) -> AssociationSocket:
+        """``AE.associate`` calls this on the requestor association it has just made
+        (nothing started yet): it becomes a :class:`NodeAssociation` (the node's DUL and
+        DIMSE, :func:`adopt`; its logging handlers as ``log_handlers`` says) on a
+        :class:`NodeSocket`."""
+        assoc.__class__ = NodeAssociation
+        adopt(assoc)
+        if _log_handlers(self) != (_config.LOG_HANDLER_LEVEL == "standard"):
+            for event, handler in _STANDARD_HANDLERS:  # as NodeAssociation._bind_defaults
+                if _log_handlers(self):
+                    assoc.bind(event, handler)
+                else:
+                    assoc.unbind(event, handler)
+        sock = NodeSocket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
+
+
+def check_version() -> None:
+    """Raise if the installed pynetdicom is not the one these classes were written for."""
     if pynetdicom.__version__ != SUPPORTED_PYNETDICOM:
         raise RuntimeError(
-            f"dicomnode's PDU guard supports pynetdicom {SUPPORTED_PYNETDICOM}, found "
+            f"dicomnode's pynetdicom classes support pynetdicom {SUPPORTED_PYNETDICOM}, found "
             f"{pynetdicom.__version__}: pin it (pip install pynetdicom=={SUPPORTED_PYNETDICOM})"
         )
-    setattr(DULServiceProvider, "_read_pdu_data", _guarded_read_pdu_data)  # noqa: B010
-    setattr(DULServiceProvider, "send_pdu", _send_pdu)  # noqa: B010
-    setattr(DULServiceProvider, "_send", _dul_send)  # noqa: B010
-    setattr(DULServiceProvider, "__init__", _dul_init)  # noqa: B010
-    setattr(AssociationSocket, "ready", property(_ready))  # noqa: B010
-    setattr(DIMSEServiceProvider, "receive_primitive", _receive_primitive)  # noqa: B010
-    setattr(AssociationSocket, "__init__", _socket_init)  # noqa: B010
-    setattr(AssociationSocket, "_create_socket", _create_socket)  # noqa: B010
-    setattr(pynetdicom.association, "time", _AssociationTime())  # noqa: B010
-    setattr(pynetdicom.dul, "time", _DULTime())  # noqa: B010
-    setattr(PresentationContext, "__deepcopy__", _context_deepcopy)  # noqa: B010
-    setattr(DIMSEServiceProvider, "send_msg", _send_msg)  # noqa: B010
-    setattr(DIMSEMessage, "message_to_primitive", _message_to_primitive)  # noqa: B010
-    for module in (pynetdicom.utils, pynetdicom.pdu_items, pynetdicom.pdu_primitives,
-                   pynetdicom.presentation, pynetdicom.dimse_primitives, pynetdicom.ae):
-        setattr(module, "set_uid", _set_uid)  # noqa: B010
-    setattr(PresentationContext, "add_transfer_syntax", _add_transfer_syntax)  # noqa: B010
-    setattr(DULServiceProvider, "_dicomnode_guarded", True)  # noqa: B010
