@@ -86,7 +86,7 @@ class Node:
                                      Association.peer_host, Association.called_aet)
                               .where(Association.state == AssociationState.OPEN)).all()
         for row_id, calling, host, called in stale:
-            finish_association(self.sessions, self.audit, row_id, "interrupted",
+            finish_association(self.sessions, self.audit, row_id, AssociationState.INTERRUPTED,
                                calling=calling, host=host, called=called)
         if forward or deleted:
             self.audit.record(EventKind.INSTANCES_SWEPT, rolled_forward=forward,

@@ -26,7 +26,15 @@ from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
 from dicomnode.receive import node_ae
 from dicomnode.receive.node_ae import NodeAE, NodeServer
-from dicomnode.schema import Association, Instance, Series, Study, utcnow
+from dicomnode.schema import (
+    Association,
+    AssociationState,
+    Instance,
+    Series,
+    Study,
+    utcnow,
+)
+from dicomnode.state import check_move
 from dicomnode.store import InstanceStore, Received
 from dicomnode.store.files import StreamingFile
 from dicomnode.store.meta import part10_header
@@ -57,7 +65,8 @@ def storage_sop_classes() -> list[str]:
 # (the ORM unit of work cost more than the statements)
 _OPEN_ASSOCIATION = insert(Association).returning(Association.id)
 _ASSOCIATION_COUNTS = select(
-    Association.instances_received, Association.bytes_received, Association.instances_failed
+    Association.state, Association.instances_received, Association.bytes_received,
+    Association.instances_failed
 ).where(Association.id == bindparam("row"))
 _CLOSE_ASSOCIATION = update(Association).where(Association.id == bindparam("row")).values(
     state=bindparam("how"), ended_at=bindparam("now"))
@@ -269,7 +278,7 @@ class Receiver:
         with self.sessions() as s, s.begin():
             row_id = s.connection().execute(_OPEN_ASSOCIATION, {
                 "calling_aet": calling, "called_aet": called, "peer_host": host,
-                "peer_port": port, "state": "open", "started_at": utcnow(),
+                "peer_port": port, "state": AssociationState.OPEN, "started_at": utcnow(),
                 "instances_received": 0, "bytes_received": 0, "instances_failed": 0,
             }).scalar_one()
             st.row_id = row_id
@@ -300,10 +309,10 @@ class Receiver:
                           source_aet=calling, source_host=host, dest_aet=called, reason=reason)
 
     def _on_released(self, event: Any) -> None:
-        self._finish(event.assoc, "released")
+        self._finish(event.assoc, AssociationState.RELEASED)
 
     def _on_aborted(self, event: Any) -> None:
-        self._finish(event.assoc, "aborted")
+        self._finish(event.assoc, AssociationState.ABORTED)
 
     def _on_conn_close(self, event: Any) -> None:
         assoc = event.assoc
@@ -327,7 +336,8 @@ class Receiver:
         if wait:
             assoc.join(timeout=10)
         # released, or a peer that just dropped the TCP connection: make sure the row is closed
-        self._finish(assoc, "released" if assoc.is_released else "aborted")
+        self._finish(assoc, AssociationState.RELEASED if assoc.is_released
+                     else AssociationState.ABORTED)
         with self._stats_lock:
             st = self._stats.pop(id(assoc), None)
         if st is not None and st.stream is not None:
@@ -337,7 +347,7 @@ class Receiver:
         if self._report is not None:
             self._report("closed")
 
-    def _finish(self, assoc: Any, how: str) -> None:
+    def _finish(self, assoc: Any, how: AssociationState) -> None:
         with self._stats_lock:
             st = self._stats.get(id(assoc))
             if st is None or st.finished or st.row_id is None:
@@ -399,14 +409,26 @@ class Receiver:
         return rsp
 
 
-def finish_association(sessions: sessionmaker[Session], audit: AuditLog, row_id: int, how: str,
-                       *, calling: str, host: str, called: str, duplicates: int = 0,
-                       refusals: dict[str, int] | None = None) -> None:
+def finish_association(sessions: sessionmaker[Session], audit: AuditLog, row_id: int,
+                       how: AssociationState, *, calling: str, host: str, called: str,
+                       duplicates: int = 0, refusals: dict[str, int] | None = None) -> None:
     """Close an association row and audit what it transferred (also used at start-up for
-    associations a crash left open, with ``how='interrupted'``)."""
+    associations a crash left open, and for those of a receiver worker that died, with
+    ``how=INTERRUPTED``). A row that is closed already stays as it is (nothing audited twice).
+
+    The move is checked against the association's state machine (:func:`dicomnode.state.
+    check_move`) but written as two prepared Core statements, not through
+    :func:`~dicomnode.state.transition`: this runs once per association on the ingest path, and
+    the events that say who did what are the peer's (``instances-received`` with the calling
+    AE and host; ``association-aborted`` for any end but a release)."""
     with sessions() as s, s.begin():
         c = s.connection()
         row = c.execute(_ASSOCIATION_COUNTS, {"row": row_id}).one()
+        if row.state != AssociationState.OPEN:
+            log.info("association %d already %s: not closed again as %s", row_id, row.state,
+                     how)
+            return
+        check_move(Association, row.state, how, row_id)
         c.execute(_CLOSE_ASSOCIATION, {"row": row_id, "how": how, "now": utcnow()})
         studies = c.execute(_ASSOCIATION_SERIES, {"row": row_id}).all()
         by_study: dict[str, list[str]] = {}
@@ -419,7 +441,7 @@ def finish_association(sessions: sessionmaker[Session], audit: AuditLog, row_id:
                          instances=row.instances_received, bytes=row.bytes_received,
                          failed=row.instances_failed, duplicates=duplicates,
                          refusals=refusals or {}, studies=by_study, ended=how)
-        if how != "released":
+        if how != AssociationState.RELEASED:
             audit.record(EventKind.ASSOCIATION_ABORTED, Outcome.MINOR_FAILURE, session=s,
                          source_aet=calling, source_host=host, dest_aet=called,
                          association_id=row_id, how=how)

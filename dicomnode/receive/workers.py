@@ -48,6 +48,7 @@ from sqlalchemy import select
 from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
 from dicomnode.database import reading
+from dicomnode.schema import AssociationState
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +263,10 @@ class ReceiverPool:
         for row_id in sorted(dead.open_rows):
             with reading(self.sessions)() as s:
                 row = s.get(Association, row_id)
-                if row is None or row.state != "open":
+                if row is None or row.state != AssociationState.OPEN:
                     continue
                 calling, host, called = row.calling_aet, row.peer_host, row.called_aet
-            finish_association(self.sessions, self.audit, row_id, "interrupted",
+            finish_association(self.sessions, self.audit, row_id, AssociationState.INTERRUPTED,
                                calling=calling, host=host, called=called)
         self.audit.record(EventKind.RECEIVER_PROCESS_DIED, Outcome.SERIOUS_FAILURE,
                           process=dead.index,
