@@ -127,10 +127,15 @@ def test_reformat_fast_path_equals_general_trilinear() -> None:
     src = Geometry(origin=(-30.0, -25.0, -60.0), row_direction=(1.0, 0, 0),
                    column_direction=(0, 1.0, 0), slice_direction=(0, 0, 1.0),
                    spacing=(2.0, 0.9, 1.1), shape=(30, 50, 60), frame_of_reference_uid="1")
+    # (source axis, sign) per output axis (slice, row, column) of an axial source in LPS:
+    # coronal slices step along y, their rows run down (-z); sagittal slices step along -x
+    expected_axes = {"axial": [(0, 1.0), (1, 1.0), (2, 1.0)],
+                     "coronal": [(1, 1.0), (0, -1.0), (2, 1.0)],
+                     "sagittal": [(2, -1.0), (0, -1.0), (1, 1.0)]}
     for plane in ("axial", "coronal", "sagittal"):
         g = output_grid(src, plane, 1.3, 0.7)
         axes = _axis_map(src, g)
-        assert axes is not None
+        assert axes == expected_axes[plane], plane
         a = resample(np, vol, src, g, [0.0, 0.65])
         b = resample_aligned(np, vol, src, g, [0.0, 0.65], axes)
         assert np.abs(a - b)[:, 1:-1, 1:-1, 1:-1].max() < 0.01, plane

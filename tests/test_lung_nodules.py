@@ -61,7 +61,8 @@ def test_finds_solid_and_ground_glass_nodules_and_measures_them(tmp_path: Path) 
         assert values["Long axis"] >= values["Short axis"]
         assert values["Volume"] == pytest.approx(nodule.volume_ml, rel=0.45)
         assert np.linalg.norm(np.subtract(f.location, nodule.centroid_lps)) < 3.0
-        assert f.site is not None and f.laterality is not None
+        assert f.site is not None and f.site.meaning == "Lung structure"
+        assert f.laterality is not None
         assert f.laterality.meaning == ("Left" if nodule.centroid_lps[0] > 0 else "Right")
         consistency = dict((n.meaning, v.meaning) for n, v in f.evaluations)
         assert consistency["Nodule consistency"] == (

@@ -327,6 +327,10 @@ def test_audit_verify_catches_tampering(node, attack: str) -> None:  # type: ign
     assert "intact" in ok.stdout
     rows = node.audit()
     assert len(rows) >= 5
+    # the chain the attacks below cut: seq 1…n without a gap, from start to stop
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0]["event_type"] == "application-start"
+    assert rows[-1]["event_type"] == "application-stop"
     if attack == "edit":
         _tamper(node.db_url, "UPDATE audit_events SET source_aet = 'SOMEONE_ELSE' WHERE seq = 3")
         expect = "seq 3"

@@ -206,78 +206,17 @@ def read_scan(datasets: Sequence[Dataset]) -> tuple[ScanGeometry, np.ndarray]:
     across them, angles must advance monotonically by an even step with no gap, so mixed scans,
     missing views and a broken geometry fail here with a message that names the problem.
     """
-    if not datasets:
-        raise RawDataError("no projections")
-    ordered = sorted(datasets, key=lambda d: int(d.get("InstanceNumber") or 0))
-    numbers = [int(d.get("InstanceNumber") or 0) for d in ordered]
-    if len(set(numbers)) != len(numbers):
-        raise RawDataError("two projections share an InstanceNumber (mixed scans or a resend "
-                           "of another scan in this series)")
+    ordered, numbers = _in_acquisition_order(datasets)
     first = ordered[0]
-    scan_keys = ("NumberofDetectorRows", "NumberofDetectorColumns",
-                 "DetectorElementTransverseSpacing", "DetectorElementAxialSpacing",
-                 "DetectorShape", "ConstantRadialDistance", "TypeofProjectionGeometry",
-                 "TypeofProjectionData", "WaterAttenuationCoefficient")
-    geometry_type = str(_require(first, "TypeofProjectionGeometry")).upper()
-    if geometry_type not in ("PARALLEL", "FANBEAM", "CONEBEAM"):
-        raise RawDataError(f"TypeofProjectionGeometry {geometry_type!r} is not PARALLEL, "
-                           "FANBEAM or CONEBEAM")
-    parallel = geometry_type == "PARALLEL"
-    scan = {}
-    for key in scan_keys:
-        if parallel and key == "ConstantRadialDistance":
-            scan[key] = get(first, key)
-            continue
-        scan[key] = _require(first, key)
-        for ds in ordered[1:]:
-            other = get(ds, key)
-            if other != scan[key] and not (isinstance(other, float)
-                                           and np.isclose(other, scan[key], rtol=1e-5)):
-                raise RawDataError(f"{key} differs between projections ({scan[key]} vs "
-                                   f"{other}): more than one scan in this series?")
-    data_type = str(scan["TypeofProjectionData"]).upper()
-    if data_type not in ("AXIAL", "HELICAL"):
-        raise RawDataError(f"TypeofProjectionData {data_type!r} is not AXIAL or HELICAL")
-    helical = data_type == "HELICAL"
-    rows, cols = int(scan["NumberofDetectorRows"]), int(scan["NumberofDetectorColumns"])
-    if rows < 1 or cols < 2:
-        raise RawDataError(f"detector of {rows} rows × {cols} columns")
-    shape = str(scan["DetectorShape"]).upper()
-    if shape not in ("FLAT", "CYLINDRICAL"):
-        raise RawDataError(f"DetectorShape {shape!r} is not FLAT or CYLINDRICAL")
+    scan, parallel = _scan_values(ordered)
+    helical, rows, cols, shape = _detector(scan)
     per_view = {k: np.array([float(get(d, k) or 0.0) for d in ordered]) for k in PER_VIEW}
     missing = [k for k in PER_VIEW[:3] if any(get(d, k) is None for d in ordered)
                and not (parallel and k == "DetectorFocalCenterRadialDistance")]
     if missing:
         raise RawDataError(f"{missing[0]} missing in some projections")
-    phi = np.unwrap(per_view["DetectorFocalCenterAngularPosition"]
-                    + per_view["SourceAngularPositionShift"])
-    if phi.size >= 2:
-        steps = np.diff(phi)
-        step = float(np.median(steps))
-        if step == 0 or np.any(np.sign(steps) != np.sign(step)):
-            raise RawDataError("projection angles do not advance monotonically (mixed scans?)")
-        if np.max(np.abs(steps - step)) > 0.01 * abs(step) + 1e-6:
-            gap = int(np.argmax(np.abs(steps - step)))
-            raise RawDataError(f"uneven angular step after projection {numbers[gap]} "
-                               f"({steps[gap]:.5f} vs {step:.5f} rad): missing views?")
-        per_rotation = get(first, "NumberofSourceAngularSteps")
-        if per_rotation and not np.isclose(abs(step), 2 * np.pi / float(per_rotation),
-                                           rtol=0.01):
-            raise RawDataError(f"angular step {abs(step):.5f} rad does not match "
-                               f"NumberofSourceAngularSteps {per_rotation}")
-    z = per_view["DetectorFocalCenterAxialPosition"] + per_view["SourceAxialPositionShift"]
-    if not helical and np.ptp(z) > 1e-3:
-        raise RawDataError("the source moves along z but TypeofProjectionData is AXIAL")
-    if helical:
-        if parallel or rows < 2:
-            raise RawDataError("helical data is reconstructed from a cone beam (FANBEAM "
-                               "geometry with two or more detector rows)")
-        dz = np.diff(z)
-        feed = float(np.median(dz)) if dz.size else 0.0
-        if feed == 0 or np.max(np.abs(dz - feed)) > 0.01 * abs(feed) + 1e-4:
-            raise RawDataError("helical scan: the source must advance along z by an even step "
-                               "per view (missing views, or mixed scans?)")
+    phi = _source_angles(per_view, first, numbers)
+    z = _source_z(per_view, helical, parallel, rows)
     rho = per_view["DetectorFocalCenterRadialDistance"] + per_view["SourceRadialDistanceShift"]
     if not parallel and (np.ptp(rho) > 1e-3 or rho[0] <= 0):
         raise RawDataError("DetectorFocalCenterRadialDistance must be positive and constant")
@@ -301,6 +240,113 @@ def read_scan(datasets: Sequence[Dataset]) -> tuple[ScanGeometry, np.ndarray]:
         z_per_view=z.astype(np.float64) if helical else None)
     if geometry.du <= 0 or geometry.dv <= 0:
         raise RawDataError("detector element spacings must be positive")
+    return geometry, _sinogram(ordered, numbers, rows, cols)
+
+
+def _in_acquisition_order(datasets: Sequence[Dataset]) -> tuple[list[Dataset], list[int]]:
+    """(projections, their InstanceNumbers) in acquisition order; two projections with one
+    number are two scans (or a resend of another) mixed in one series."""
+    if not datasets:
+        raise RawDataError("no projections")
+    ordered = sorted(datasets, key=lambda d: int(d.get("InstanceNumber") or 0))
+    numbers = [int(d.get("InstanceNumber") or 0) for d in ordered]
+    if len(set(numbers)) != len(numbers):
+        raise RawDataError("two projections share an InstanceNumber (mixed scans or a resend "
+                           "of another scan in this series)")
+    return ordered, numbers
+
+
+def _scan_values(ordered: list[Dataset]) -> tuple[dict[str, Any], bool]:
+    """(the scan-level values, whether the beam is parallel): each must be present (a
+    parallel beam has no source-to-detector distance) and the same in every projection, or
+    the series holds more than one scan."""
+    first = ordered[0]
+    scan_keys = ("NumberofDetectorRows", "NumberofDetectorColumns",
+                 "DetectorElementTransverseSpacing", "DetectorElementAxialSpacing",
+                 "DetectorShape", "ConstantRadialDistance", "TypeofProjectionGeometry",
+                 "TypeofProjectionData", "WaterAttenuationCoefficient")
+    geometry_type = str(_require(first, "TypeofProjectionGeometry")).upper()
+    if geometry_type not in ("PARALLEL", "FANBEAM", "CONEBEAM"):
+        raise RawDataError(f"TypeofProjectionGeometry {geometry_type!r} is not PARALLEL, "
+                           "FANBEAM or CONEBEAM")
+    parallel = geometry_type == "PARALLEL"
+    scan = {}
+    for key in scan_keys:
+        if parallel and key == "ConstantRadialDistance":
+            scan[key] = get(first, key)
+            continue
+        scan[key] = _require(first, key)
+        for ds in ordered[1:]:
+            other = get(ds, key)
+            if other != scan[key] and not (isinstance(other, float)
+                                           and np.isclose(other, scan[key], rtol=1e-5)):
+                raise RawDataError(f"{key} differs between projections ({scan[key]} vs "
+                                   f"{other}): more than one scan in this series?")
+    return scan, parallel
+
+
+def _detector(scan: dict[str, Any]) -> tuple[bool, int, int, str]:
+    """(helical, rows, columns, detector shape) from the scan-level values, each checked
+    against what the reconstructions know."""
+    data_type = str(scan["TypeofProjectionData"]).upper()
+    if data_type not in ("AXIAL", "HELICAL"):
+        raise RawDataError(f"TypeofProjectionData {data_type!r} is not AXIAL or HELICAL")
+    helical = data_type == "HELICAL"
+    rows, cols = int(scan["NumberofDetectorRows"]), int(scan["NumberofDetectorColumns"])
+    if rows < 1 or cols < 2:
+        raise RawDataError(f"detector of {rows} rows × {cols} columns")
+    shape = str(scan["DetectorShape"]).upper()
+    if shape not in ("FLAT", "CYLINDRICAL"):
+        raise RawDataError(f"DetectorShape {shape!r} is not FLAT or CYLINDRICAL")
+    return helical, rows, cols, shape
+
+
+def _source_angles(per_view: dict[str, np.ndarray], first: Dataset, numbers: list[int]
+                   ) -> np.ndarray:
+    """The source's azimuth per view (unwrapped): it must advance monotonically by an even
+    step (a gap is a missing view) that matches the views per rotation, when given."""
+    phi = np.unwrap(per_view["DetectorFocalCenterAngularPosition"]
+                    + per_view["SourceAngularPositionShift"])
+    if phi.size >= 2:
+        steps = np.diff(phi)
+        step = float(np.median(steps))
+        if step == 0 or np.any(np.sign(steps) != np.sign(step)):
+            raise RawDataError("projection angles do not advance monotonically (mixed scans?)")
+        if np.max(np.abs(steps - step)) > 0.01 * abs(step) + 1e-6:
+            gap = int(np.argmax(np.abs(steps - step)))
+            raise RawDataError(f"uneven angular step after projection {numbers[gap]} "
+                               f"({steps[gap]:.5f} vs {step:.5f} rad): missing views?")
+        per_rotation = get(first, "NumberofSourceAngularSteps")
+        if per_rotation and not np.isclose(abs(step), 2 * np.pi / float(per_rotation),
+                                           rtol=0.01):
+            raise RawDataError(f"angular step {abs(step):.5f} rad does not match "
+                               f"NumberofSourceAngularSteps {per_rotation}")
+    return np.asarray(phi)
+
+
+def _source_z(per_view: dict[str, np.ndarray], helical: bool, parallel: bool, rows: int
+              ) -> np.ndarray:
+    """The source's z per view: constant for an axial scan; for a helical one, a cone beam
+    advancing by an even step per view (an uneven feed is missing views or mixed scans)."""
+    z: np.ndarray = (per_view["DetectorFocalCenterAxialPosition"]
+                     + per_view["SourceAxialPositionShift"])
+    if not helical and np.ptp(z) > 1e-3:
+        raise RawDataError("the source moves along z but TypeofProjectionData is AXIAL")
+    if helical:
+        if parallel or rows < 2:
+            raise RawDataError("helical data is reconstructed from a cone beam (FANBEAM "
+                               "geometry with two or more detector rows)")
+        dz = np.diff(z)
+        feed = float(np.median(dz)) if dz.size else 0.0
+        if feed == 0 or np.max(np.abs(dz - feed)) > 0.01 * abs(feed) + 1e-4:
+            raise RawDataError("helical scan: the source must advance along z by an even step "
+                               "per view (missing views, or mixed scans?)")
+    return z
+
+
+def _sinogram(ordered: list[Dataset], numbers: list[int], rows: int, cols: int) -> np.ndarray:
+    """The projections' rescaled values as [views, rows, columns] float32 line integrals
+    (the LDCT data set stores columns as Rows: transposed back)."""
     sino = np.empty((len(ordered), rows, cols), dtype=np.float32)
     for k, ds in enumerate(ordered):
         arr = ds.pixel_array.astype(np.float32)
@@ -312,7 +358,7 @@ def read_scan(datasets: Sequence[Dataset]) -> tuple[ScanGeometry, np.ndarray]:
         slope = float(ds.get("RescaleSlope", 1) or 1)
         intercept = float(ds.get("RescaleIntercept", 0) or 0)
         sino[k] = arr * slope + intercept
-    return geometry, sino
+    return sino
 
 
 def write_tags(ds: Dataset, g: ScanGeometry, view: int) -> None:

@@ -23,7 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from dicomnode.package.provenance import MANUFACTURER, Provenance, output_uid
-from dicomnode.plugin import ImageVolume, PluginError, to_numpy
+from dicomnode.plugin import Geometry, ImageVolume, PluginError, to_numpy
 from dicomnode.store.parse import _Walker
 
 # Patient, General Study and Patient Study attributes copied from the source (Type 1/2 kept).
@@ -129,13 +129,24 @@ class _SliceMaker:
         }
 
     def dataset(self, k: int) -> Dataset:
+        var = self.varying(k)
+        ds = Dataset()
+        copy_patient_study(self.src, ds)
+        self._series_and_derivation(ds, var)
+        self._plane_and_pixels(ds, var)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        return ds
+
+    def _series_and_derivation(self, ds: Dataset, var: dict[str, Any]) -> None:
+        """Slice ``var``'s identity, series, frame of reference and equipment, and what it
+        was derived from (Image Type, derivation, source images, contributing equipment)."""
         volume, src, prov, g = self.volume, self.src, self.prov, self.g
         when = self.when
         # Image Type value 3 (PS3.3 C.8.2.1.1.1): AXIAL for transverse slices, else REFORMATTED
         plane_term = "AXIAL" if abs(g.normal[2]) > 0.99 else "REFORMATTED"
-        var = self.varying(k)
-        ds = Dataset()
-        copy_patient_study(src, ds)
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = var["SOPInstanceUID"]
         ds.Modality = "CT"
@@ -166,6 +177,11 @@ class _SliceMaker:
         if self.refs:
             ds.SourceImageSequence = self.refs
         ds.ContributingEquipmentSequence = [self.equipment]
+
+    def _plane_and_pixels(self, ds: Dataset, var: dict[str, Any]) -> None:
+        """Slice ``var``'s plane (position, orientation, spacing), pixel description, HU
+        rescale, the plugin's own attributes and window, and its pixels."""
+        volume, src, g = self.volume, self.src, self.g
         ds.ImagePositionPatient = var["ImagePositionPatient"]
         ds.ImageOrientationPatient = [round(v, 8) for v in (*g.row_direction,
                                                              *g.column_direction)]
@@ -187,11 +203,6 @@ class _SliceMaker:
             ds.WindowCenter, ds.WindowWidth = volume.window
         ds.PixelData = var["PixelData"]
         ds.InstanceCreationDate, ds.InstanceCreationTime = ds.ContentDate, ds.ContentTime
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return ds
 
 
 def image_volume_to_ct(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
@@ -318,10 +329,27 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
               series_number: int, index: int) -> tuple[Dataset, np.ndarray]:
     """:func:`enhanced_ct_dataset` without PixelData, and the stored values of its frames."""
     maker = _SliceMaker(volume, sources, prov, series_number, index, "images")
+    ds = Dataset()
+    copy_patient_study(maker.src, ds)
+    image_type = _enhanced_image(ds, maker, volume, prov, series_number, index)
+    _source_evidence(ds, sources)
+    _dimensions(ds, prov, index)
+    ds.SharedFunctionalGroupsSequence = [_shared_groups(maker, volume, image_type)]
+    ds.PerFrameFunctionalGroupsSequence = _per_frame_groups(maker.g)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds, maker.stored
+
+
+def _enhanced_image(ds: Dataset, maker: _SliceMaker, volume: ImageVolume, prov: Provenance,
+                    series_number: int, index: int) -> list[str]:
+    """The series, equipment, image and pixel description modules of the multi-frame object
+    (what the classic slices each carry, said once). Returns its Image Type, which every
+    frame's CT Image Frame Type repeats."""
     src, g = maker.src, maker.g
     when = maker.when
-    ds = Dataset()
-    copy_patient_study(src, ds)
     ds.SOPClassUID = LEGACY_CONVERTED_ENHANCED_CT
     ds.SOPInstanceUID = output_uid(prov.job_id, "enhanced", index, "instance")
     ds.Modality = "CT"
@@ -359,8 +387,12 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
     ds.NumberOfFrames = g.shape[0]
     ds.Rows, ds.Columns = g.shape[1], g.shape[2]
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    return image_type
 
-    # the source images, once: Common Instance Reference and Source Image Evidence by series
+
+def _source_evidence(ds: Dataset, sources: Sequence[Any]) -> None:
+    """The source images, once: Common Instance Reference (those of this study) and Source
+    Image Evidence, grouped by series — required by the IOD when frames are derived."""
     by_series: dict[tuple[str, str], list[Dataset]] = {}
     for s in sources:
         ref = Dataset()
@@ -384,6 +416,10 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
         ds.ReferencedSeriesSequence = common
     ds.SourceImageEvidenceSequence = evidence
 
+
+def _dimensions(ds: Dataset, prov: Provenance, index: int) -> None:
+    """Multi-frame Dimension module: frames indexed by their Image Position (Patient), so a
+    viewer can order and stack them without reading every frame's position first."""
     dim_uid = output_uid(prov.job_id, "enhanced", index, "dimensions")
     organization = Dataset()
     organization.DimensionOrganizationUID = dim_uid
@@ -396,6 +432,12 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
     ds.DimensionIndexSequence = [dimension]
     ds.DimensionOrganizationType = "3D"
 
+
+def _shared_groups(maker: _SliceMaker, volume: ImageVolume, image_type: list[str]) -> Dataset:
+    """The functional groups that are the same for every frame: pixel measures, plane
+    orientation, rescale to HU, window, derivation (the source images), frame type, and the
+    classic CT attributes that have no functional group."""
+    src, g = maker.src, maker.g
     shared = Dataset()
     measures = Dataset()
     measures.PixelSpacing = [ds_value(g.spacing[1]), ds_value(g.spacing[2])]
@@ -432,8 +474,12 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
     for keyword, value in volume.attributes.items():
         setattr(unassigned, keyword, ds_value(value) if isinstance(value, float) else value)
     shared.UnassignedSharedConvertedAttributesSequence = [unassigned]  # Type 2: may be empty
-    ds.SharedFunctionalGroupsSequence = [shared]
+    return shared
 
+
+def _per_frame_groups(g: Geometry) -> list[Dataset]:
+    """What differs per frame: Frame Content (stack position = slice index + 1), Plane
+    Position and the classic Slice Location."""
     frames = []
     for k in range(g.shape[0]):
         content = Dataset()
@@ -449,12 +495,7 @@ def _enhanced(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,
         frame.PlanePositionSequence = [position]
         frame.UnassignedPerFrameConvertedAttributesSequence = [classic]
         frames.append(frame)
-    ds.PerFrameFunctionalGroupsSequence = frames
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds, maker.stored
+    return frames
 
 
 def enhanced_ct_part10(volume: ImageVolume, sources: Sequence[Any], prov: Provenance,

@@ -100,14 +100,59 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
         count = len(specs)
     plan = slice_plan(orientation, np.random.default_rng([seed, 1]), slices, slice_mm)
     geometry = plan.geometry((slices, size, size), pixel_mm)
-    to_index = np.linalg.inv(geometry.affine)
     z = np.array([plan.centre(k)[2] for k in range(slices)])
     yx = (np.arange(size) - (size - 1) / 2) * pixel_mm
     vessels = _vessel_tree(rng)
     truth = ChestTruth(seed=seed, slice_mm=slice_mm, pixel_mm=pixel_mm,
                        z_mm=[float(v) for v in z], orientation=orientation, plan=plan)
-    placed: list[tuple[np.ndarray, float, str, float, list[tuple[int, float]]]] = []
     zmin, zmax = (z[0] + 10, z[-1] - 10) if orientation == "axial" else (-85.0, 85.0)
+    placed = _place_nodules(rng, count, specs, geometry, (zmin, zmax), slice_mm, pixel_mm)
+    vol = np.zeros((slices, size, size), dtype=np.float32)
+    labels_frac = np.zeros((len(placed), slices, size, size), dtype=np.float32)
+    texture = rng.normal(size=(slices, size, size)).astype(np.float32)
+    from scipy.ndimage import gaussian_filter
+
+    texture = gaussian_filter(texture, (0.5, 2.0, 2.0))
+    texture /= texture.std() + 1e-6
+    for k in range(slices):
+        acc = np.zeros((size, size), dtype=np.float32)
+        frac = np.zeros((len(placed), size, size), dtype=np.float32)
+        for dz in (np.arange(sub) - (sub - 1) / 2) * slice_mm / sub:
+            p = plan.points(k, yx, dz)
+            hu, lungs = _chest_tissues(p, texture[k], size)
+            # vessels and nodules: only near the point of the slice plane this sample is at
+            centre = plan.centre(k) + dz * plan.normal
+            _draw_vessels(hu, lungs, p, vessels, centre, plan, pixel_mm)
+            _draw_nodules(hu, frac, p, lungs, placed, centre, plan.normal)
+            acc += hu
+        vol[k] = acc / sub
+        labels_frac[:, k] = frac / sub
+    vol += rng.normal(0, 12.0 * np.sqrt(1.25 / slice_mm), vol.shape).astype(np.float32)
+    labels = np.zeros((slices, size, size), dtype=np.uint8)
+    for i, (_c, d, kind, nhu, _) in enumerate(placed):
+        f = labels_frac[i]
+        labels[f >= 0.5] = i + 1
+        idx = np.argwhere(f > 0)
+        w = f[f > 0]
+        cen = (idx * w[:, None]).sum(0) / w.sum()
+        truth.nodules.append(Nodule(kind, float(d), float(w.sum() * geometry.voxel_ml),
+                                    geometry.to_patient(cen), nhu))
+    return vol, truth, labels
+
+
+_Placed = tuple[np.ndarray, float, str, float, list[tuple[int, float]]]
+
+
+def _place_nodules(rng: np.random.Generator, count: int,
+                   specs: list[tuple[str, float]] | None, geometry: Any,
+                   z_range: tuple[float, float], slice_mm: float, pixel_mm: float
+                   ) -> list[_Placed]:
+    """(centre, diameter, kind, HU, lobulation) of each nodule: random places inside the
+    lungs and the imaged slab (10 mm in), apart from each other; a nodule that finds no
+    place in 500 tries is left out (the truth lists only those placed)."""
+    to_index = np.linalg.inv(geometry.affine)
+    zmin, zmax = z_range
+    placed: list[_Placed] = []
     margin = np.array([10.0 / slice_mm, 10.0 / pixel_mm, 10.0 / pixel_mm])
     for n_i in range(count):
         for _attempt in range(500):
@@ -130,82 +175,76 @@ def chest_ct(seed: int, *, nodules: int | None = None, slices: int = 120,
             lobes = [(int(k), float(rng.uniform(0, 2 * np.pi))) for k in (3, 5)]
             placed.append((c, d, kind, nod_hu, lobes))
             break
-    vol = np.zeros((slices, size, size), dtype=np.float32)
-    labels_frac = np.zeros((len(placed), slices, size, size), dtype=np.float32)
-    texture = rng.normal(size=(slices, size, size)).astype(np.float32)
-    from scipy.ndimage import gaussian_filter
+    return placed
 
-    texture = gaussian_filter(texture, (0.5, 2.0, 2.0))
-    texture /= texture.std() + 1e-6
+
+def _chest_tissues(p: np.ndarray, texture: np.ndarray, size: int) -> tuple[np.ndarray,
+                                                                          np.ndarray]:
+    """(HU, lungs) of one sample plane at patient points ``p``: air, fat, muscle, textured
+    lungs, spine and the ribs (which wind along z)."""
+    xx, yy, zz = p[..., 0], p[..., 1], p[..., 2]
+    hu = np.full((size, size), -1000.0, dtype=np.float32)
+    body = (xx / 160) ** 2 + (yy / 115) ** 2 <= 1
+    hu[body] = -100.0  # fat
+    muscle = (xx / 148) ** 2 + (yy / 104) ** 2 <= 1
+    hu[muscle] = 45.0
+    lungs = _inside_lungs(p)
+    hu[lungs] = -860.0 + 25 * texture[lungs]
+    spine = ((xx / 18) ** 2 + ((yy - 80) / 18) ** 2) <= 1
+    hu[spine] = 700.0
+    ang = np.arctan2(yy, xx)
+    ring = np.abs(np.hypot(xx / 150, yy / 106) - 0.93) < 0.03
+    for rib_angle in np.linspace(0.35, np.pi - 0.35, 7):
+        hu[ring & (np.abs(((ang - rib_angle + zz / 60) + np.pi) % (2 * np.pi) - np.pi)
+                   < 0.12)] = 650.0
+        hu[ring & (np.abs(((ang + rib_angle + zz / 60) + np.pi) % (2 * np.pi) - np.pi)
+                   < 0.12)] = 650.0
+    return hu, lungs
+
+
+def _draw_vessels(hu: np.ndarray, lungs: np.ndarray, p: np.ndarray,
+                  vessels: list[tuple[np.ndarray, np.ndarray, float]], centre: np.ndarray,
+                  plan: SlicePlan, pixel_mm: float) -> None:
+    """Vessels (40 HU) into the lungs of ``hu``: each segment only in the window of pixels
+    its bounding box covers (a distance for every pixel and segment was the slow part)."""
+    size = hu.shape[0]
     normal, row, col = plan.normal, np.asarray(plan.row), np.asarray(plan.col)
-    for k in range(slices):
-        acc = np.zeros((size, size), dtype=np.float32)
-        frac = np.zeros((len(placed), size, size), dtype=np.float32)
-        for dz in (np.arange(sub) - (sub - 1) / 2) * slice_mm / sub:
-            p = plan.points(k, yx, dz)
-            xx, yy, zz = p[..., 0], p[..., 1], p[..., 2]
-            hu = np.full((size, size), -1000.0, dtype=np.float32)
-            body = (xx / 160) ** 2 + (yy / 115) ** 2 <= 1
-            hu[body] = -100.0  # fat
-            muscle = (xx / 148) ** 2 + (yy / 104) ** 2 <= 1
-            hu[muscle] = 45.0
-            lungs = _inside_lungs(p)
-            hu[lungs] = -860.0 + 25 * texture[k][lungs]
-            spine = ((xx / 18) ** 2 + ((yy - 80) / 18) ** 2) <= 1
-            hu[spine] = 700.0
-            ang = np.arctan2(yy, xx)
-            ring = np.abs(np.hypot(xx / 150, yy / 106) - 0.93) < 0.03
-            for rib_angle in np.linspace(0.35, np.pi - 0.35, 7):
-                hu[ring & (np.abs(((ang - rib_angle + zz / 60) + np.pi) % (2 * np.pi) - np.pi)
-                           < 0.12)] = 650.0
-                hu[ring & (np.abs(((ang + rib_angle + zz / 60) + np.pi) % (2 * np.pi) - np.pi)
-                           < 0.12)] = 650.0
-            # vessels: each segment only in the window of pixels its bounding box covers
-            centre = plan.centre(k) + dz * normal
-            for a, b, r in vessels:
-                lo = np.minimum(a, b) - r - 1
-                hi = np.maximum(a, b) + r + 1
-                corners = np.array([[x, y, w] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
-                                    for w in (lo[2], hi[2])]) - centre
-                depth = corners @ normal
-                if depth.min() > 0 or depth.max() < 0:
-                    continue
-                u = corners @ row / pixel_mm + (size - 1) / 2  # column index
-                v = corners @ col / pixel_mm + (size - 1) / 2  # row index
-                c0, c1 = max(int(u.min()), 0), min(int(np.ceil(u.max())) + 1, size)
-                r0, r1 = max(int(v.min()), 0), min(int(np.ceil(v.max())) + 1, size)
-                if c0 >= c1 or r0 >= r1:
-                    continue
-                sel = lungs[r0:r1, c0:c1]
-                if not sel.any():
-                    continue
-                dist = _segment_distance(p[r0:r1, c0:c1][sel], a, b)
-                window = hu[r0:r1, c0:c1]
-                window[sel] = np.where(dist <= r, 40.0, window[sel])
-            for i, (c, d, _kind, nhu, lobes) in enumerate(placed):
-                if abs(float((c - centre) @ normal)) > d:
-                    continue
-                rel = p - c
-                rr = np.linalg.norm(rel, axis=-1)
-                ang_n = np.arctan2(rel[..., 1], rel[..., 0])
-                bump = 1 + sum(0.08 * np.cos(kk * ang_n + ph) for kk, ph in lobes)
-                m = (rr <= d / 2 * bump) & lungs
-                hu[m] = nhu
-                frac[i] += m
-            acc += hu
-        vol[k] = acc / sub
-        labels_frac[:, k] = frac / sub
-    vol += rng.normal(0, 12.0 * np.sqrt(1.25 / slice_mm), vol.shape).astype(np.float32)
-    labels = np.zeros((slices, size, size), dtype=np.uint8)
-    for i, (_c, d, kind, nhu, _) in enumerate(placed):
-        f = labels_frac[i]
-        labels[f >= 0.5] = i + 1
-        idx = np.argwhere(f > 0)
-        w = f[f > 0]
-        cen = (idx * w[:, None]).sum(0) / w.sum()
-        truth.nodules.append(Nodule(kind, float(d), float(w.sum() * geometry.voxel_ml),
-                                    geometry.to_patient(cen), nhu))
-    return vol, truth, labels
+    for a, b, r in vessels:
+        lo = np.minimum(a, b) - r - 1
+        hi = np.maximum(a, b) + r + 1
+        corners = np.array([[x, y, w] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                            for w in (lo[2], hi[2])]) - centre
+        depth = corners @ normal
+        if depth.min() > 0 or depth.max() < 0:
+            continue
+        u = corners @ row / pixel_mm + (size - 1) / 2  # column index
+        v = corners @ col / pixel_mm + (size - 1) / 2  # row index
+        c0, c1 = max(int(u.min()), 0), min(int(np.ceil(u.max())) + 1, size)
+        r0, r1 = max(int(v.min()), 0), min(int(np.ceil(v.max())) + 1, size)
+        if c0 >= c1 or r0 >= r1:
+            continue
+        sel = lungs[r0:r1, c0:c1]
+        if not sel.any():
+            continue
+        dist = _segment_distance(p[r0:r1, c0:c1][sel], a, b)
+        window = hu[r0:r1, c0:c1]
+        window[sel] = np.where(dist <= r, 40.0, window[sel])
+
+
+def _draw_nodules(hu: np.ndarray, frac: np.ndarray, p: np.ndarray, lungs: np.ndarray,
+                  placed: list[_Placed], centre: np.ndarray, normal: np.ndarray) -> None:
+    """The lobulated nodules into ``hu`` (inside the lungs), each one's coverage of this
+    sample added to ``frac`` (the truth's partial volume)."""
+    for i, (c, d, _kind, nhu, lobes) in enumerate(placed):
+        if abs(float((c - centre) @ normal)) > d:
+            continue
+        rel = p - c
+        rr = np.linalg.norm(rel, axis=-1)
+        ang_n = np.arctan2(rel[..., 1], rel[..., 0])
+        bump = 1 + sum(0.08 * np.cos(kk * ang_n + ph) for kk, ph in lobes)
+        m = (rr <= d / 2 * bump) & lungs
+        hu[m] = nhu
+        frac[i] += m
 
 
 def write_chest_ct(out: Path, seed: int, **kw: Any) -> tuple[list[Path], ChestTruth]:

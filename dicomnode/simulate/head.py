@@ -181,54 +181,96 @@ def head_ct(seed: int, *, kind: str | None = "random", volume_ml: float | None =
     def head_coords(k: int, depth: float) -> np.ndarray:
         return np.asarray(plan.points(k, yx, depth) @ rot)  # patient → head frame (orthonormal)
 
-    # solve the lesion's size for the requested volume (bisection on a coarse rendering)
-    size_param = 1.0
-    if kind is not None:
-        assert params is not None
-        lo, hi = (0.02, 1.5)  # half-angle of an extra-axial cap (rad)
-        probe = np.stack(np.meshgrid(*(np.arange(-100, 100, 2.0),) * 3, indexing="ij"), -1)
-        brain = _rho(probe, shapes.inner) <= 1
+    size_param = _lesion_size(kind, params, shapes, target) if kind is not None else 1.0
+    for k in range(slices):
+        vol[k], lesion_frac[k] = _head_slice(
+            [head_coords(k, dz) for dz in sub_z], shapes, texture[k], grey_white[k], kind,
+            size_param, params, lesion_hu)
+    _scanner_effects(vol, rng, yx, slice_mm)
+    labels = (lesion_frac >= 0.5).astype(np.uint8)
+    truth = HeadTruth(seed=seed, hemorrhage=kind is not None and bool(lesion_frac.any()),
+                      slice_mm=slice_mm,
+                      pixel_mm=pixel_mm, yaw_deg=float(yaw), pitch_deg=float(pitch),
+                      z_mm=[float(v) for v in z], orientation=orientation, plan=plan)
+    if kind is not None and lesion_frac.any():  # (a short slab may miss the lesion: then
+        truth.lesions.append(  # the study truly shows none)
+            _lesion_truth(kind, lesion_frac, plan, pixel_mm, slice_mm, lesion_hu))
+    return vol, truth, labels.astype(np.uint8) * (1 if kind else 0)
+
+
+def _lesion_truth(kind: str, lesion_frac: np.ndarray, plan: SlicePlan, pixel_mm: float,
+                  slice_mm: float, lesion_hu: float) -> Lesion:
+    """The lesion as rendered (partial volume counted): its volume and its weighted centroid
+    in patient coordinates, what a detector's measurements are checked against."""
+    voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000
+    idx = np.argwhere(lesion_frac > 0)
+    w = lesion_frac[lesion_frac > 0]
+    c = (idx * w[:, None]).sum(axis=0) / w.sum()
+    centroid = plan.geometry(lesion_frac.shape, pixel_mm).to_patient(c)
+    return Lesion(kind, float(w.sum() * voxel_ml), centroid, lesion_hu)
+
+
+def _lesion_size(kind: str, params: dict[str, Any] | None, shapes: _Shapes,
+                 target: float) -> float:
+    """The lesion's size parameter that gives ``target`` mL: bisection on a coarse (2 mm)
+    rendering, so the truth's volume is what was asked for whatever the lesion's shape."""
+    assert params is not None
+    lo, hi = (0.02, 1.5)  # half-angle of an extra-axial cap (rad)
+    probe = np.stack(np.meshgrid(*(np.arange(-100, 100, 2.0),) * 3, indexing="ij"), -1)
+    brain = _rho(probe, shapes.inner) <= 1
+    if kind == "iph":
+        r = (3 * target * 1000 / (4 * np.pi)) ** (1 / 3)
+        lo, hi = r * 0.5, r * 2.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        m = shapes.lesion(kind, mid, params, probe) & brain
         if kind == "iph":
-            r = (3 * target * 1000 / (4 * np.pi)) ** (1 / 3)
-            lo, hi = r * 0.5, r * 2.0
-        for _ in range(20):
-            mid = (lo + hi) / 2
-            m = shapes.lesion(kind, mid, params, probe) & brain
+            m &= ~shapes.ventricles(probe)
+        got = m.sum() * 2.0**3 / 1000
+        lo, hi = (mid, hi) if got < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _head_slice(samples: list[np.ndarray], shapes: _Shapes, texture: np.ndarray,
+                grey_white: np.ndarray, kind: str | None, size_param: float,
+                params: dict[str, Any] | None, lesion_hu: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(HU, lesion fraction) of one slice: the mean of its samples through the slice's
+    thickness (head-frame points), each scalp, skull, brain with grey/white texture, the
+    falx ridge, ventricles and the lesion — thick slices get partial volume as scanners do."""
+    size = texture.shape[0]
+    acc = np.zeros((size, size), dtype=np.float32)
+    les = np.zeros((size, size), dtype=np.float32)
+    for q in samples:
+        outer = _rho(q, HEAD)
+        bone_out = _rho(q, HEAD - SCALP_MM)
+        inner = _rho(q, shapes.inner)
+        hu = np.full((size, size), -1000.0, dtype=np.float32)
+        hu[outer <= 1] = 40.0  # scalp
+        skull = (bone_out <= 1) & (inner > 1)
+        hu[skull] = 1100 + 250 * texture[skull]
+        ridge = (_rho(q - np.array([0, 55, -45]), np.array([45, 8, 6])) <= 1) & (inner <= 1)
+        brain = (inner <= 1) & ~ridge
+        hu[brain] = 34 + 4 * grey_white[brain]
+        hu[ridge] = 900
+        hu[brain & shapes.ventricles(q)] = 6.0
+        if kind is not None:
+            assert params is not None
+            m = shapes.lesion(kind, size_param, params, q) & brain
             if kind == "iph":
-                m &= ~shapes.ventricles(probe)
-            got = m.sum() * 2.0**3 / 1000
-            lo, hi = (mid, hi) if got < target else (lo, mid)
-        size_param = (lo + hi) / 2
-    for k in range(slices):
-        acc = np.zeros((size, size), dtype=np.float32)
-        les = np.zeros((size, size), dtype=np.float32)
-        for dz in sub_z:
-            q = head_coords(k, dz)
-            outer = _rho(q, HEAD)
-            bone_out = _rho(q, HEAD - SCALP_MM)
-            inner = _rho(q, shapes.inner)
-            hu = np.full((size, size), -1000.0, dtype=np.float32)
-            hu[outer <= 1] = 40.0  # scalp
-            skull = (bone_out <= 1) & (inner > 1)
-            hu[skull] = 1100 + 250 * texture[k][skull]
-            ridge = (_rho(q - np.array([0, 55, -45]), np.array([45, 8, 6])) <= 1) & (inner <= 1)
-            brain = (inner <= 1) & ~ridge
-            hu[brain] = 34 + 4 * grey_white[k][brain]
-            hu[ridge] = 900
-            hu[brain & shapes.ventricles(q)] = 6.0
-            if kind is not None:
-                assert params is not None
-                m = shapes.lesion(kind, size_param, params, q) & brain
-                if kind == "iph":
-                    m &= ~shapes.ventricles(q)
-                hu[m] = lesion_hu
-                les += m
-            acc += hu
-        vol[k] = acc / sub
-        lesion_frac[k] = les / sub
-    # scanner effects: streaks between dense bone, cupping, noise (thinner slices: noisier)
+                m &= ~shapes.ventricles(q)
+            hu[m] = lesion_hu
+            les += m
+        acc += hu
+    return acc / len(samples), les / len(samples)
+
+
+def _scanner_effects(vol: np.ndarray, rng: np.random.Generator, yx: np.ndarray,
+                     slice_mm: float) -> None:
+    """What a scanner adds, in place: streaks between dense bone, cupping, and noise
+    (thinner slices: noisier), so a detector is not tuned on clean phantoms."""
     yy, xx = np.meshgrid(yx, yx, indexing="ij")
-    for k in range(slices):
+    for k in range(vol.shape[0]):
         for _ in range(int(rng.integers(1, 4))):
             ang = rng.uniform(0, np.pi)
             off = rng.normal(0, 25)
@@ -236,19 +278,6 @@ def head_ct(seed: int, *, kind: str | None = "random", volume_ml: float | None =
             vol[k] += rng.choice([-8.0, 8.0]) * np.exp(-(dist / 0.9) ** 2) * (vol[k] > -200)
         vol[k] -= 4.0 * np.exp(-(xx**2 + yy**2) / (2 * 40.0**2)) * (vol[k] > -200)
     vol += rng.normal(0, 5.0 * np.sqrt(5.0 / slice_mm), vol.shape).astype(np.float32)
-    labels = (lesion_frac >= 0.5).astype(np.uint8)
-    truth = HeadTruth(seed=seed, hemorrhage=kind is not None and bool(lesion_frac.any()),
-                      slice_mm=slice_mm,
-                      pixel_mm=pixel_mm, yaw_deg=float(yaw), pitch_deg=float(pitch),
-                      z_mm=[float(v) for v in z], orientation=orientation, plan=plan)
-    if kind is not None and lesion_frac.any():  # (a short slab may miss the lesion: then
-        voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000  # the study truly shows none)
-        idx = np.argwhere(lesion_frac > 0)
-        w = lesion_frac[lesion_frac > 0]
-        c = (idx * w[:, None]).sum(axis=0) / w.sum()
-        centroid = plan.geometry(vol.shape, pixel_mm).to_patient(c)
-        truth.lesions.append(Lesion(kind, float(w.sum() * voxel_ml), centroid, lesion_hu))
-    return vol, truth, labels.astype(np.uint8) * (1 if kind else 0)
 
 
 def write_head_ct(out: Path, seed: int, **kw: Any) -> tuple[list[Path], HeadTruth]:

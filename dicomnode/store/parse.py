@@ -324,7 +324,7 @@ def read_index_attributes(plain: PlainDataset) -> IndexAttributes:
     """Decode just the indexed attributes the walker found. Plain ASCII values (nearly all)
     are read directly; anything else (other character sets, multi-values, odd numbers) is
     decoded by pydicom, Specific Character Set included. The rest of the header is never
-    parsed. ``tests/test_units.py`` checks both give the same on pydicom's test files."""
+    parsed. ``tests/test_units_parse.py`` checks both give the same on pydicom's test files."""
     values: dict[str, str] = {}
     slow: list[tuple[str, str, int]] = []
     for field_name, kw, limit in _FIELDS:

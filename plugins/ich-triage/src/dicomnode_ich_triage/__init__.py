@@ -23,6 +23,7 @@ probability); it is labelled as such in docs/ich-triage.md.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,7 @@ from dicomnode.plugin import (
     Params,
     Plugin,
     Segment,
+    SeriesInput,
     axial_grid,
     ndimage,
     resample,
@@ -130,6 +132,42 @@ def max_diameter(points_mm: np.ndarray) -> float:
     return float(d.max())
 
 
+@dataclass(frozen=True)
+class _Head:
+    """What the whole-volume steps found, on the host: HU, cranial cavity, bone, hyperdense
+    voxels, their labelled components (``n`` of them), the in-plane blurred HU (partial
+    volume), the brain's median HU and how far components grow back towards bone (mm)."""
+
+    hu: np.ndarray
+    cavity: np.ndarray
+    bone: np.ndarray
+    hyper: np.ndarray
+    labels: np.ndarray
+    n: int
+    blurred: np.ndarray
+    brain_hu: float
+    grow_mm: float
+
+
+def _cranial_cavity(hu_x: Any, g: Geometry, params: ICHParams, xndi: Any, xp: Any
+                    ) -> tuple[Any, Any, float]:
+    """Step 1–2: (cavity, bone, brain's median HU). Bone must enclose at least 150 mL over
+    30 mm of slices, of tissue with brain's HU; anything else is not a head CT (chest,
+    abdomen, phantoms) and the job is not applicable."""
+    _, sy, sx = g.spacing
+    voxel_ml = g.voxel_ml
+    cavity_x, bone_x = intracranial_mask(hu_x, params.bone_hu, xndi, xp)
+    cavity_ml = float(cavity_x.sum()) * voxel_ml
+    slices_with_cavity = int((cavity_x.sum(axis=(1, 2)) * sy * sx > 2000).sum())  # > 20 cm²
+    if cavity_ml < 150 or slices_with_cavity * g.slice_gap_mm < 30:
+        raise NotApplicable(f"no cranial cavity found ({cavity_ml:.0f} mL enclosed by "
+                            "bone): not a head CT")
+    brain_hu = float(xp.median(hu_x[cavity_x]))
+    if not -20 < brain_hu < 60:
+        raise NotApplicable(f"tissue inside the bone is {brain_hu:.0f} HU, not brain")
+    return cavity_x, bone_x, brain_hu
+
+
 class ICHTriage(Plugin[ICHParams]):
     name = "ich-triage"
     version = "1.0.0"
@@ -157,6 +195,29 @@ class ICHTriage(Plugin[ICHParams]):
         # a study may hold a scout and reformats beside the axial series: take the series
         # closest to axial among those this method can read
         series = inputs.volume(min_slices=params.min_slices, max_gap_mm=params.max_slice_mm)
+        self._refuse_unreadable(series, params)
+        # the whole-volume work runs on ctx.xp's device (CuPy on a GPU, else NumPy); the
+        # per-lesion work that follows is small and runs on the host
+        xp = ctx.xp
+        xndi = ndimage(xp)
+        ndi = ndimage(np)
+        src = series.geometry
+        hu_x, g = self._on_axial_grid(series.pixels(xp), src, params, ctx)
+        head = self._head(hu_x, g, src, params, xndi, xp)
+        lesions = self._lesions(head, g, params, ndi)
+        if not lesions:
+            return Outputs(findings=(Finding(ICH, evaluations=((PRESENCE, ABSENT),),
+                                             source_series_uid=series.series_uid),),
+                           summary="no intracranial hemorrhage found")
+        lesions.sort(key=lambda t: -t[1])
+        lesions = lesions[:250]
+        label_map = self._label_map(lesions, g, src, xp)
+        return self._report(series, head, lesions, label_map, g, ctx)
+
+    @staticmethod
+    def _refuse_unreadable(series: SeriesInput, params: ICHParams) -> None:
+        """Not CT, too few slices or slices too far apart: triage on such a series would
+        miss bleeds or raise false ones, so the job is not applicable rather than negative."""
         g = series.geometry
         if series.modality != "CT":
             raise NotApplicable(f"needs CT, got {series.modality}")
@@ -167,40 +228,39 @@ class ICHTriage(Plugin[ICHParams]):
         if gap > params.max_slice_mm:
             raise NotApplicable(f"slices {gap:.1f} mm apart: too coarse for triage "
                                 f"(≤ {params.max_slice_mm} mm)")
-        # the whole-volume work runs on ctx.xp's device (CuPy on a GPU, else NumPy); the
-        # per-lesion work that follows is small and runs on the host
-        xp = ctx.xp
-        xndi = ndimage(xp)
-        ndi = ndimage(np)
-        hu_x = series.pixels(xp)
-        src = g
-        if abs(g.normal[2]) < np.cos(np.radians(params.max_tilt_deg)):
+
+    @staticmethod
+    def _on_axial_grid(hu_x: Any, src: Geometry, params: ICHParams, ctx: Context
+                       ) -> tuple[Any, Geometry]:
+        """(HU, grid) to work on: the series itself when it is near axial (gantry tilt up to
+        ``max_tilt_deg``), else the series resampled to an axial grid."""
+        if abs(src.normal[2]) < np.cos(np.radians(params.max_tilt_deg)):
             # coronal, sagittal or steeply oblique: the skull does not close a cavity in
             # every slice, and slices cut extra-axial bleeds tangentially; work on an axial
             # grid (trilinear), and map the lesions back onto the series for the SEG. Thick
             # such slices smear the skull over the convexity (false bleeds): refused.
-            off = float(np.degrees(np.arccos(min(1.0, abs(g.normal[2])))))
+            gap = src.slice_gap_mm
+            off = float(np.degrees(np.arccos(min(1.0, abs(src.normal[2])))))
             if gap > params.max_reformat_slice_mm:
                 raise NotApplicable(
                     f"planes {off:.0f}° off axial with slices {gap:.1f} mm apart: send the "
                     f"axial series, or one ≤ {params.max_reformat_slice_mm:g} mm")
             g = axial_grid(src, (params.axial_slice_mm, min(src.spacing[1:]),
                                  min(src.spacing[1:])))
-            hu_x = resample(hu_x, src, g, xp, order=1, cval=-1000.0)
+            hu_x = resample(hu_x, src, g, ctx.xp, order=1, cval=-1000.0)
             ctx.log.info("series planes %.0f° off axial: resampled to an axial grid %s",
                          off, g.shape)
-            gap = g.slice_gap_mm
+            return hu_x, g
+        return hu_x, src
+
+    @staticmethod
+    def _head(hu_x: Any, g: Geometry, src: Geometry, params: ICHParams, xndi: Any, xp: Any
+              ) -> _Head:
+        """Steps 1–3 on the whole volume (on ``xp``'s device): the cranial cavity (or the
+        refusal of what is not a head), the brain's HU, and the labelled candidate
+        components; the arrays the per-lesion steps read come back on the host."""
+        cavity_x, bone_x, brain_hu = _cranial_cavity(hu_x, g, params, xndi, xp)
         _, sy, sx = g.spacing
-        voxel_ml = g.voxel_ml
-        cavity_x, bone_x = intracranial_mask(hu_x, params.bone_hu, xndi, xp)
-        cavity_ml = float(cavity_x.sum()) * voxel_ml
-        slices_with_cavity = int((cavity_x.sum(axis=(1, 2)) * sy * sx > 2000).sum())  # > 20 cm²
-        if cavity_ml < 150 or slices_with_cavity * gap < 30:
-            raise NotApplicable(f"no cranial cavity found ({cavity_ml:.0f} mL enclosed by "
-                                "bone): not a head CT")
-        brain_hu = float(xp.median(hu_x[cavity_x]))
-        if not -20 < brain_hu < 60:
-            raise NotApplicable(f"tissue inside the bone is {brain_hu:.0f} HU, not brain")
         size = max(1, round(params.median_mm / sx) | 1)
         smooth = xndi.median_filter(hu_x, size=(1, size, size))
         margin = xp.ones_like(cavity_x)
@@ -222,17 +282,26 @@ class ICHTriage(Plugin[ICHParams]):
         in_plane = xndi.gaussian_filter(hu_x, sigma=(0, 0.7, 0.7))  # for partial volume
         hu, cavity, bone, hyper, labels, blurred = (
             to_numpy(a) for a in (hu_x, cavity_x, bone_x, hyper_x, labels_x, in_plane))
-        n = int(n)
+        return _Head(hu, cavity, bone, hyper, labels, int(n), blurred, brain_hu, grow_mm)
+
+    def _lesions(self, head: _Head, g: Geometry, params: ICHParams, ndi: Any
+                 ) -> list[tuple[np.ndarray, float, float, float]]:
+        """Step 4: each candidate component grown back into the rim next to bone and kept
+        if its volume, thickness and mean HU are those of a bleed: (mask, mL, mm, HU)."""
+        _, sy, sx = g.spacing
+        voxel_ml = g.voxel_ml
+        hu, hyper = head.hu, head.hyper
         lesions: list[tuple[np.ndarray, float, float, float]] = []
-        for lab in range(1, n + 1):
-            comp = labels == lab
+        for lab in range(1, head.n + 1):
+            comp = head.labels == lab
             if comp.sum() * voxel_ml < params.min_volume_ml / 3:
                 continue
             # grow back into the rim next to bone (extra-axial bleeds touch it)
             grown = ndi.binary_dilation(comp, structure=np.ones((1, 3, 3)),
-                                        iterations=max(1, int(np.ceil(grow_mm / sx)) + 1),
+                                        iterations=max(1, int(np.ceil(head.grow_mm / sx)) + 1),
                                         mask=hyper)
-            volume = self._volume(hu, blurred, grown, cavity & ~bone, brain_hu, ndi) * voxel_ml
+            volume = self._volume(hu, head.blurred, grown, head.cavity & ~head.bone,
+                                  head.brain_hu, ndi) * voxel_ml
             if volume < params.min_volume_ml:
                 continue
             thickness = max(float(ndi.distance_transform_edt(grown[k], sampling=(sy, sx)).max())
@@ -243,12 +312,14 @@ class ICHTriage(Plugin[ICHParams]):
             if not params.hu_min - 5 <= mean_hu <= params.hu_max:
                 continue
             lesions.append((grown, volume, thickness, mean_hu))
-        if not lesions:
-            return Outputs(findings=(Finding(ICH, evaluations=((PRESENCE, ABSENT),),
-                                             source_series_uid=series.series_uid),),
-                           summary="no intracranial hemorrhage found")
-        lesions.sort(key=lambda t: -t[1])
-        lesions = lesions[:250]
+        return lesions
+
+    @staticmethod
+    def _label_map(lesions: list[tuple[np.ndarray, float, float, float]], g: Geometry,
+                   src: Geometry, xp: Any) -> np.ndarray:
+        """The lesions numbered 1… (largest first) on the series' own voxels: the SEG
+        references the series, so a lesion found on an axial grid is mapped back (nearest),
+        and one too small to survive that is kept as its centre voxel."""
         label_map = np.zeros(g.shape, dtype=np.uint8)
         for i, (mask, *_rest) in enumerate(lesions, start=1):
             label_map[mask] = i
@@ -262,7 +333,16 @@ class ICHTriage(Plugin[ICHParams]):
                     k, r, col = (int(np.clip(round(v), 0, n - 1))
                                  for v, n in zip(c[:3], src.shape, strict=True))
                     label_map[k, r, col] = i
-        midline = g.to_patient(np.argwhere(cavity).mean(axis=0))
+        return label_map
+
+    @staticmethod
+    def _report(series: SeriesInput, head: _Head,
+                lesions: list[tuple[np.ndarray, float, float, float]], label_map: np.ndarray,
+                g: Geometry, ctx: Context) -> Outputs:
+        """Step 5: one finding per lesion (volume, diameter, centre, side, confidence), the
+        SEG's segments, the key image where each lesion is largest, the critical message."""
+        src = series.geometry
+        midline = g.to_patient(np.argwhere(head.cavity).mean(axis=0))
         findings = [Finding(ICH, evaluations=((PRESENCE, PRESENT),),
                             source_series_uid=series.series_uid)]
         key_uids: list[str] = []
@@ -274,7 +354,7 @@ class ICHTriage(Plugin[ICHParams]):
             diameter = max_diameter(points)
             confidence = float(np.clip(0.5 + 0.15 * np.log2(max(volume, 0.05) / 0.5)
                                        + 0.05 * (thickness - 1.0)
-                                       + 0.01 * (mean_hu - brain_hu - 20), 0.05, 0.99))
+                                       + 0.01 * (mean_hu - head.brain_hu - 20), 0.05, 0.99))
             # side from the lesion's offset to the cavity's centre along the patient's left
             # axis (LPS +x, whatever the slice plane; the head may be turned, so the cavity,
             # not x = 0, is the midline); within 5 mm of it: no side

@@ -25,6 +25,7 @@ Research use; tested on synthetic studies only (``dicomnode simulate chest-ct``)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from dicomnode.plugin import (
     Code,
     Context,
     Finding,
+    Geometry,
     Inputs,
     LabelMap,
     Measurement,
@@ -52,6 +54,7 @@ from dicomnode.plugin import (
     Params,
     Plugin,
     Segment,
+    SeriesInput,
     ndimage,
     to_numpy,
 )
@@ -167,6 +170,18 @@ def size_category(solid: bool, mean_diameter: float) -> str:
     return "2" if mean_diameter < 30 else "3"
 
 
+@dataclass(frozen=True)
+class _Chest:
+    """The whole-volume results, on the host: HU, lungs, the dot filter's response, the
+    index of the scale that gave it, and its local maxima above threshold (candidates)."""
+
+    hu: np.ndarray
+    lungs: np.ndarray
+    dot: np.ndarray
+    which: np.ndarray
+    peaks: np.ndarray
+
+
 class LungNodules(Plugin[NoduleParams]):
     name = "lung-nodules"
     version = "1.0.0"
@@ -233,6 +248,17 @@ class LungNodules(Plugin[NoduleParams]):
         # a study may hold a scout, thick and thin series and reformats: take the series
         # closest to axial among those with thin enough slices
         series = inputs.volume(min_slices=params.min_slices, max_gap_mm=MAX_GAP_MM)
+        self._refuse_unreadable(series, params)
+        chest = self._candidates(series, params, ctx.xp)
+        found, label_map = self._nodules(chest, series.geometry, params, ctx)
+        if not found:
+            return Outputs(summary="no lung nodule found")
+        return self._report(series, chest.lungs, found, label_map, ctx)
+
+    @staticmethod
+    def _refuse_unreadable(series: SeriesInput, params: NoduleParams) -> None:
+        """Not CT, too few slices or slices too thick: small nodules would be blurred away,
+        so the job is not applicable rather than negative."""
         g = series.geometry
         if series.modality != "CT":
             raise NotApplicable(f"needs CT, got {series.modality}")
@@ -242,11 +268,14 @@ class LungNodules(Plugin[NoduleParams]):
         if g.slice_gap_mm > MAX_GAP_MM:
             raise NotApplicable(f"slices {g.slice_gap_mm:.1f} mm apart: nodules need "
                                 f"≤ {MAX_GAP_MM:g} mm")
-        # whole-volume work (lungs, Hessians at every scale, peaks) on ctx.xp's device (CuPy
-        # on a GPU, else NumPy); the per-candidate segmentation that follows on the host
-        xp = ctx.xp
+
+    @staticmethod
+    def _candidates(series: SeriesInput, params: NoduleParams, xp: Any) -> _Chest:
+        """The whole-volume work (lungs, Hessians at every scale, peaks) on ``xp``'s device
+        (CuPy on a GPU, else NumPy); refuses a scan without lungs (not a chest CT). The
+        arrays the per-candidate segmentation reads come back on the host."""
+        g = series.geometry
         xndi = ndimage(xp)
-        ndi = ndimage(np)
         hu_x = series.pixels(xp)
         voxel_ml = g.voxel_ml
         lungs_x = lung_mask(hu_x, xndi, xp)
@@ -261,8 +290,17 @@ class LungNodules(Plugin[NoduleParams]):
             & (dot_x > params.dot_threshold)
         hu, lungs, dot, which, peaks = (to_numpy(a) for a in (hu_x, lungs_x, dot_x, which_x,
                                                               peaks_x))
-        coords = np.argwhere(peaks)
-        order = np.argsort(-dot[peaks])[: params.max_candidates]
+        return _Chest(hu, lungs, dot, which, peaks)
+
+    def _nodules(self, chest: _Chest, g: Geometry, params: NoduleParams, ctx: Context
+                 ) -> tuple[list[dict[str, Any]], np.ndarray]:
+        """Each peak, strongest first, segmented and kept if its size is a nodule's and it
+        does not overlap one kept already: (nodules, label map numbering them 1…)."""
+        ndi = ndimage(np)
+        hu, lungs, dot, which = chest.hu, chest.lungs, chest.dot, chest.which
+        voxel_ml = g.voxel_ml
+        coords = np.argwhere(chest.peaks)
+        order = np.argsort(-dot[chest.peaks])[: params.max_candidates]
         label_map = np.zeros(g.shape, dtype=np.uint16)
         found: list[dict[str, Any]] = []
         lung_hu = float(np.median(hu[lungs]))
@@ -270,30 +308,7 @@ class LungNodules(Plugin[NoduleParams]):
             if label_map[tuple(c)]:
                 continue  # inside a nodule already kept
             scale = params.scales_mm[int(which[tuple(c)])]
-            # grow the ball until the nodule fits; at each size, open harder (vessels run
-            # through ground glass and hug solid nodules) until the shape is a nodule's
-            got: Any = None
-            why = "no region"
-            radius = 2.5 * scale + 2.0
-            while got is None and radius <= params.max_diameter_mm:
-                for opening in (1 / 3, 1 / 2, 3 / 4):
-                    seg = self._segment(hu, lungs, c, scale, radius, lung_hu, g.spacing, ndi,
-                                        opening)
-                    if seg is None or isinstance(seg, str):
-                        why = seg or why
-                        continue
-                    shape = self._shape(seg[0], g.spacing)
-                    if shape[0] > params.max_elongation:
-                        why = f"elongation {shape[0]:.1f}"
-                        continue
-                    if shape[1] > params.max_axis_ratio * shape[2]:
-                        why = f"long/short axis {shape[1]:.1f}/{shape[2]:.1f} mm"
-                        continue
-                    got = (*seg, *shape)
-                    break
-                if why != "runs-out":
-                    break
-                radius *= 1.6
+            got, why = self._fit(hu, lungs, c, scale, lung_hu, g, params, ndi)
             if got is None:
                 ctx.log.debug("candidate %s (scale %.1f): %s", c, scale, why)
                 continue
@@ -317,8 +332,44 @@ class LungNodules(Plugin[NoduleParams]):
             ctx.log.debug("nodule %d at %s: dot %.1f core %.0f HU lung %.0f HU volume %.3f mL "
                           "elongation %.2f axes %.1f/%.1f mm", len(found), c, found[-1]["score"],
                           core, lung_hu, volume, elongation, long_axis, short_axis)
-        if not found:
-            return Outputs(summary="no lung nodule found")
+        return found, label_map
+
+    def _fit(self, hu: np.ndarray, lungs: np.ndarray, c: np.ndarray, scale: float,
+             lung_hu: float, g: Geometry, params: NoduleParams, ndi: Any) -> tuple[Any, str]:
+        """(mask, box, core HU, elongation, long axis, short axis) of the nodule at ``c``, or
+        None and why not. Grows the ball until the nodule fits; at each size, opens harder
+        (vessels run through ground glass and hug solid nodules) until the shape is a
+        nodule's."""
+        got: Any = None
+        why = "no region"
+        radius = 2.5 * scale + 2.0
+        while got is None and radius <= params.max_diameter_mm:
+            for opening in (1 / 3, 1 / 2, 3 / 4):
+                seg = self._segment(hu, lungs, c, scale, radius, lung_hu, g.spacing, ndi,
+                                    opening)
+                if seg is None or isinstance(seg, str):
+                    why = seg or why
+                    continue
+                shape = self._shape(seg[0], g.spacing)
+                if shape[0] > params.max_elongation:
+                    why = f"elongation {shape[0]:.1f}"
+                    continue
+                if shape[1] > params.max_axis_ratio * shape[2]:
+                    why = f"long/short axis {shape[1]:.1f}/{shape[2]:.1f} mm"
+                    continue
+                got = (*seg, *shape)
+                break
+            if why != "runs-out":
+                break
+            radius *= 1.6
+        return got, why
+
+    @staticmethod
+    def _report(series: SeriesInput, lungs: np.ndarray, found: list[dict[str, Any]],
+                label_map: np.ndarray, ctx: Context) -> Outputs:
+        """One finding per nodule (axes, mean diameter, volume, side, consistency, size
+        category, confidence) and the SEG's label map."""
+        g = series.geometry
         findings = []
         segments = []
         midline = g.to_patient(np.argwhere(lungs).mean(axis=0))

@@ -48,6 +48,7 @@ from dicomnode.plugin import (
     Plugin,
     PluginError,
     Segment,
+    SeriesInput,
     to_numpy,
 )
 
@@ -180,39 +181,14 @@ class ModelRunner(Plugin[ModelRunnerParams]):
     accepts = Accepts(min_instances=1)
 
     def run(self, inputs: Inputs, params: ModelRunnerParams, ctx: Context) -> Outputs:
-        import torch
-        from monai.inferers import sliding_window_inference
-
         spec = params.load_spec()
         series = inputs.primary
         g = series.geometry
         hu = to_numpy(series.pixels(np)).astype(np.float32)
         factors = (1.0, 1.0, 1.0) if spec.spacing_mm is None else tuple(
             s / t for s, t in zip(g.spacing, spec.spacing_mm, strict=True))
-        x = _resample(hu, factors, order=1)
-        if spec.window is not None:
-            x = np.clip(x, *spec.window)
-        if spec.normalize == "minmax":
-            lo, hi = spec.window if spec.window is not None else (float(x.min()),
-                                                                 float(x.max()))
-            x = (x - lo) / max(hi - lo, 1e-6)
-        elif spec.normalize == "zscore":
-            x = (x - x.mean()) / max(float(x.std()), 1e-6)
-        device = "cuda" if ctx.device.startswith("cuda") else "cpu"
-        predictor = load_predictor(params.model, device)
-        tensor = torch.from_numpy(np.ascontiguousarray(x))[None, None].to(device)
-        roi = tuple(min(p, s) for p, s in zip(spec.patch_size, x.shape, strict=True))
-        with torch.no_grad():
-            raw: Any = sliding_window_inference(tensor, roi, params.sw_batch_size, predictor,
-                                                overlap=spec.overlap, mode="gaussian")
-        y: np.ndarray = raw[0].float().cpu().numpy()
-        if spec.output == "softmax":
-            labels = np.argmax(y, axis=0).astype(np.uint8)
-        elif spec.output == "sigmoid":
-            fg = y > 0.5
-            labels = np.where(fg.any(axis=0), np.argmax(y, axis=0) + 1, 0).astype(np.uint8)
-        else:
-            labels = np.rint(y[0]).astype(np.uint8)
+        x = _model_input(hu, spec, factors)
+        labels = _labels(_infer(x, spec, params, ctx), spec)
         labels = _resample(labels, tuple(1 / f for f in factors), order=0, shape=g.shape)
         unknown = sorted(set(np.unique(labels).tolist()) - {0} - set(spec.labels))
         if unknown:
@@ -222,23 +198,76 @@ class ModelRunner(Plugin[ModelRunnerParams]):
                             f"{(labels == k).sum() * float(np.prod(g.spacing)) / 1000:.1f} mL"
                             for k in present) or "nothing segmented"
         ctx.log.info("%s %s: %s", spec.name, spec.version, summary)
+        algorithm = (f"{self.name}:{spec.name}", f"{self.version}/{spec.version}")
         if not present:
-            return Outputs(summary=summary, algorithm=(f"{self.name}:{spec.name}",
-                                                       f"{self.version}/{spec.version}"))
-        remap = np.zeros(256, dtype=np.uint8)
-        segments, findings = [], []
-        for i, k in enumerate(present, start=1):
-            remap[k] = i
-            s = spec.labels[k]
-            category, kind = Code(*s.category), Code(*s.type)
-            segments.append(Segment(i, s.label, category, kind))
-            voxels = int((labels == k).sum())
-            findings.append(Finding(kind, measurements=(
-                Measurement(VOLUME, round(voxels * float(np.prod(g.spacing)) / 1000, 4), "ml"),),
-                segment=i, source_series_uid=series.series_uid))
-        return Outputs(findings=tuple(findings),
-                       label_maps=(LabelMap(remap[labels], g, tuple(segments),
-                                            series.series_uid),),
-                       summary=summary,
-                       algorithm=(f"{self.name}:{spec.name}", f"{self.version}/{spec.version}"))
+            return Outputs(summary=summary, algorithm=algorithm)
+        return _segmentation(series, spec, labels, present, summary, algorithm)
 
+
+def _model_input(hu: np.ndarray, spec: ModelSpec, factors: tuple[float, ...]) -> np.ndarray:
+    """The volume as the model was trained on it: at its spacing, windowed and normalized
+    as its spec says."""
+    x = _resample(hu, factors, order=1)
+    if spec.window is not None:
+        x = np.clip(x, *spec.window)
+    if spec.normalize == "minmax":
+        lo, hi = spec.window if spec.window is not None else (float(x.min()),
+                                                             float(x.max()))
+        x = (x - lo) / max(hi - lo, 1e-6)
+    elif spec.normalize == "zscore":
+        x = (x - x.mean()) / max(float(x.std()), 1e-6)
+    return x
+
+
+def _infer(x: np.ndarray, spec: ModelSpec, params: ModelRunnerParams, ctx: Context
+           ) -> np.ndarray:
+    """The model's raw output (channels first) from MONAI's sliding-window inference, on the
+    job's device: volumes larger than the patch size are seen patch by patch, blended."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    device = "cuda" if ctx.device.startswith("cuda") else "cpu"
+    predictor = load_predictor(params.model, device)
+    tensor = torch.from_numpy(np.ascontiguousarray(x))[None, None].to(device)
+    roi = tuple(min(p, s) for p, s in zip(spec.patch_size, x.shape, strict=True))
+    with torch.no_grad():
+        raw: Any = sliding_window_inference(tensor, roi, params.sw_batch_size, predictor,
+                                            overlap=spec.overlap, mode="gaussian")
+    y: np.ndarray = raw[0].float().cpu().numpy()
+    return y
+
+
+def _labels(y: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """A label per voxel from the model's output, as the spec says the model answers:
+    softmax (channel 0 background), sigmoid (a channel per label) or labels already."""
+    labels: np.ndarray
+    if spec.output == "softmax":
+        labels = np.argmax(y, axis=0).astype(np.uint8)
+    elif spec.output == "sigmoid":
+        fg = y > 0.5
+        labels = np.where(fg.any(axis=0), np.argmax(y, axis=0) + 1, 0).astype(np.uint8)
+    else:
+        labels = np.rint(y[0]).astype(np.uint8)
+    return labels
+
+
+def _segmentation(series: SeriesInput, spec: ModelSpec, labels: np.ndarray, present: list[int],
+                  summary: str, algorithm: tuple[str, str]) -> Outputs:
+    """A SEG segment and a volume finding per label present, renumbered 1… in the spec's
+    label order (a SEG's segment numbers start at 1 and have no gaps)."""
+    g = series.geometry
+    remap = np.zeros(256, dtype=np.uint8)
+    segments, findings = [], []
+    for i, k in enumerate(present, start=1):
+        remap[k] = i
+        s = spec.labels[k]
+        category, kind = Code(*s.category), Code(*s.type)
+        segments.append(Segment(i, s.label, category, kind))
+        voxels = int((labels == k).sum())
+        findings.append(Finding(kind, measurements=(
+            Measurement(VOLUME, round(voxels * float(np.prod(g.spacing)) / 1000, 4), "ml"),),
+            segment=i, source_series_uid=series.series_uid))
+    return Outputs(findings=tuple(findings),
+                   label_maps=(LabelMap(remap[labels], g, tuple(segments),
+                                        series.series_uid),),
+                   summary=summary, algorithm=algorithm)
