@@ -1,6 +1,7 @@
 """The notifier (``dicomnode/send/notify.py``: ``Notifier``; rows queued by
 ``dicomnode.run.jobs.queue_notification``) on a real SQLite index, delivering to a real
-HTTP server on 127.0.0.1 and to a real command: delivered once, retried with backoff after a 500, given up after ``attempts`` with the audit event."""
+HTTP server on 127.0.0.1 and to a real command: delivered once, retried with backoff after a
+500, given up after ``attempts`` with the audit event."""
 
 from __future__ import annotations
 
