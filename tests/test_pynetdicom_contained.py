@@ -47,6 +47,8 @@ PINNED_SOURCES = {
     "pynetdicom.presentation:PresentationContext.add_transfer_syntax": "83bb818ef65a6968",
     "pynetdicom.presentation:negotiate_as_acceptor": "d5413f08f0ac7b32",  # with_globals
     "pynetdicom.acse:ACSE._negotiate_as_acceptor": "fffd360957c42a8e",  # with_globals
+    "pynetdicom.ae:ApplicationEntity.add_supported_context": "2932641f457f3240",  # with_globals
+    "pynetdicom.ae:ApplicationEntity.add_requested_context": "ce2ba20e8b5bfa91",  # with_globals
 }
 
 # (module:Class.name, the parameter names it must take) for what node_ae overrides or calls
@@ -169,6 +171,8 @@ def test_the_private_pynetdicom_api_the_node_relies_on_is_unchanged() -> None:
     assert "_config" in Association.send_c_store.__code__.co_names
     assert "negotiate_as_acceptor" in ACSE._negotiate_as_acceptor.__code__.co_names
     assert "PresentationContext" in negotiate_as_acceptor.__code__.co_names
+    for method in (pynetdicom.AE.add_supported_context, pynetdicom.AE.add_requested_context):
+        assert "PresentationContext" in method.__code__.co_names
     assert DIMSEServiceProvider.receive_primitive.__code__.co_names  # (pinned above)
 
 
