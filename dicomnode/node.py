@@ -102,7 +102,6 @@ class Node:
                           source_host=socket.gethostname(), version=__version__, pid=os.getpid(),
                           port=n.port, database=self.engine.url.get_backend_name(),
                           storage=str(self.files.root), recovered=recovered)
-        self.assembler.start()
         self.router.start()
         self.runner.start()
         self.sender.start()
@@ -112,6 +111,10 @@ class Node:
         self.receiver.start()
         if self.pool is not None:
             self.pool.install(self.receiver.server)
+        # the quiet period counts from when senders can reach the node again, not from when
+        # the process began (plugin discovery and migrations come first)
+        self.assembler.started_at = utcnow()
+        self.assembler.start()
 
     def stop(self, reason: str = "requested") -> None:
         if self._stopped.is_set():
