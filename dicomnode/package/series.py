@@ -24,7 +24,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from dicomnode.package.provenance import MANUFACTURER, Provenance, output_uid
 from dicomnode.plugin import Geometry, ImageVolume, PluginError, to_numpy
-from dicomnode.store.parse import _Walker
+from dicomnode.store.parse import Walker
 
 # Patient, General Study and Patient Study attributes copied from the source (Type 1/2 kept).
 PATIENT_STUDY = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
@@ -234,7 +234,7 @@ def ct_series_part10(volume: ImageVolume, sources: Sequence[Any], prov: Provenan
     meta_len = len(_meta_bytes(first.file_meta))
     data = whole[meta_len:]
     tags = {int(tag_for_keyword(kw) or 0): kw for kw in maker.varying(0)}
-    walker = _Walker(data, False, True, frozenset(tags))
+    walker = Walker(data, False, True, frozenset(tags))
     walker.dataset(0, len(data), False, 0, in_item=False)
     spans = []
     for tag in sorted(tags):

@@ -289,7 +289,7 @@ class ReceiverPool:
         """Delete the files a dead worker was receiving into, unless it indexed them before
         it died (its transaction either committed or is gone with its connection)."""
         from dicomnode.schema import Instance
-        from dicomnode.store.files import _fsync_dir
+        from dicomnode.store.files import fsync_dir
 
         removed = 0
         for path in sorted(paths):
@@ -303,7 +303,7 @@ class ReceiverPool:
                     continue
             if p.exists():
                 p.unlink()
-                _fsync_dir(p.parent)
+                fsync_dir(p.parent)
                 removed += 1
         return removed
 

@@ -49,7 +49,7 @@ from dicomnode.run.registry import discover
 from dicomnode.runtime.memory import tune_allocator
 from dicomnode.runtime.process import die_with_parent
 from dicomnode.schema import Instance, Job, JobState, Series
-from dicomnode.store.files import _fsync_dir, _start_writeback
+from dicomnode.store.files import fsync_dir, start_writeback
 
 log = logging.getLogger("dicomnode.job")
 
@@ -80,7 +80,7 @@ class ResultWriter:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            _start_writeback(fd, 0, len(data))
+            start_writeback(fd, 0, len(data))
         finally:
             os.close(fd)
         self.paths.append(path)
@@ -99,7 +99,7 @@ class ResultWriter:
                 dirs.add(d)
                 d = d.parent
         for d in sorted(dirs, key=lambda p: -len(p.parts)):  # deepest first
-            _fsync_dir(d)
+            fsync_dir(d)
         self.paths.clear()
 
 
@@ -195,7 +195,7 @@ def _write_step(path: Path, record: dict[str, Any]) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @dataclass

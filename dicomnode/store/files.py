@@ -66,7 +66,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 _WRITEBACK_EVERY = 256 * 1024
 
 
-def _start_writeback(fd: int, offset: int, length: int) -> None:
+def start_writeback(fd: int, offset: int, length: int) -> None:
     """Ask the kernel to start writing this range to disk now (Linux ``sync_file_range``,
     no waiting): the final fsync then only waits for the tail. A no-op elsewhere."""
     if _sync_file_range is not None:
@@ -109,7 +109,7 @@ class StreamingFile:
             FileStore._write_all(self._fd, view)
             self.size += len(view)
             if self.size - self._synced >= _WRITEBACK_EVERY:
-                _start_writeback(self._fd, self._synced, self.size - self._synced)
+                start_writeback(self._fd, self._synced, self.size - self._synced)
                 self._synced = self.size
         except OSError as e:
             self.error = e
@@ -157,7 +157,8 @@ def final_rel_path(name: str) -> str:
     return f"objects/{bucket[:8]}/{bucket[8:]}/{ident}.dcm"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (files created, renamed, removed in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -195,7 +196,7 @@ class GroupSync:
                 ok = False
                 self._cv.release()
                 try:
-                    _fsync_dir(self.path)
+                    fsync_dir(self.path)
                     ok = True
                 finally:
                     self._cv.acquire()
@@ -249,8 +250,8 @@ class FileStore:
         if key not in self._known_dirs:
             if not parent.exists():
                 parent.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(parent.parent)
-                _fsync_dir(parent.parent.parent)
+                fsync_dir(parent.parent)
+                fsync_dir(parent.parent.parent)
             self._known_dirs.add(key)
         return parent
 
@@ -356,7 +357,7 @@ class FileStore:
                     os.unlink(entry.path)
                     removed += 1
             if removed:
-                _fsync_dir(self.root / bucket)
+                fsync_dir(self.root / bucket)
                 deleted += removed
         for entry in os.scandir(self.tmp):  # layout before files were born in place
             name, ext = os.path.splitext(entry.name)
@@ -369,7 +370,7 @@ class FileStore:
                 rel = legacy
                 self._bucket(name)
                 os.rename(entry.path, self.root / rel)
-                _fsync_dir((self.root / rel).parent)
+                fsync_dir((self.root / rel).parent)
                 forward += 1
             else:
                 if entry.is_dir(follow_symlinks=False):
@@ -378,7 +379,7 @@ class FileStore:
                     os.unlink(entry.path)
                 deleted += 1
         if forward or deleted:
-            _fsync_dir(self.tmp)
+            fsync_dir(self.tmp)
             log.warning("start-up sweep: %d file(s) rolled forward, %d unindexed or stray "
                         "file(s) removed", forward, deleted)
         return forward, deleted

@@ -39,7 +39,11 @@ class MalformedDataset(ValueError):
     """The dataset is truncated or structurally invalid; the message says where."""
 
 
-class _Walker:
+class Walker:
+    """One pass over an explicit/implicit, little/big endian data set: checks every element's
+    length against the bytes there (nested sequences too) and collects the ``wanted`` top-level
+    elements. Also used by :mod:`dicomnode.package.series` to read source headers fast."""
+
     def __init__(self, buf: bytes | memoryview, implicit: bool, little: bool,
                  wanted: frozenset[int] = frozenset()) -> None:
         self.buf = buf
@@ -148,14 +152,14 @@ def check_complete(dataset: bytes | memoryview, transfer_syntax: str) -> PlainDa
     little = ts != ExplicitVRBigEndian
     if len(plain) == 0:
         raise MalformedDataset("empty dataset")
-    walker = _Walker(plain, implicit, little, _WANTED)
+    walker = Walker(plain, implicit, little, _WANTED)
     try:
         walker.dataset(0, len(plain), implicit, 0, in_item=False)
     except MalformedDataset as first:
         msg = str(first)
         if implicit or not little or "invalid VR" not in msg or "at byte 0" not in msg:
             raise
-        walker = _Walker(plain, True, True, _WANTED)
+        walker = Walker(plain, True, True, _WANTED)
         walker.dataset(0, len(plain), True, 0, in_item=False)
         implicit = True
     found = walker.found
