@@ -408,7 +408,7 @@ def _complete(dul: Any, message: Any) -> None:
     ``DIMSEServiceProvider.receive_primitive`` does, and wake the association thread."""
     dimse = dul.assoc.dimse
     try:
-        primitive = message.message_to_primitive()
+        primitive = _message_to_primitive(message)
     except Exception:
         log.exception("received an invalid DIMSE message")
         dul.event_queue.put("Evt19")
@@ -574,12 +574,12 @@ class StreamingDataSet(io.BytesIO):
 
 
 def _new_message(assoc: Any) -> DIMSEMessage:
-    """A DIMSE message of the node's own: its data set streamed (:class:`StreamingDataSet`),
-    and a C-STORE-RQ converted to its primitive directly (:func:`_message_to_primitive`, set
-    on this one object; ``DIMSEMessage`` itself is unchanged)."""
+    """A DIMSE message of the node's own: its data set streamed (:class:`StreamingDataSet`);
+    a C-STORE-RQ is converted to its primitive directly (:func:`_message_to_primitive`: by
+    :func:`_complete`, or set on the message while :meth:`NodeDIMSE.receive_primitive` runs
+    pynetdicom's path; ``DIMSEMessage`` itself is unchanged)."""
     message: Any = DIMSEMessage()
     message.data_set = StreamingDataSet(assoc, message)
-    message.message_to_primitive = types.MethodType(_message_to_primitive, message)
     return message  # type: ignore[no-any-return]
 
 
@@ -965,7 +965,14 @@ class NodeDIMSE(DIMSEServiceProvider):
         is woken (:class:`_AssociationTime`)."""
         if self.message is None:
             self.message = _new_message(self.assoc)
-        super().receive_primitive(primitive)
+        message: Any = self.message
+        # set for this call only: a bound method kept on the message would make it a
+        # reference cycle, freed by the garbage collector instead of at once
+        message.message_to_primitive = types.MethodType(_message_to_primitive, message)
+        try:
+            super().receive_primitive(primitive)
+        finally:
+            message.__dict__.pop("message_to_primitive", None)
         self.assoc._dicomnode_msg.set()  # type: ignore[attr-defined]
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
