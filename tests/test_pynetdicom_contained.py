@@ -1,4 +1,4 @@
-"""The node's pynetdicom changes stay in the node's own classes (``dicomnode/receive/node_ae.py``,
+"""The node's pynetdicom changes stay in the node's own classes (``dicomnode/network/node_ae.py``,
 ``docs/pynetdicom.md``).
 
 1. The private pynetdicom API those classes override or call is still there, with the same
@@ -120,7 +120,7 @@ def test_the_private_pynetdicom_api_the_node_relies_on_is_unchanged() -> None:
     from pynetdicom.presentation import negotiate_as_acceptor
     from pynetdicom.transport import AssociationSocket, RequestHandler
 
-    from dicomnode.receive import node_ae
+    from dicomnode.network import node_ae
 
     assert pynetdicom.__version__ == node_ae.SUPPORTED_PYNETDICOM
     problems = []
@@ -223,8 +223,9 @@ _SCRIPT = textwrap.dedent('''
                                    "port": free_ports[1]}},
     }))
     from dicomnode.config import load_settings
-    from dicomnode.node import Node, configure_logging
+    from dicomnode.node import Node
     from dicomnode.send.sender import send_files
+    from dicomnode.runtime.process import configure_logging
 
     configure_logging("INFO")
     node = Node(load_settings(workdir / "dicomnode.yaml"))
@@ -319,7 +320,7 @@ _SCRIPT = textwrap.dedent('''
     out["differences"] = differences(fresh, snapshot())
     # the comparison has teeth: one patch of the old kind is seen
     from pynetdicom.dul import DULServiceProvider
-    from dicomnode.receive.node_ae import NodeDUL
+    from dicomnode.network.node_ae import NodeDUL
     original = DULServiceProvider.__dict__["_read_pdu_data"]
     DULServiceProvider._read_pdu_data = NodeDUL._read_pdu_data
     out["a_patch_is_seen"] = differences(fresh, snapshot())
@@ -377,11 +378,11 @@ def test_a_started_node_leaves_pynetdicom_as_upstream(tmp_path: Path) -> None:
 
     # the node's own side of an association, in the same process: the node's classes
     node = out["node_acceptor"]
-    assert node["assoc"] == "dicomnode.receive.node_ae.NodeAssociation"
-    assert node["dul"] == "dicomnode.receive.node_ae.NodeDUL"
-    assert node["dimse"] == "dicomnode.receive.node_ae.NodeDIMSE"
-    assert node["acse"] == "dicomnode.receive.node_ae.NodeACSE"
-    assert node["socket"] == "dicomnode.receive.node_ae.NodeSocket"
+    assert node["assoc"] == "dicomnode.network.node_ae.NodeAssociation"
+    assert node["dul"] == "dicomnode.network.node_ae.NodeDUL"
+    assert node["dimse"] == "dicomnode.network.node_ae.NodeDIMSE"
+    assert node["acse"] == "dicomnode.network.node_ae.NodeACSE"
+    assert node["socket"] == "dicomnode.network.node_ae.NodeSocket"
     assert node["local_max_pdu"] == 1048576 == out["node_max_pdu_seen_by_stock_scu"]
     assert node["nodelay"] != 0 and node["run_loop_delay"] == 0
     assert node["pdu_log_handlers"] == 0  # logging.level INFO: no PDU formatting
@@ -398,7 +399,7 @@ def test_node_ae_binds_log_handlers_as_told_not_by_the_global(log_handlers: bool
     pynetdicom's _config.LOG_HANDLER_LEVEL stays as it was."""
     from pynetdicom import _config, evt
 
-    from dicomnode.receive.node_ae import NodeAE
+    from dicomnode.network.node_ae import NodeAE
     from tests.helpers import free_port
 
     before = _config.LOG_HANDLER_LEVEL

@@ -19,7 +19,7 @@ def test_association_sockets_have_tcp_nodelay() -> None:
 
     from pynetdicom import evt
 
-    from dicomnode.receive.node_ae import NodeAE as AE
+    from dicomnode.network.node_ae import NodeAE as AE
     from tests.helpers import free_port
 
     accepted: list[int] = []
@@ -64,7 +64,7 @@ def test_fast_c_store_response_is_byte_identical(status: int, comment: str | Non
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from dicomnode.receive.node_ae import encode_c_store_rsp
+    from dicomnode.network.node_ae import encode_c_store_rsp
 
     p = C_STORE()
     p.MessageIDBeingRespondedTo = 7
@@ -101,7 +101,7 @@ def test_data_set_fragments_fast_path_keeps_every_byte(monkeypatch: pytest.Monke
     from pydicom.data import get_testdata_file
     from pynetdicom import evt
 
-    from dicomnode.receive import node_ae
+    from dicomnode.network import node_ae
     from tests.helpers import free_port, split_part10, storescu, with_new_uids
 
     original = node_ae._pdu_received
@@ -207,7 +207,7 @@ def test_fast_c_store_request_primitive_matches_pynetdicoms(move_originator: str
     from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
     from pynetdicom.dsutils import decode
 
-    from dicomnode.receive.node_ae import _original_to_primitive, c_store_rq_primitive
+    from dicomnode.network.node_ae import _original_to_primitive, c_store_rq_primitive
 
     _, encoded = _c_store_rq_command(7, instance, priority, move_originator)
 
@@ -245,7 +245,7 @@ def test_read_ahead_returns_every_pdu_whole_however_the_bytes_arrive() -> None:
     import struct
     import threading
 
-    from dicomnode.receive.node_ae import ReadAhead
+    from dicomnode.network.node_ae import ReadAhead
 
     rng = random.Random(7)
     pdus = [bytes([k % 7 + 1, 0]) + struct.pack(">L", n) + rng.randbytes(n)
@@ -294,7 +294,7 @@ def test_c_store_command_fast_path_builds_the_message_pynetdicom_would() -> None
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.pdu_primitives import P_DATA
 
-    from dicomnode.receive import node_ae
+    from dicomnode.network import node_ae
 
     p, encoded = _c_store_rq_command(9, "1.2.826.0.1.3680043.8.498.1234567890123", 2,
                                      "MOVESCU")
@@ -358,7 +358,7 @@ def test_presentation_context_copies_are_independent() -> None:
     contexts."""
     from pynetdicom.presentation import build_context
 
-    from dicomnode.receive import node_ae
+    from dicomnode.network import node_ae
 
     original = build_context("1.2.840.10008.5.1.4.1.1.2",
                              ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
@@ -382,7 +382,7 @@ def test_remembered_uid_checks_answer_as_pynetdicom_does() -> None:
     from pydicom.uid import UID
     from pynetdicom.pdu_items import PresentationContextItemRQ
 
-    from dicomnode.receive import node_ae
+    from dicomnode.network import node_ae
 
     def sub_items(*items: tuple[int, bytes]) -> list[Any]:
         """Sub-items as an A-ASSOCIATE-RQ carries them, decoded as the node's DUL does."""
@@ -427,7 +427,7 @@ def test_reactor_does_not_wait_on_the_socket_with_events_queued(monkeypatch) -> 
     import socket
     import time
 
-    from dicomnode.receive import node_ae
+    from dicomnode.network import node_ae
 
     monkeypatch.setattr(node_ae, "IDLE_WAIT", 3.0)
 
@@ -468,7 +468,7 @@ def test_reactor_thread_does_not_give_up_the_lock_for_a_zero_sleep(monkeypatch) 
 
     import pynetdicom.dul
 
-    from dicomnode.receive import node_ae
+    from dicomnode.network import node_ae
 
     shim = node_ae.NodeDUL.run_reactor.__globals__["time"]
     assert shim is node_ae.DUL_TIME and pynetdicom.dul.time is time

@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
-from dicomnode.receive import node_ae
-from dicomnode.receive.node_ae import NodeAE, NodeServer
+from dicomnode.network import node_ae
+from dicomnode.network.node_ae import NodeAE, NodeServer
 from dicomnode.schema import (
     Association,
     AssociationState,

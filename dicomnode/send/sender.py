@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import DestinationConfig, Settings
 from dicomnode.database import reading
-from dicomnode.receive.node_ae import NodeAE
+from dicomnode.network.node_ae import NodeAE
 from dicomnode.schema import Delivery, DeliveryState, Job, utcnow
 from dicomnode.state import Actor, transition
 
