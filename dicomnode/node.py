@@ -29,7 +29,7 @@ from dicomnode.receive.workers import ReceiverPool
 from dicomnode.route import compile_routes
 from dicomnode.route.router import Router
 from dicomnode.run.jobs import Runner
-from dicomnode.run.registry import discover
+from dicomnode.run.registry import PluginInfo, discover
 from dicomnode.run.runner import EmbeddedRunner
 from dicomnode.schema import Association, AssociationState, utcnow
 from dicomnode.send.notify import Notifier
@@ -40,16 +40,24 @@ log = logging.getLogger(__name__)
 
 
 class Node:
+    @staticmethod
+    def _plugins() -> dict[str, PluginInfo]:
+        """Installed plugins; the ones refused (e.g. built for another plugin API major) are
+        logged with the reason."""
+        plugins = discover()
+        for info in plugins.values():
+            if info.error:
+                log.error("plugin %s (%s) not loaded: %s", info.name, info.distribution,
+                          info.error)
+        return plugins
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.started_at = utcnow()
         # a broken route is a start-up error, not a surprise when the first study arrives
-        plugins = discover()
-        for info in plugins.values():  # e.g. built for another plugin API major: refused
-            if info.error:
-                log.error("plugin %s (%s) not loaded: %s", info.name, info.distribution,
-                          info.error)
-        self.rules = compile_routes(settings, plugins) if settings.routes else []
+        # plugins are imported only when routes can run them (their imports cost the node
+        # ~110 MiB of memory otherwise); one a route names but cannot load stops the start
+        self.rules = compile_routes(settings, self._plugins()) if settings.routes else []
         self._stopped = threading.Event()
         upgrade(settings.database_url)
         self.engine = make_engine(settings.database_url, settings.database.echo)

@@ -306,8 +306,10 @@ def test_array_module_falls_back_to_numpy_without_a_usable_gpu(
 
 
 def test_a_plugin_for_another_api_major_is_refused_at_start(tmp_path: Path) -> None:
-    """`dicomnode serve` names the plugin, its API version and the node's in its log, leaves
-    the plugin out and starts; a plugin built for an older 1.x loads beside it."""
+    """`dicomnode serve` (with routes: plugins are loaded only then) names the plugin, its API
+    version and the node's in its log, leaves the plugin out and starts; a plugin built for an
+    older 1.x loads beside it and runs a route. A route naming the refused plugin stops the
+    start with the same reason."""
     from tests.helpers import NodeProc
 
     plugins = tmp_path / "site"
@@ -322,8 +324,9 @@ def test_a_plugin_for_another_api_major_is_refused_at_start(tmp_path: Path) -> N
             def run(self, inputs, params, ctx): return Outputs()
         """, "next-gen = next_gen:Next\nold-one = next_gen:Old")
     path = os.pathsep.join([str(plugins), os.environ.get("PYTHONPATH", "")])
+    route = {"name": "old", "match": {"Modality": "CT"}, "pipeline": [{"plugin": "old-one"}]}
     node = NodeProc(tmp_path / "node", f"sqlite:///{tmp_path / 'index.db'}",
-                    env={"PYTHONPATH": path})
+                    overrides={"routes": [route]}, env={"PYTHONPATH": path})
     try:
         node.start()
         assert ("plugin next-gen (next-gen) not loaded: plugin 'next-gen' was built for plugin "
@@ -336,3 +339,12 @@ def test_a_plugin_for_another_api_major_is_refused_at_start(tmp_path: Path) -> N
         assert listed["old-one"]["ok"] and not listed["next-gen"]["ok"]
     finally:
         node.stop()
+    route = {"name": "next", "match": {"Modality": "CT"}, "pipeline": [{"plugin": "next-gen"}]}
+    refused = NodeProc(tmp_path / "refused", f"sqlite:///{tmp_path / 'refused.db'}",
+                       overrides={"routes": [route]}, env={"PYTHONPATH": path})
+    refused.write_config()
+    r = subprocess.run([sys.executable, "-m", "dicomnode", "serve", "--config",
+                        str(refused.config_path)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": path})
+    assert r.returncode != 0
+    assert "was built for plugin API 2.0, this node has API 1.1: refused" in r.stdout + r.stderr
