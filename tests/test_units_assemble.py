@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.assemble.assembler import Assembler, Completed
 from dicomnode.audit import AuditLog
-from dicomnode.schema import Association, Completion, Series, Study, utcnow
+from dicomnode.schema import (
+    Association,
+    AssociationState,
+    Completion,
+    Series,
+    Study,
+    utcnow,
+)
 from dicomnode.simulate import write_ct_series
 from dicomnode.store.files import FileStore
 from dicomnode.store.service import InstanceStore, Received
@@ -127,7 +134,7 @@ def test_an_open_association_holds_completion(stages: Stages) -> None:
         assert s.execute(select(Study.state).where(Study.study_uid == study)).scalar_one() == (
             "receiving")
     with stages.sessions() as s, s.begin():
-        s.get_one(Association, assoc_id).state = "closed"
+        s.get_one(Association, assoc_id).state = AssociationState.RELEASED
     assert [(c.level, c.study_uid, c.num_instances) for c in assembler.run_once(later)] == [
         ("series", study, 2), ("study", study, 2)]
     assert stages.completions() == [("study", other, None, 1, 1), ("study", study, None, 1, 2)]
