@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,12 +75,58 @@ def serve(config: ConfigOpt = None) -> None:
     except OSError as e:
         err.print(f"[red]error:[/red] cannot start: {e}")
         raise typer.Exit(1) from None
+    web = None
+    if settings.web.enabled:
+        from dicomnode.web.server import WebThread
+
+        _hint_first_user(settings, node.sessions)
+        web = WebThread(settings, node.sessions, node.audit)
+        try:
+            web.start()
+        except OSError as e:
+            err.print(f"[red]error:[/red] {e} (web.port is {settings.web.port}; "
+                      "web.enabled: false runs the node without its console)")
+            raise typer.Exit(1) from None
     try:
         node.serve_forever()
     except OSError as e:  # e.g. port in use
         err.print(f"[red]error:[/red] {e} (node.port is {settings.node.port})")
         node.stop("start failed")
         raise typer.Exit(1) from None
+    finally:
+        if web is not None:
+            web.stop()
+
+
+def _hint_first_user(settings: Settings, sessions: Any) -> None:
+    """No one can log in yet: say how to make the first user (there is no default one)."""
+    from dicomnode.database import reading
+    from dicomnode.web.auth import has_users
+
+    with reading(sessions)() as s:
+        if has_users(s):
+            return
+    cfg = os.environ.get("DICOMNODE_CONFIG")
+    err.print(f"[yellow]No console user exists yet.[/yellow] Create one with\n"
+              f"  dicomnode users add NAME --role admin{' --config ' + cfg if cfg else ''}\n"
+              f"then log in at {settings.web.base_url}/login", highlight=False)
+
+
+@app.command()
+def web(config: ConfigOpt = None) -> None:
+    """Run the web console and REST API alone (no DICOM listener), against the node's
+    database: e.g. on another machine, or a second one behind a load balancer."""
+    settings = _settings(config)
+    from dicomnode.database import make_engine, make_sessionmaker, upgrade
+    from dicomnode.runtime.process import configure_logging
+    from dicomnode.web.server import run_web
+
+    configure_logging(settings.logging.level)
+    settings.storage.path.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    _hint_first_user(settings, sessions)
+    run_web(settings, sessions)
 
 
 @app.command()
@@ -624,3 +671,146 @@ def version() -> None:
     from dicomnode import __version__
 
     console.print(__version__)
+
+
+# -- users of the web console and REST API -------------------------------------------------------
+
+users_app = typer.Typer(no_args_is_help=True,
+                        help="People who use the web console and REST API (docs/console.md).")
+app.add_typer(users_app, name="users")
+
+RoleArg = Annotated[str, typer.Option("--role", help="admin | radiologist | auditor")]
+StdinOpt = Annotated[bool, typer.Option("--password-stdin",
+                                        help="Read the password from standard input (one line)"
+                                             " instead of asking for it.")]
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+@contextmanager
+def _users_tx(config: Path | None) -> Iterator[tuple[Any, Any, str]]:
+    """(session, audit log, acting OS user) in a write transaction, on a schema brought up to
+    date first (so this works on a fresh installation before the first ``serve``). A refused
+    change exits 1 with the reason, writing nothing."""
+    from dicomnode.audit import AuditLog
+    from dicomnode.database import make_engine, make_sessionmaker, upgrade
+    from dicomnode.state import Actor
+    from dicomnode.web.auth import UserError
+
+    settings = _settings(config)
+    settings.storage.path.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.database_url)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    try:
+        with sessions() as s, s.begin():
+            yield s, AuditLog(sessions), Actor.os_user().name
+    except UserError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@users_app.command("add")
+def users_add(name: str, role: RoleArg, password_stdin: StdinOpt = False,
+              display_name: Annotated[str, typer.Option(
+                  help="Full name, e.g. for the verifying observer of a verified SR.")] = "",
+              config: ConfigOpt = None) -> None:
+    """Create a user with a password (at least 10 characters). Audited."""
+    from dicomnode.web.auth import add_user, check_role, hash_password
+
+    try:
+        check_role(role)
+        password = _read_password(password_stdin)
+        hash_password(password)  # refuse a weak password before touching the database
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    with _users_tx(config) as (s, audit, by):
+        add_user(s, audit, name, role, password, by=by, display_name=display_name)
+    console.print(f"user {name} added ({role})")
+
+
+@users_app.command("list")
+def users_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Every user, their role and whether they can log in."""
+    from sqlalchemy import select
+
+    from dicomnode.schema import User
+
+    with _users_tx(config) as (s, _audit, _by):
+        rows = [{"name": u.name, "display_name": u.display_name, "role": str(u.role),
+                 "disabled": u.disabled, "locked": u.locked_at is not None,
+                 "sso": u.sso_subject is not None,
+                 "last_login_at": u.last_login_at.isoformat() if u.last_login_at else None}
+                for u in s.execute(select(User).order_by(User.name)).scalars()]
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("name", "role", "state", "last login", "full name")
+    for r in rows:
+        state = ("disabled" if r["disabled"] else "locked" if r["locked"] else "active") + \
+            (" (sso)" if r["sso"] else "")
+        table.add_row(r["name"], r["role"], state, r["last_login_at"] or "never",
+                      r["display_name"])
+    console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(name: str, config: ConfigOpt = None) -> None:
+    """Stop NAME from logging in; their sessions and tokens end now. Audited."""
+    from dicomnode.web.auth import set_disabled
+
+    with _users_tx(config) as (s, audit, by):
+        set_disabled(s, audit, name, True, by=by)
+    console.print(f"user {name} disabled")
+
+
+@users_app.command("enable")
+def users_enable(name: str, config: ConfigOpt = None) -> None:
+    """Let a disabled user log in again. Audited."""
+    from dicomnode.web.auth import set_disabled
+
+    with _users_tx(config) as (s, audit, by):
+        set_disabled(s, audit, name, False, by=by)
+    console.print(f"user {name} enabled")
+
+
+@users_app.command("passwd")
+def users_passwd(name: str, password_stdin: StdinOpt = False,
+                 config: ConfigOpt = None) -> None:
+    """Set NAME's password (also unlocks a locked account; their sessions end). Audited."""
+    from dicomnode.web.auth import hash_password, set_password
+
+    password = _read_password(password_stdin)
+    try:
+        hash_password(password)
+    except ValueError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    with _users_tx(config) as (s, audit, by):
+        set_password(s, audit, name, password, by=by)
+    console.print(f"password of {name} changed")
+
+
+@users_app.command("unlock")
+def users_unlock(name: str, config: ConfigOpt = None) -> None:
+    """Unlock an account locked after repeated failed logins. Audited."""
+    from dicomnode.web.auth import unlock
+
+    with _users_tx(config) as (s, audit, by):
+        unlock(s, audit, name, by=by)
+    console.print(f"user {name} unlocked")
+
+
+@users_app.command("role")
+def users_role(name: str, role: Annotated[str, typer.Argument(
+        help="admin | radiologist | auditor")], config: ConfigOpt = None) -> None:
+    """Change NAME's role (from their next login). Audited."""
+    from dicomnode.web.auth import set_role
+
+    with _users_tx(config) as (s, audit, by):
+        set_role(s, audit, name, role, by=by)
+    console.print(f"user {name} is now {role}")

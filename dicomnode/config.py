@@ -233,6 +233,44 @@ class RunnerConfig(_Section):
     lease_seconds: float = Field(60.0, ge=5, le=3600)
 
 
+class OIDCConfig(_Section):
+    """Single sign-on with an OpenID Connect provider (authorization code flow, authlib)."""
+
+    issuer: str = Field(description="The provider's issuer URL; its discovery document is "
+                        "<issuer>/.well-known/openid-configuration.")
+    client_id: str
+    client_secret: str = ""
+    scope: str = "openid profile email"
+    # the claim whose value(s) decide the role, and how: claim value -> node role
+    role_claim: str = "groups"
+    role_map: dict[str, Literal["admin", "radiologist", "auditor"]] = Field(default_factory=dict)
+    # the claim used as the user name in the node (and in every audit event)
+    username_claim: str = "preferred_username"
+    button_label: str = "Sign in with single sign-on"
+
+
+class WebConfig(_Section):
+    """The web console and REST API (``dicomnode serve`` runs it beside the DICOM listener)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # a login lasts this long (cookie and bearer token alike), then the user logs in again
+    session_hours: float = Field(8.0, gt=0, le=24 * 30)
+    # how users reach the console (behind a proxy: its https URL); links, SSO redirects and
+    # Secure cookies follow it. Default: http://<host>:<port>
+    public_url: str | None = None
+    # consecutive failed logins that lock an account until an admin unlocks it
+    lockout_failures: int = Field(5, ge=1, le=100)
+    # after each failed login the next attempt for that user waits this long (seconds)
+    failure_delay_seconds: float = Field(1.0, ge=0, le=30)
+    oidc: OIDCConfig | None = None
+
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -262,6 +300,7 @@ class Settings(BaseSettings):
     assemble: AssembleConfig = Field(default_factory=AssembleConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)

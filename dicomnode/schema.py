@@ -288,6 +288,11 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="{}")  # canonical JSON
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    __table_args__ = (
+        # the console's audit page: filtered by user or event type, newest first
+        Index("ix_audit_events_user_seq", "user", "seq"),
+        Index("ix_audit_events_type_seq", "event_type", "seq"),
+    )
 
 
 class AuditHead(Base):
@@ -391,3 +396,48 @@ class Notification(Base):
     step: Mapped[int] = mapped_column(Integer, default=-1, server_default="-1")  # which made it
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Role(StrEnum):
+    """What a console or API user may do (``dicomnode.web.auth.PERMISSIONS``)."""
+
+    ADMIN = "admin"  # everything
+    RADIOLOGIST = "radiologist"  # studies, AI findings and their review
+    AUDITOR = "auditor"  # the audit trail: read, export, verify; nothing else
+
+
+class User(Base):
+    """A person who uses the console or the REST API. Passwords are argon2id hashes; an SSO
+    user (OpenID Connect) has ``sso_subject`` and no password. Never deleted (audit events name
+    users): disabled instead."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    role: Mapped[Role] = mapped_column(StateColumn(Role))
+    password_hash: Mapped[str] = mapped_column(String(256), default="")
+    sso_subject: Mapped[str | None] = mapped_column(String(255), nullable=True, unique=True)
+    disabled: Mapped[bool] = mapped_column(default=False)
+    # consecutive failed logins; at web.lockout_failures the account is locked
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class WebSession(Base):
+    """A login: a browser session (cookie) or an API bearer token. Only a SHA-256 of the
+    random token is stored, so a copy of the database logs nobody in."""
+
+    __tablename__ = "web_sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # cookie | bearer
+    csrf_token: Mapped[str] = mapped_column(String(64), default="")
+    remote: Mapped[str] = mapped_column(String(64), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

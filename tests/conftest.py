@@ -78,3 +78,7 @@ def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
     o = Orthanc(tmp_path / "orthanc")
     yield o
     o.stop()
+
+
+# the console's fixtures (a live console with one user per role; headless Chromium)
+from tests.web import browser, web  # noqa: E402, F401

@@ -49,6 +49,18 @@ class EventKind(Enum):
     # after a lost lease or a restart, cancelled, retried by an admin): who did it is recorded
     JOB_STATE = ("job-state", "DN0007", "Job State Changed", "U")
     DELIVERY_STATE = ("delivery-state", "DN0008", "Delivery State Changed", "U")
+    # people at the console and the REST API (dicomnode.web): user is always their name
+    USER_LOGIN = ("user-login", "110114", "User Authentication", "E")  # 110122 Login
+    USER_LOGOUT = ("user-logout", "110114", "User Authentication", "E")  # 110123 Logout
+    LOGIN_FAILED = ("login-failed", "110114", "User Authentication", "E")
+    ACCOUNT_LOCKED = ("account-locked", "110113", "Security Alert", "E")
+    ACCESS_DENIED = ("access-denied", "110113", "Security Alert", "E")
+    USER_CHANGED = ("user-changed", "110113", "Security Alert", "U")  # 110137 attributes changed
+    STUDY_VIEWED = ("study-viewed", "110103", "DICOM Instances Accessed", "R")
+    AUDIT_VIEWED = ("audit-viewed", "110101", "Audit Log Used", "R")
+    AUDIT_EXPORTED = ("audit-exported", "110106", "Export", "R")
+    AUDIT_VERIFIED = ("audit-verified", "110101", "Audit Log Used", "E")
+    STUDY_FORCED_COMPLETE = ("study-forced-complete", "DN0010", "Study Completion Forced", "U")
 
     @property
     def type_name(self) -> str:

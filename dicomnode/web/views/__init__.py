@@ -1,0 +1,1 @@
+"""One module per resource of the console: ``api`` (JSON under /api) and ``pages`` (HTML)."""
