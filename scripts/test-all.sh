@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need_apt=()
-for pkg in dcmtk orthanc; do dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg"); done
+# chromium: the console's browser tests (Playwright drives it; it cannot download its own)
+for pkg in dcmtk orthanc chromium; do dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
