@@ -49,6 +49,8 @@ class EventKind(Enum):
     # after a lost lease or a restart, cancelled, retried by an admin): who did it is recorded
     JOB_STATE = ("job-state", "DN0007", "Job State Changed", "U")
     DELIVERY_STATE = ("delivery-state", "DN0008", "Delivery State Changed", "U")
+    # a radiologist accepted, rejected or amended an AI finding; its verdict SR is queued
+    FINDING_REVIEWED = ("finding-reviewed", "DN0009", "Finding Reviewed", "U")
 
     @property
     def type_name(self) -> str:
