@@ -164,7 +164,7 @@ def transition(session: Session, row: Stateful, to: StrEnum, *, by: Actor, audit
     who moved it."""
     kind = type(row)
     attr = _STATE_ATTR.get(kind, "state")
-    before = getattr(row, attr)
+    before: StrEnum = getattr(row, attr)
     check_move(kind, before, to, row.id)
     setattr(row, attr, to)  # the right enum for the row: checked above
     moved: dict[str, Any] = {_ID_KEY[kind]: row.id, "from": str(before), "to": str(to),
