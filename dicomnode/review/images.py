@@ -123,8 +123,9 @@ def render_key_images(s: Session, settings: Settings, finding_id: int, *,
                 else json.loads(finding.key_images))[:max_images]
     if not uids:
         return []
-    paths = dict(s.execute(select(Instance.sop_instance_uid, Instance.path)
-                           .where(Instance.sop_instance_uid.in_(uids))).tuples().all())
+    paths = {uid: path for uid, path in s.execute(
+        select(Instance.sop_instance_uid, Instance.path)
+        .where(Instance.sop_instance_uid.in_(uids))).all()}
     masks: dict[str, np.ndarray] = {}
     if finding.seg_path and finding.segment_number is not None:
         masks = segment_masks(pydicom.dcmread(finding.seg_path), finding.segment_number)
