@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog, EventKind, verify_chain
 from dicomnode.config import Settings, load_settings
-from dicomnode.database import make_engine, make_sessionmaker
+from dicomnode.database import make_engine, make_sessionmaker, upgrade
 from dicomnode.review import (
     REVIEW_STEP_BASE,
     AlreadyReviewed,
@@ -30,12 +30,14 @@ from dicomnode.review import (
     InvalidDecision,
     ReviewResult,
     finding_detail,
+    index_step,
     render_key_images,
     review_finding,
 )
 from dicomnode.review.images import OUTLINE_RGB, outline
 from dicomnode.review.sr_read import measurement_groups, segment_masks
 from dicomnode.run import jobs
+from dicomnode.run.jobs import read_step, step_record
 from dicomnode.schema import (
     AuditEvent,
     Delivery,
@@ -45,6 +47,7 @@ from dicomnode.schema import (
     FindingStatus,
     Job,
     JobState,
+    utcnow,
 )
 from dicomnode.simulate.head import write_head_ct
 from tests.helpers import IN_CI, NodeProc, storescu, wait_until
@@ -347,3 +350,46 @@ def test_finding_detail_reads_the_sr(world: World) -> None:
     assert names == [("Volume", "ml"), ("Diameter", "mm")]
     assert detail.group.site == "Cranial cavity" and detail.priority == 0
     assert detail.group.segment is not None and detail.group.segment[1] == 1
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_index_and_verdict_on_postgresql(world: World, db_url: str, tmp_path: Path) -> None:
+    """The same step record indexed and a finding reviewed on PostgreSQL (row locks, the
+    migration's tables): rows once, the verdict queued at step 1000 + review id."""
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    audit = AuditLog(sessions)
+    settings = world.settings.model_copy(update={"storage": world.settings.storage.model_copy(
+        update={"path": tmp_path})})
+    try:
+        with world.sessions() as s:
+            uid = s.get_one(Job, world.job_id).uid
+        record = read_step(step_record(world.settings.storage.path / "results" / uid, 0))
+        assert record is not None
+        with sessions() as s, s.begin():
+            job = Job(uid=uid, route="ich", level="study", study_uid="1.2", revision=1,
+                      series_uids="[]", pipeline='[{"plugin": "ich-triage"}]',
+                      send_to='["pacs", "backup"]', state=JobState.SUCCEEDED,
+                      created_at=utcnow())
+            s.add(job)
+            s.flush()
+            assert index_step(s, job, 0, record) == 2
+            assert index_step(s, job, 0, record) == 0
+        with sessions() as s:
+            lesion = s.execute(select(Finding).where(Finding.segment_number == 1)).scalar_one()
+        with sessions() as s, s.begin():
+            result = review_finding(s, settings, audit, lesion.id, "amend", "smaller",
+                                    "bob", "Jones^Bob")
+        assert result.destinations == ("pacs", "backup")
+        assert result.verdict_path.is_relative_to(tmp_path)
+        with sessions() as s:
+            steps = s.execute(select(Delivery.destination, Delivery.step)).all()
+            assert sorted(steps) == [("backup", 1000 + result.review_id),
+                                     ("pacs", 1000 + result.review_id)]
+            assert s.get_one(Finding, lesion.id).status == FindingStatus.AMENDED
+        assert dsrdump_errors(result.verdict_path) == []
+        assert verify_chain(sessions).ok
+    finally:
+        engine.dispose()
