@@ -120,6 +120,16 @@ class ArrivalState(StrEnum):
     COMPLETE = "complete"
 
 
+class FindingStatus(StrEnum):
+    """A finding a plugin reported, as a radiologist judged it: pending → accepted | rejected |
+    amended (once; each decision sends a verdict SR to PACS, dicomnode/review/verdict.py)."""
+
+    PENDING = "pending"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    AMENDED = "amended"
+
+
 S = TypeVar("S", bound=StrEnum)
 
 
@@ -441,3 +451,66 @@ class WebSession(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class Finding(Base):
+    """One TID 1500 measurement group of a result SR, indexed when the job step that made it
+    is recorded (dicomnode/review/index.py), for radiologists to review.
+
+    Unique per (SR SOP Instance UID, tracking UID): a re-delivered step or a retried job
+    never indexes a group twice. ``priority`` 0: the step raised a critical finding (its step
+    record's ``critical`` text, e.g. a hemorrhage); 1: anything else. JSON columns:
+    ``measurements`` [{name, value, unit}], ``evaluations`` [{name, value}], ``location``
+    [x, y, z] (LPS mm) or null, ``key_images`` [SOP Instance UID] (the SEG frames of the
+    finding's segment, largest area first, or the step's KOS)."""
+
+    __tablename__ = "findings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_fk: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    sr_path: Mapped[str] = mapped_column(Text)
+    sr_sop_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    tracking_uid: Mapped[str] = mapped_column(UID)
+    tracking_id: Mapped[str] = mapped_column(String(64), default="")
+    group_index: Mapped[int] = mapped_column(Integer)  # 0-based, in the original SR
+    finding_value: Mapped[str] = mapped_column(String(64), default="")
+    finding_scheme: Mapped[str] = mapped_column(String(16), default="")
+    finding_meaning: Mapped[str] = mapped_column(String(128), default="")
+    site: Mapped[str] = mapped_column(String(128), default="")
+    laterality: Mapped[str] = mapped_column(String(64), default="")
+    confidence: Mapped[float | None] = mapped_column(Float, nullable=True)
+    measurements: Mapped[str] = mapped_column(Text, default="[]")
+    evaluations: Mapped[str] = mapped_column(Text, default="[]")
+    seg_sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    seg_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    segment_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    location: Mapped[str | None] = mapped_column(Text, nullable=True)
+    key_images: Mapped[str] = mapped_column(Text, default="[]")
+    priority: Mapped[int] = mapped_column(Integer, default=1)  # 0 critical, 1 other
+    critical: Mapped[str] = mapped_column(Text, default="")
+    status: Mapped[FindingStatus] = mapped_column(
+        StateColumn(FindingStatus), default=FindingStatus.PENDING, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    reviewed_by: Mapped[str] = mapped_column(String(64), default="")
+    reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    __table_args__ = (
+        UniqueConstraint("sr_sop_instance_uid", "tracking_uid", name="uq_findings_sr_tracking"),
+        Index("ix_findings_worklist", "status", "priority", "created_at"),
+    )
+
+
+class FindingReview(Base):
+    """A radiologist's decision on one finding, and the verdict SR it sent to PACS. One per
+    finding (unique): a second review is refused."""
+
+    __tablename__ = "finding_reviews"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    finding_fk: Mapped[int] = mapped_column(ForeignKey("findings.id"), unique=True)
+    decision: Mapped[FindingStatus] = mapped_column(StateColumn(FindingStatus))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    user: Mapped[str] = mapped_column(String(64))
+    user_display: Mapped[str] = mapped_column(String(324), default="")
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    verdict_sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    verdict_path: Mapped[str] = mapped_column(Text)

@@ -61,6 +61,8 @@ class EventKind(Enum):
     AUDIT_EXPORTED = ("audit-exported", "110106", "Export", "R")
     AUDIT_VERIFIED = ("audit-verified", "110101", "Audit Log Used", "E")
     STUDY_FORCED_COMPLETE = ("study-forced-complete", "DN0010", "Study Completion Forced", "U")
+    # a radiologist accepted, rejected or amended an AI finding; its verdict SR is queued
+    FINDING_REVIEWED = ("finding-reviewed", "DN0009", "Finding Reviewed", "U")
 
     @property
     def type_name(self) -> str:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import NotifyConfig, Settings
+from dicomnode.review.index import index_step
 from dicomnode.schema import (
     Completion,
     Delivery,
@@ -297,14 +298,17 @@ class Handed:
     files: list[str]
     queued: bool = False
     notified: bool = False
+    findings: int = 0  # findings indexed for review (dicomnode/review/index.py)
 
 
 def deliver_done_steps(s: Session, settings: Settings, job: Job, out_dir: Path,
                        delivered: set[int]) -> Handed:
     """Deliveries (one per destination) for every step the job process recorded as done that
     has none yet, and the notification of a critical finding the step made (once: none is
-    queued for a step that has one). ``delivered`` (steps already handled by this caller) is
-    updated; the unique key (job, destination, step) makes a second caller harmless."""
+    queued for a step that has one), and the findings of the step's SRs indexed for review
+    (:func:`dicomnode.review.index.index_step`, same transaction). ``delivered`` (steps already
+    handled by this caller) is updated; the unique keys (job, destination, step) and (SR,
+    tracking UID) make a second caller — a re-delivery, a retried job — harmless."""
     handed = Handed([])
     for step in range(len(json.loads(job.pipeline))):
         record = read_step(step_record(out_dir, step))
@@ -325,6 +329,7 @@ def deliver_done_steps(s: Session, settings: Settings, job: Job, out_dir: Path,
                 Notification.job_fk == job.id, Notification.step == step)).first() is None:
             handed.notified |= _notify_critical(s, settings, job, str(record["critical"]),
                                                 step, len(record["results"]))
+        handed.findings += index_step(s, job, step, record)
         delivered.add(step)
         log.info("job %d: step %d done, %d result(s) queued for sending", job.id, step,
                  len(record["results"]))

@@ -1,4 +1,4 @@
-"""Every state change of a job, delivery, notification or association, in one place.
+"""Every state change of a job, delivery, notification, association or finding, in one place.
 
 The states themselves are defined once in :mod:`dicomnode.schema` (``JobState``,
 ``DeliveryState``, …); this module holds which moves are legal and :func:`transition`, the one
@@ -27,6 +27,8 @@ from dicomnode.schema import (
     AssociationState,
     Delivery,
     DeliveryState,
+    Finding,
+    FindingStatus,
     Job,
     JobState,
     Notification,
@@ -35,9 +37,9 @@ from dicomnode.schema import (
 
 __all__ = ["MOVES", "Actor", "IllegalTransition", "Stateful", "check_move", "transition"]
 
-Stateful = Job | Delivery | Notification | Association
+Stateful = Job | Delivery | Notification | Association | Finding
 
-J, D, N, A = JobState, DeliveryState, NotificationState, AssociationState
+J, D, N, A, F = JobState, DeliveryState, NotificationState, AssociationState, FindingStatus
 
 MOVES: dict[type[Any], dict[StrEnum, frozenset[StrEnum]]] = {
     Job: {
@@ -73,6 +75,14 @@ MOVES: dict[type[Any], dict[StrEnum, frozenset[StrEnum]]] = {
         A.ABORTED: frozenset(),
         A.INTERRUPTED: frozenset(),
     },
+    Finding: {
+        # a radiologist's one decision (dicomnode/review/verdict.py); final: a change of mind
+        # is a new report in PACS, not a second verdict from here
+        F.PENDING: frozenset({F.ACCEPTED, F.REJECTED, F.AMENDED}),
+        F.ACCEPTED: frozenset(),
+        F.REJECTED: frozenset(),
+        F.AMENDED: frozenset(),
+    },
 }
 
 # the audit event of a move when the caller names none
@@ -81,9 +91,12 @@ _DEFAULT_EVENT: dict[type[Any], EventKind] = {
     Delivery: EventKind.DELIVERY_STATE,
     Notification: EventKind.CRITICAL_NOTIFIED,
     Association: EventKind.ASSOCIATION_ABORTED,
+    Finding: EventKind.FINDING_REVIEWED,
 }
 _ID_KEY = {Job: "job_id", Delivery: "delivery_id", Notification: "notification_id",
-           Association: "association_id"}
+           Association: "association_id", Finding: "finding_id"}
+# the column holding the state, where it is not ``state``
+_STATE_ATTR: dict[type[Any], str] = {Finding: "status"}
 
 
 class IllegalTransition(ValueError):
@@ -126,7 +139,7 @@ class Actor:
 
 def check_move(kind: type[Any], current: StrEnum | str, to: StrEnum, ident: object = "") -> None:
     """Raise :class:`IllegalTransition` unless ``current → to`` is a legal move of ``kind``
-    (a row class: Job, Delivery, Notification, Association)."""
+    (a row class: Job, Delivery, Notification, Association, Finding)."""
     table = MOVES[kind]
     state_enum = type(to)
     try:
@@ -150,9 +163,10 @@ def transition(session: Session, row: Stateful, to: StrEnum, *, by: Actor, audit
     ``detail`` goes into the audit event beside the row's id, the old and the new state and
     who moved it."""
     kind = type(row)
-    before = row.state
+    attr = _STATE_ATTR.get(kind, "state")
+    before: StrEnum = getattr(row, attr)
     check_move(kind, before, to, row.id)
-    row.state = to  # type: ignore[assignment]  # the right enum for the row: checked above
+    setattr(row, attr, to)  # the right enum for the row: checked above
     moved: dict[str, Any] = {_ID_KEY[kind]: row.id, "from": str(before), "to": str(to),
                              "by": str(by), **detail}
     audit.record(event or _DEFAULT_EVENT[kind], Outcome.SUCCESS if outcome is None else outcome,
