@@ -62,6 +62,7 @@ def run_once(root: Path, files: list[Path], expected_series: int,
         "storage": {"path": str(work / "data"), "min_free_mb": 100},
         "assemble": {"quiet_seconds": quiet_seconds, "poll_seconds": 0.1},
         "runner": {"poll_seconds": 0.1},
+        "web": {"port": free_port()},  # the console runs beside the listener, as deployed
         "package": {"derived_series": derived_series, "source_references": source_references},
         "logging": {"level": "WARNING"},
         "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": o_port}},

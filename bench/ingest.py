@@ -118,6 +118,8 @@ class Node(Receiver):
             "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": self.port,
                      "receiver_processes": self.receiver_processes},
             "storage": {"path": str(self.work / "data"), "min_free_mb": 100},
+            # the node as deployed: its web console runs beside the listener
+            "web": {"port": free_port()},
             "logging": {"level": "WARNING"}}))
         self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "--config",
                                       str(cfg)], stdout=subprocess.DEVNULL,

@@ -138,6 +138,9 @@ class NodeProc:
             "database": {"url": self.db_url},
             "assemble": {"quiet_seconds": 1.0, "poll_seconds": 0.2},
             "logging": {"level": "INFO"},
+            # the console is off unless a test asks for it (overrides {"web": {"enabled":
+            # True, "port": free_port()}}): tests run side by side, port 8080 is one
+            "web": {"enabled": False},
         }
         for section, values in self.overrides.items():
             if isinstance(values, dict) and isinstance(cfg.get(section), dict):

@@ -41,6 +41,7 @@ MODULES = [
     "session",  # login, logout, tokens, OIDC
     "health",
     "home",
+    "findings",  # the radiologist's worklist and review
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")
