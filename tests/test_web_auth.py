@@ -98,10 +98,9 @@ def test_every_write_is_refused_to_a_role_without_its_permission(web: WebNode) -
                 assert r.status_code == 403, (role, method, path, r.status_code, r.text)
                 assert perm in r.json()["detail"]
                 checked += 1
+    assert checked > 0  # at least the review of findings is a guarded write
     denied = _events(web, "access-denied")
     assert len(denied) >= checked
-    if checked == 0:
-        pytest.skip("no write endpoint is guarded by a permission yet")
 
 
 def _events(web: WebNode, kind: str) -> list[AuditEvent]:
