@@ -24,7 +24,9 @@ from dicomnode.web.app import create_app
 from dicomnode.web.auth import PERMISSIONS
 from tests.web import PASSWORD, WebNode, start_web, web_settings
 
-PUBLIC = {"/api/health", "/api/token", "/login"}
+PUBLIC = {"/api/health", "/api/token", "/login",
+          "/login/sso", "/login/sso/callback"}
+
 
 
 def _routes(web: WebNode) -> list[tuple[str, str, str | None]]:

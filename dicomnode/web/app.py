@@ -41,6 +41,7 @@ MODULES = [
     "session",  # login, logout, tokens, OIDC
     "health",
     "home",
+    "sso",  # single sign-on (OpenID Connect), when web.oidc is set
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")
