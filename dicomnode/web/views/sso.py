@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
@@ -23,8 +24,10 @@ from dicomnode.audit import EventKind, Outcome
 from dicomnode.web.auth import LoginRefused, Principal, sso_user
 from dicomnode.web.auth import start_session as _start
 from dicomnode.web.deps import WebState, node, remote_of
-from dicomnode.web.oidc import FLOW_SECONDS, Identity, OIDCClient, ProviderError, SSORefused
 from dicomnode.web.views.session import _login_page, _safe_next, set_session_cookie
+
+if TYPE_CHECKING:  # authlib and joserfc load at the first sign-in: no cost without SSO
+    from dicomnode.web.oidc import Identity, OIDCClient
 
 log = logging.getLogger("dicomnode.web")
 pages = APIRouter(include_in_schema=False)
@@ -42,6 +45,8 @@ def client_of(request: Request, st: WebState) -> OIDCClient:
                                  "log in with your user name and password")
     client: OIDCClient | None = getattr(request.app.state, "oidc", None)
     if client is None:
+        from dicomnode.web.oidc import OIDCClient
+
         client = OIDCClient(cfg, st.settings.web.base_url + CALLBACK, st.settings.storage.path)
         request.app.state.oidc = client
     return client
@@ -64,6 +69,8 @@ def _refused(request: Request, st: WebState, message: str, status: int, nxt: str
 async def sso_start(request: Request, next: str = "/", st: WebState = Depends(node)
                     ) -> Response:
     """To the provider: a new flow (state, nonce, PKCE) in an encrypted cookie."""
+    from dicomnode.web.oidc import FLOW_SECONDS, ProviderError
+
     client = client_of(request, st)
     try:
         url, flow = await client.begin(_safe_next(next))
@@ -81,6 +88,8 @@ async def sso_start(request: Request, next: str = "/", st: WebState = Depends(no
 @pages.get(CALLBACK)
 async def sso_callback(request: Request, st: WebState = Depends(node)) -> Response:
     """Back from the provider: check, exchange, validate, log in."""
+    from dicomnode.web.oidc import ProviderError, SSORefused
+
     client = client_of(request, st)
     q = request.query_params
     flow = client.unseal(request.cookies.get(FLOW_COOKIE))
