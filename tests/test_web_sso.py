@@ -325,7 +325,8 @@ def test_names_held_by_others_are_refused(idp_web: tuple[WebNode, OpenIDProvider
     web, provider = idp_web
     since = last_seq(web)  # a local user (password) holds the name "admin"
     c, r = sso(web, provider, person("sub-mallory", "admin", ["dn-admins"]))
-    refused(web, r, c, 403, "a local user &#39;admin&#39; exists", since, "a local user")
+    refused(web, r, c, 403, "a local user &#39;admin&#39; (with a password) exists", since,
+            "a local user")
     row = user_row(web, "admin")
     assert row is not None and row.sso_subject is None
 

@@ -297,8 +297,8 @@ def sso_user(s: Session, audit: AuditLog, *, subject: str, name: str, role: str,
                          "in dicomnode: ask an administrator")
         if user is not None and user.password_hash:
             raise refuse(name, "a local user has this name",
-                         f"a local user {name!r} exists: an administrator must rename or "
-                         "disable it before single sign-on can use that name")
+                         f"a local user {name!r} (with a password) exists: single sign-on "
+                         "does not take over a password account; ask an administrator")
         link = user is not None
     if user is not None and user.disabled:
         raise refuse(user.name, "account disabled", "this account is disabled in dicomnode: "
