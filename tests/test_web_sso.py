@@ -351,3 +351,26 @@ def test_flow_key_is_made_once_and_private(idp_web: tuple[WebNode, OpenIDProvide
     assert b.unseal(a.seal(flow)) == flow
     assert b.unseal(a.seal(Flow(**{**flow.__dict__, "expires": 1}))) is None  # expired
     assert b.unseal("not a cookie") is None and b.unseal(None) is None
+
+
+def test_sign_in_on_each_database(db_url: str, tmp_path: Path) -> None:
+    """The user rows, sessions and audit events of a sign-in on SQLite and PostgreSQL
+    (``sso_user`` locks the user row while it decides)."""
+    provider = OpenIDProvider(client_id="dicomnode", client_secret=SECRET, redirect_uris=[])
+    settings = web_settings(tmp_path, db_url, oidc={
+        "issuer": provider.issuer, "client_id": "dicomnode", "client_secret": SECRET,
+        "role_map": ROLE_MAP})
+    provider.redirect_uris = [settings.web.base_url + "/login/sso/callback"]
+    provider.start()
+    web = start_web(settings, users=False)
+    try:
+        c, r = sso(web, provider, person("sub-kim", "kim", ["dn-admins"]))
+        assert r.status_code == 303 and c.get("/api/me").json()["role"] == "admin"
+        c, r = sso(web, provider, person("sub-kim", "kim", ["dn-auditors"]))
+        assert r.status_code == 303 and c.get("/api/me").json()["role"] == "auditor"
+        assert [json.loads(e.detail)["change"] for e in events(web, "user-changed")] == [
+            "added", "role"]
+        assert len(events(web, "user-login")) == 2
+    finally:
+        web.stop()
+        provider.stop()
