@@ -52,10 +52,11 @@ def client_of(request: Request, st: WebState) -> OIDCClient:
     return client
 
 
-def _failed(st: WebState, request: Request, reason: str, user: str = "",
-            outcome: Outcome = Outcome.MINOR_FAILURE) -> None:
-    st.audit.record(EventKind.LOGIN_FAILED, outcome, user=user[:64],
-                    source_host=remote_of(request), via="oidc", reason=reason[:300])
+async def _failed(st: WebState, request: Request, reason: str, user: str = "",
+                  outcome: Outcome = Outcome.MINOR_FAILURE) -> None:
+    # a database write: not on the event loop (SQLite may wait for ingest's write lock)
+    await run_in_threadpool(st.audit.record, EventKind.LOGIN_FAILED, outcome, user=user[:64],
+                            source_host=remote_of(request), via="oidc", reason=reason[:300])
 
 
 def _refused(request: Request, st: WebState, message: str, status: int, nxt: str = "/"
@@ -96,7 +97,7 @@ async def sso_callback(request: Request, st: WebState = Depends(node)) -> Respon
     nxt = flow.next if flow else "/"
     if q.get("error"):
         error, description = q.get("error", ""), q.get("error_description", "")
-        _failed(st, request, f"provider: {error} {description}".strip())
+        await _failed(st, request, f"provider: {error} {description}".strip())
         said = f": {description}" if description else ""
         message = ("You did not allow the sign-in, or the single sign-on provider refused it"
                    f" ({error}{said})." if error == "access_denied" else
@@ -104,7 +105,7 @@ async def sso_callback(request: Request, st: WebState = Depends(node)) -> Respon
         return _refused(request, st, message, 401, nxt)
     state, code = q.get("state", ""), q.get("code", "")
     if flow is None or not state or not secrets.compare_digest(flow.state, state):
-        _failed(st, request, "state does not match this browser's sign-in "
+        await _failed(st, request, "state does not match this browser's sign-in "
                              f"({'no or expired flow cookie' if flow is None else 'mismatch'})",
                 outcome=Outcome.SERIOUS_FAILURE)
         return _refused(request, st, "This single sign-on answer does not belong to a sign-in "
@@ -122,11 +123,11 @@ async def sso_callback(request: Request, st: WebState = Depends(node)) -> Respon
         identity = await client.finish(flow, code)
     except ProviderError as e:
         log.warning("single sign-on: %s", e)
-        _failed(st, request, f"provider unreachable: {e}")
+        await _failed(st, request, f"provider unreachable: {e}")
         raise HTTPException(502, str(e)) from None
     except SSORefused as e:
         log.warning("single sign-on refused (%s): %s", e.user or "-", e.reason)
-        _failed(st, request, e.reason, e.user)
+        await _failed(st, request, e.reason, e.user)
         return _refused(request, st, str(e), 403, nxt)
     try:
         token, who = await run_in_threadpool(_login_committing, st, identity,
