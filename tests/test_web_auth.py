@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from dicomnode.web.app import create_app
 from dicomnode.web.auth import PERMISSIONS
 from tests.web import PASSWORD, WebNode, start_web, web_settings
 
-PUBLIC = {"/api/health", "/api/token", "/login"}
+PUBLIC = {"/api/health", "/api/token", "/login",
+          "/login/sso", "/login/sso/callback"}
+
 
 
 def _routes(web: WebNode) -> list[tuple[str, str, str | None]]:
@@ -280,10 +283,12 @@ def test_the_first_start_says_how_to_create_a_user(tmp_path: Path) -> None:
                 break
         assert "No console user exists yet" in out
         assert "dicomnode users add NAME --role admin" in out
-        r = httpx.get(f"http://127.0.0.1:{port}/login", timeout=30)
-        for _ in range(50):
-            if r.status_code == 200:
+        for _ in range(100):  # the hint is printed before the server listens
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/login", timeout=30)
                 break
+            except httpx.ConnectError:
+                time.sleep(0.1)
         assert "No user exists yet" in r.text and "There is no default password" in r.text
     finally:
         p.terminate()

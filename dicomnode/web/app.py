@@ -42,6 +42,7 @@ MODULES = [
     "health",
     "home",
     "findings",  # the radiologist's worklist and review
+    "sso",  # single sign-on (OpenID Connect), when web.oidc is set
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")

@@ -273,26 +273,56 @@ def end_session(s: Session, audit: AuditLog, principal: Principal, remote: str) 
 def sso_user(s: Session, audit: AuditLog, *, subject: str, name: str, role: str,
              display_name: str, remote: str) -> User:
     """The user an OpenID Connect login maps to: created on first login, role updated from
-    the provider's claim on every login (the provider is the source of truth)."""
-    user = s.execute(select(User).where(User.sso_subject == subject)).scalar_one_or_none()
+    the provider's claim on every login (the provider is the source of truth). The user is
+    found by the provider's subject (``sub``), so a name changed at the provider keeps the
+    node's name (and its audit trail); a new subject may take a name only if no one holds it
+    yet, or an administrator made that user for single sign-on (no password, no subject).
+    Every refusal is audited; commit the session even when this raises."""
+
+    def refuse(user_name: str, reason: str, message: str) -> LoginRefused:
+        audit.record(EventKind.LOGIN_FAILED, Outcome.MINOR_FAILURE, session=s,
+                     user=user_name[:64], source_host=remote, via="oidc", reason=reason)
+        return LoginRefused(message)
+
+    r = check_role(role)
+    user = s.execute(select(User).where(User.sso_subject == subject).with_for_update()
+                     ).scalar_one_or_none()
+    link = False
     if user is None:
-        user = s.execute(select(User).where(User.name == name)).scalar_one_or_none()
-        if user is not None and user.sso_subject is None and user.password_hash:
-            raise LoginRefused(f"a local user {name!r} exists: an administrator must link "
-                               "or rename it before single sign-on can use that name")
-        if user is None:
-            user = add_user(s, audit, name, role, None, by=f"sso:{name}",
+        user = s.execute(select(User).where(User.name == name).with_for_update()
+                         ).scalar_one_or_none()
+        if user is not None and user.sso_subject is not None:
+            raise refuse(name, "name taken by another single sign-on account",
+                         f"the user name {name!r} belongs to another single sign-on account "
+                         "in dicomnode: ask an administrator")
+        if user is not None and user.password_hash:
+            raise refuse(name, "a local user has this name",
+                         f"a local user {name!r} (with a password) exists: single sign-on "
+                         "does not take over a password account; ask an administrator")
+        link = user is not None
+    if user is not None and user.disabled:
+        raise refuse(user.name, "account disabled", "this account is disabled in dicomnode: "
+                                                    "ask an administrator")
+    if user is not None and user.locked_at is not None:
+        raise refuse(user.name, "account locked", "this account is locked in dicomnode: ask "
+                                                  "an administrator to unlock it")
+    if user is None:
+        try:
+            user = add_user(s, audit, name, r.value, None, by=f"sso:{name}"[:64],
                             display_name=display_name, sso_subject=subject)
-        else:
-            user.sso_subject = subject
-    if user.disabled:
-        audit.record(EventKind.LOGIN_FAILED, Outcome.MINOR_FAILURE, session=s, user=user.name,
-                     source_host=remote, via="oidc", reason="account disabled")
-        raise LoginRefused("this account is disabled")
-    if user.role != Role(role):
-        audit.record(EventKind.USER_CHANGED, session=s, user=f"sso:{user.name}",
-                     change="role", target=user.name, before=str(user.role), after=role)
-        user.role = Role(role)
+        except UserError as e:
+            raise refuse(name, f"cannot create the user: {e}",
+                         f"dicomnode cannot use the name your single sign-on gives ({e}): "
+                         "ask an administrator") from None
+    elif link:
+        user.sso_subject = subject
+        audit.record(EventKind.USER_CHANGED, session=s, user=f"sso:{user.name}"[:64],
+                     change="sso-linked", target=user.name)
+    if user.role != r:
+        audit.record(EventKind.USER_CHANGED, session=s, user=f"sso:{user.name}"[:64],
+                     change="role", target=user.name, before=str(user.role), after=r.value,
+                     source="oidc")
+        user.role = r
     user.display_name = display_name or user.display_name
     user.last_login_at = utcnow()
     audit.record(EventKind.USER_LOGIN, session=s, user=user.name, source_host=remote,
