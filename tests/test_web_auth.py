@@ -281,10 +281,17 @@ def test_the_first_start_says_how_to_create_a_user(tmp_path: Path) -> None:
                 break
         assert "No console user exists yet" in out
         assert "dicomnode users add NAME --role admin" in out
-        r = httpx.get(f"http://127.0.0.1:{port}/login", timeout=30)
-        for _ in range(50):
-            if r.status_code == 200:
-                break
+        # the hint is printed before the app is built and listening: wait for the port
+        from tests.helpers import wait_until
+
+        def page() -> httpx.Response | None:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/login", timeout=30)
+            except httpx.ConnectError:
+                return None
+
+        r = wait_until(page, timeout=30, what="the console to listen")
+        assert r.status_code == 200
         assert "No user exists yet" in r.text and "There is no default password" in r.text
     finally:
         p.terminate()

@@ -41,6 +41,11 @@ MODULES = [
     "session",  # login, logout, tokens, OIDC
     "health",
     "home",
+    "studies",  # search, one study's story, force completion
+    "jobs",  # jobs and deliveries: queue, retry, cancel, dead letters
+    "destinations",  # backlog, dead letters, retry all dead
+    "routes",  # routes, dry run, plugins
+    "users",  # users and roles
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")
