@@ -99,7 +99,7 @@ def destinations_page(request: Request, _: Principal = Depends(require("destinat
                       ) -> HTMLResponse:
     from dicomnode.web.app import render
 
-    return render(request, "destinations.html", items=destinations(st, s), message="")
+    return render(request, "destinations.html", dests=destinations(st, s), message="")
 
 
 @pages.post("/destinations/{name}/retry-dead", response_class=HTMLResponse)
@@ -111,6 +111,6 @@ def retry_dead_page(name: str, request: Request,
     n = retry_dead(st, name, who)
     with st.reads() as s:
         items = destinations(st, s)
-    return render(request, "destinations.html", items=items,
+    return render(request, "destinations.html", dests=items,
                   message=f"{n} dead deliver{'y' if n == 1 else 'ies'} of {name} queued to "
                           "be sent again.")

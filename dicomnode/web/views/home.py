@@ -38,7 +38,7 @@ def per_hour(s: Session, column: Any, now: datetime) -> list[dict[str, Any]]:
     start = (now - timedelta(hours=HOURS - 1)).replace(minute=0, second=0, microsecond=0)
     key = _hour_key(s, column)
     rows = s.execute(select(key, func.count()).where(column >= start).group_by(key))
-    counts: dict[str, int] = dict(rows.tuples().all())
+    counts: dict[str, int] = {str(k): int(n) for k, n in rows}
     out = []
     for i in range(HOURS):
         h = start + timedelta(hours=i)
