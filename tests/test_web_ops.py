@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from sqlalchemy import func, select
 from dicomnode.config import WebConfig, load_settings
 from dicomnode.schema import AuditEvent, Completion, Delivery, Job, User
 from dicomnode.simulate import write_ct_series
-from tests.helpers import NodeProc, free_port, storescu, wait_until
+from tests.helpers import IN_CI, NodeProc, free_port, storescu, wait_until
 from tests.web import PASSWORD, WebNode, start_web
 
 PLUGINS = '''
@@ -98,13 +99,42 @@ def console_for(node: NodeProc) -> WebNode:
     return start_web(settings)
 
 
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def ops_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[str]:
+    """One database for the module: SQLite, or a new PostgreSQL database (as ``db_url``)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('opsdb') / 'index.sqlite3'}"
+        return
+    from tests.conftest import PG_ADMIN_URL, _pg_connect
+
+    try:
+        admin = _pg_connect()
+    except Exception as e:
+        if IN_CI:
+            raise AssertionError(f"PostgreSQL must be reachable in CI ({PG_ADMIN_URL}): "
+                                 f"{e}") from e
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {e}")
+    name = f"dicomnode_t_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with _pg_connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+
+
 @pytest.fixture(scope="module")
-def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
+def ops(tmp_path_factory: pytest.TempPathFactory, ops_db: str) -> Iterator[Ops]:
     tmp = tmp_path_factory.mktemp("ops")
     plugins = plugin_dist(tmp / "plugins")
     sys.path.insert(0, str(plugins))  # the console lists what the node has installed
     pacs_port = free_port()  # nothing listens here: deliveries go dead
-    node = NodeProc(tmp / "node", f"sqlite:///{tmp / 'index.sqlite3'}", overrides={
+    node = NodeProc(tmp / "node", ops_db, overrides={
         "assemble": {"quiet_seconds": 3600},
         "web": {"enabled": False},
         "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port,
