@@ -2,7 +2,8 @@
 again from the jobs page and sees it delivered to a real Orthanc; a screenshot of every page.
 
 The destination is Orthanc's DICOM port, but Orthanc starts only after the delivery is dead
-(``max_retries: 0``): the admin's click is what gets the results there.
+(``max_retries: 0``): the admin's click is what gets the results there. The study itself
+waits for the admin too (an hour's quiet period) until they press "Force complete".
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -37,6 +39,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[NodeProc, WebNode, int]]:
     dicom_port = free_port()
     node = NodeProc(tmp_path / "node", f"sqlite:///{tmp_path / 'index.sqlite3'}", overrides={
         "web": {"enabled": False},
+        "assemble": {"quiet_seconds": 3600},  # complete only when the admin says so
         "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
                                   "port": dicom_port, "max_retries": 0,
                                   "timeout_seconds": 10}},
@@ -71,14 +74,24 @@ def test_admin_retries_a_dead_letter_and_it_reaches_orthanc(setup: Any, browser:
     files = write_ct_series(tmp_path / "ct", n=8, size=48, patient_name="Doe^Jane",
                             patient_id="PAT-A")
     storescu(node.port, files, aet="CT_SCANNER")
+    study_uid = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+    page = login(browser, web, "admin")
+    page.on("dialog", lambda d: d.accept())  # hx-confirm
+    # the study waits (an hour's quiet period): the admin completes it now
+    page.goto(f"{web.url}/studies/{study_uid}")
+    assert "receiving" in page.inner_text("main")
+    page.get_by_role("button", name="Force complete").click()
+    page.wait_for_selector("text=Study completed")
     dead = wait_until(lambda: _dead(web), timeout=120, interval=0.5,
                       what="the delivery to be a dead letter (Orthanc is not up yet)")
     with web.sessions() as s:
-        study_uid = s.get_one(Job, dead.job_fk).study_uid
+        assert s.get_one(Job, dead.job_fk).study_uid == study_uid
+        forced = s.execute(select(AuditEvent).where(
+            AuditEvent.event_type == "study-forced-complete")).scalar_one()
+        assert forced.user == "admin"
     orthanc = Orthanc(tmp_path / "orthanc", port=dicom_port)
     try:
         assert orthanc.series() == []
-        page = login(browser, web, "admin")
         page.goto(f"{web.url}/")
         page.wait_for_selector("svg.chart")
         screenshot(page, "dashboard")
@@ -118,6 +131,7 @@ def test_admin_retries_a_dead_letter_and_it_reaches_orthanc(setup: Any, browser:
         page.wait_for_selector("table.timeline")
         timeline = page.inner_text("table.timeline")
         assert "sent to pacs" in timeline and "dead for pacs" in timeline
+        assert "completion forced by admin" in timeline
         screenshot(page, "study")
         page.goto(f"{web.url}/routes")
         page.fill("input[name=study_uid]", study_uid)
