@@ -15,8 +15,9 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
 class Orthanc:
-    def __init__(self, work: Path) -> None:
-        self.port, self.http = free_port(), free_port()
+    def __init__(self, work: Path, port: int | None = None) -> None:
+        """``port``: its DICOM port (default: a free one)."""
+        self.port, self.http = port or free_port(), free_port()
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "orthanc.json"
         cfg.write_text(json.dumps({

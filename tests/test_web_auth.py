@@ -11,7 +11,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -283,12 +282,17 @@ def test_the_first_start_says_how_to_create_a_user(tmp_path: Path) -> None:
                 break
         assert "No console user exists yet" in out
         assert "dicomnode users add NAME --role admin" in out
-        for _ in range(100):  # the hint is printed before the server listens
+        # the hint is printed before the app is built and listening: wait for the port
+        from tests.helpers import wait_until
+
+        def page() -> httpx.Response | None:
             try:
-                r = httpx.get(f"http://127.0.0.1:{port}/login", timeout=30)
-                break
+                return httpx.get(f"http://127.0.0.1:{port}/login", timeout=30)
             except httpx.ConnectError:
-                time.sleep(0.1)
+                return None
+
+        r = wait_until(page, timeout=30, what="the console to listen")
+        assert r.status_code == 200
         assert "No user exists yet" in r.text and "There is no default password" in r.text
     finally:
         p.terminate()

@@ -39,6 +39,11 @@ class Rule:
         """``attributes``: keyword → value for one series (a header, plus CallingAETitle)."""
         return all(pred(attributes.get(key)) for key, pred in self.predicates)
 
+    def refusing(self, attributes: Mapping[str, Any]) -> list[str]:
+        """The keywords whose condition ``attributes`` fails (empty: the rule matches); for
+        a dry run that says why a route does not match."""
+        return [key for key, pred in self.predicates if not pred(attributes.get(key))]
+
 
 def _values(value: Any) -> list[str]:
     if value is None:
@@ -93,6 +98,11 @@ def compile_routes(settings: Settings, plugins: Mapping[str, PluginInfo]) -> lis
     if problems:
         raise ConfigError("invalid routes\n  " + "\n  ".join(problems))
     return rules
+
+
+def match_rule(route: RouteConfig, default_level: str) -> Rule:
+    """A route's rule without its pipeline: enough to match (a dry run needs no plugin)."""
+    return _rule(route, default_level, ())
 
 
 def _rule(route: RouteConfig, default_level: str, steps: tuple[Step, ...]) -> Rule:

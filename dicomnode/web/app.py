@@ -43,6 +43,11 @@ MODULES = [
     "home",
     "findings",  # the radiologist's worklist and review
     "sso",  # single sign-on (OpenID Connect), when web.oidc is set
+    "studies",  # search, one study's story, force completion
+    "jobs",  # jobs and deliveries: queue, retry, cancel, dead letters
+    "destinations",  # backlog, dead letters, retry all dead
+    "routes",  # routes, dry run, plugins
+    "users",  # users and roles
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")
