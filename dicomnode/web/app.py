@@ -41,6 +41,7 @@ MODULES = [
     "session",  # login, logout, tokens, OIDC
     "health",
     "home",
+    "audit",  # the audit trail: filter, export (CSV), verify
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")
