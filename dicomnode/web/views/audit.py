@@ -132,9 +132,9 @@ def _conditions(f: AuditFilter) -> list[Any]:
     if f.q:
         like = "%" + f.q.strip().replace("\\", "\\\\").replace("%", "\\%").replace(
             "_", "\\_") + "%"
-        where.append(or_(AuditEvent.detail.like(like, escape="\\"),
-                         AuditEvent.user.like(like, escape="\\"),
-                         AuditEvent.source_host.like(like, escape="\\")))
+        where.append(or_(AuditEvent.detail.ilike(like, escape="\\"),
+                         AuditEvent.user.ilike(like, escape="\\"),
+                         AuditEvent.source_host.ilike(like, escape="\\")))
     return where
 
 
