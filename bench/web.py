@@ -356,9 +356,9 @@ def main() -> None:
             results.setdefault(db, {})[n] = measure(url, n, a.requests)
     print()
     sizes = a.sizes
-    head = " | ".join(f"{n:,}" for n in sizes)
-    print(f"| database | query (page of 50) | p50 / p95 ms at {head} |")
-    print("|---|---|---|")
+    head = " | ".join(f"{n:,} events: p50 / p95 ms" for n in sizes)
+    print(f"| database | page of 50 by | {head} |")
+    print("|---|---|" + "---|" * len(sizes))
     for db, by in results.items():
         for kind in ("event", "user", "date range", "study"):
             cells = " | ".join(f"{by[n][kind]['p50_ms']:.1f} / {by[n][kind]['p95_ms']:.1f}"
