@@ -315,3 +315,35 @@ def test_browser_auditor_filters_downloads_and_verifies(browser: Any, tmp_path: 
             assert verified[0]["detail"]["first_bad_seq"] == 5
     finally:
         w.stop()
+
+
+def test_migration_0009_backfills_the_study_index(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events written before 0009 are found by study after the upgrade; the chain still
+    verifies (nothing hashed changed)."""
+    from alembic import command
+
+    import dicomnode.audit.log as audit_log
+    from dicomnode.audit import AuditLog, verify_chain
+    from dicomnode.database import _alembic_config, make_engine, make_sessionmaker, upgrade
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    command.upgrade(_alembic_config(url), "0008")
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with monkeypatch.context() as m:  # a node before 0009: no study index to fill
+        m.setattr(audit_log, "study_uids", lambda detail: [])
+        a = AuditLog(sessions)
+        a.record(EventKind.STUDY_COMPLETED, study_uid=STUDY_A, revision=1)
+        a.record(EventKind.INSTANCES_RECEIVED, studies={STUDY_A: [], STUDY_B: []})
+        a.record(EventKind.USER_LOGIN, user="someone")
+    engine.dispose()
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    with sessions() as s:
+        got = s.execute(text("SELECT study_uid, seq FROM audit_event_studies "
+                             "ORDER BY seq, study_uid")).all()
+    assert [tuple(r) for r in got] == [(STUDY_A, 1), (STUDY_A, 2), (STUDY_B, 2)]
+    assert verify_chain(sessions).ok
+    engine.dispose()
