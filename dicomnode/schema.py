@@ -302,7 +302,27 @@ class AuditEvent(Base):
         # the console's audit page: filtered by user or event type, newest first
         Index("ix_audit_events_user_seq", "user", "seq"),
         Index("ix_audit_events_type_seq", "event_type", "seq"),
+        # … by outcome (failures are rare: without it a page of them scans the table) and by
+        # AE title, source or destination (migration 0009)
+        Index("ix_audit_events_outcome_seq", "outcome", "seq"),
+        Index("ix_audit_events_source_aet_seq", "source_aet", "seq"),
+        Index("ix_audit_events_dest_aet_seq", "dest_aet", "seq"),
     )
+
+
+class AuditEventStudy(Base):
+    """Which audit events name which study: a search index beside the chain, not part of it.
+
+    Filled when an event is appended (from ``study_uid`` and the keys of ``studies`` in its
+    detail) and by migration 0009 for older rows. The study's trail in the console is a walk
+    down ``(study_uid, seq)`` instead of a LIKE over every row's JSON. The hashed rows are
+    unchanged, so :func:`dicomnode.audit.verify_chain` is unaffected; the rows here can be
+    rebuilt from ``audit_events.detail`` at any time (append-only too, by trigger).
+    """
+
+    __tablename__ = "audit_event_studies"
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
 
 
 class AuditHead(Base):

@@ -252,8 +252,10 @@ def dead_delivery(ops: Ops, key: str) -> dict[str, Any]:
         with ops.web.api("admin") as c:
             items = c.get("/api/deliveries", params={"state": "dead",
                                                      "destination": "pacs"}).json()["items"]
-        job = job_of(ops.web, ops.studies[key])
-        if str(job.state) != "succeeded":  # a step's results are sent before the job ends
+        with ops.web.sessions() as s:  # the router makes the job a moment after completion
+            job = s.execute(select(Job).where(Job.study_uid == ops.studies[key])
+                            ).scalar_one_or_none()
+        if job is None or str(job.state) != "succeeded":
             return None
         return next((d for d in items if d["job_id"] == job.id), None)
 

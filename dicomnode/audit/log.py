@@ -22,7 +22,7 @@ from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit.events import EventKind, Outcome
-from dicomnode.schema import AuditEvent, AuditHead
+from dicomnode.schema import AuditEvent, AuditEventStudy, AuditHead
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,22 @@ _HASHED = ("seq", "ts", "event_code", "event_name", "event_type", "action", "out
 # PostgreSQL; SQLite's write transaction is the lock there).
 _HEAD = select(AuditHead.seq, AuditHead.hash).where(AuditHead.id == 1).with_for_update()
 _INSERT_EVENT = insert(AuditEvent)
+_INSERT_STUDIES = insert(AuditEventStudy)
 _MOVE_HEAD = update(AuditHead).where(AuditHead.id == 1).values(
     seq=bindparam("new_seq"), hash=bindparam("new_hash"))
+
+
+def study_uids(detail: dict[str, Any]) -> list[str]:
+    """The Study Instance UIDs an event's detail names: ``study_uid``, and the keys (or items)
+    of ``studies``. Indexed in ``audit_event_studies`` so a study's trail is found fast."""
+    found: list[str] = []
+    uid = detail.get("study_uid")
+    if isinstance(uid, str) and uid:
+        found.append(uid)
+    studies = detail.get("studies")
+    if isinstance(studies, dict | list):
+        found += [u for u in studies if isinstance(u, str) and u]
+    return sorted({u[:64] for u in found})
 
 
 def canonical_json(value: Any) -> str:
@@ -97,6 +111,9 @@ class AuditLog:
         }
         content["hash"] = row_hash(content)
         c.execute(_INSERT_EVENT, content)
+        uids = study_uids(detail)
+        if uids:  # the search index beside the chain (not hashed; see AuditEventStudy)
+            c.execute(_INSERT_STUDIES, [{"study_uid": u, "seq": content["seq"]} for u in uids])
         c.execute(_MOVE_HEAD, {"new_seq": content["seq"], "new_hash": content["hash"]})
         log.debug("audit %s %s", kind.type_name, detail)
 

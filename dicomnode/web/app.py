@@ -48,6 +48,7 @@ MODULES = [
     "destinations",  # backlog, dead letters, retry all dead
     "routes",  # routes, dry run, plugins
     "users",  # users and roles
+    "audit",  # the audit trail: filter, export (CSV), verify
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")
