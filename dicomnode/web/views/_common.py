@@ -90,15 +90,29 @@ def event_json(e: AuditEvent) -> dict[str, Any]:
 
 def trail(s: Session, *, study_uid: str | None = None, job_ids: Sequence[int] = (),
           delivery_ids: Sequence[int] = (), limit: int = 2000) -> list[AuditEvent]:
-    """Audit events whose detail names the study UID, one of the jobs or deliveries, oldest
-    first (canonical JSON: ``"job_id":7,`` or ``"job_id":7}``)."""
-    terms = []
+    """Audit events that name the study (through the ``audit_event_studies`` index), or one
+    of its jobs or deliveries, oldest first. Job and delivery events are looked for (a text
+    match on the canonical JSON: ``"job_id":7,`` or ``"job_id":7}``) only from the study's
+    first event on, so the scan is bounded by the study's age, not the table's."""
+    from sqlalchemy import and_, func
+
+    from dicomnode.schema import AuditEventStudy
+
+    terms: list[Any] = []
+    start = None
     if study_uid:
-        terms.append(AuditEvent.detail.contains(f'"{study_uid}"', autoescape=True))
+        by_study = select(AuditEventStudy.seq).where(AuditEventStudy.study_uid == study_uid)
+        terms.append(AuditEvent.seq.in_(by_study))
+        start = s.execute(select(func.min(AuditEventStudy.seq))
+                          .where(AuditEventStudy.study_uid == study_uid)).scalar()
+    text: list[Any] = []
     for key, ids in (("job_id", job_ids), ("delivery_id", delivery_ids)):
         for i in ids:
-            terms += [AuditEvent.detail.contains(f'"{key}":{int(i)},'),
-                      AuditEvent.detail.contains(f'"{key}":{int(i)}}}')]
+            text += [AuditEvent.detail.contains(f'"{key}":{int(i)},'),
+                     AuditEvent.detail.contains(f'"{key}":{int(i)}}}')]
+    if text:
+        terms.append(and_(AuditEvent.seq >= start, or_(*text)) if start is not None
+                     else or_(*text))
     if not terms:
         return []
     return list(s.execute(select(AuditEvent).where(or_(*terms)).order_by(AuditEvent.seq)
