@@ -21,10 +21,20 @@ def test_login_lands_by_role_and_logout(browser: Any, web: WebNode) -> None:
     for role, home in (("auditor", "/audit"), ("radiologist", "/findings"), ("admin", "/")):
         page = login(browser, web, role)
         assert page.url.rstrip("/").endswith(home.rstrip("/")) or page.url.endswith(home)
+        if role == "auditor":  # no retry button anywhere, and the API refuses
+            page.goto(f"{web.url}/jobs")
+            assert "may not" in page.inner_text("main")
+            assert page.locator("button:has-text('Retry')").count() == 0
+            r = page.request.post(f"{web.url}/api/jobs/1/retry",
+                                  headers={"X-CSRF-Token": page.evaluate(
+                                      "() => JSON.parse(document.body.getAttribute("
+                                      "'hx-headers'))['X-CSRF-Token']")})
+            assert r.status == 403 and "jobs:write" in r.json()["detail"]
+            page.goto(f"{web.url}/audit")
         if role == "admin":
             nav = page.inner_text("header nav")
             assert "Audit" in nav and "Jobs" in nav and "Users" in nav
-            screenshot(page, "dashboard")
+            screenshot(page, "dashboard-first-login")
         page.click("text=Log out")
         page.wait_for_url("**/login")
         page.goto(f"{web.url}/api/me")
