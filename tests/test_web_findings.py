@@ -108,6 +108,30 @@ def test_worklist_api_puts_critical_first_and_guards_reviews(ward: Ward) -> None
                       json={"decision": "accept"}).status_code == 403
 
 
+def test_critical_findings_come_before_older_routine_ones(ward: Ward) -> None:
+    """A nodule-like routine finding (priority 1) found earlier than the hemorrhage is still
+    listed after it (the row is a copy of a real one with another tracking UID)."""
+    from datetime import timedelta
+
+    with ward.web.sessions() as s, s.begin():
+        real = s.execute(select(Finding).order_by(Finding.id)).scalars().first()
+        assert real is not None
+        routine = Finding(**{c.name: getattr(real, c.name) for c in Finding.__table__.columns
+                             if c.name != "id"})
+        routine.tracking_uid = real.tracking_uid + ".9"
+        routine.priority, routine.critical = 1, ""
+        routine.finding_meaning = "Nodule"
+        routine.created_at = real.created_at - timedelta(hours=1)
+        s.add(routine)
+        s.flush()
+        routine_id = routine.id
+    with ward.web.api("alice") as c:
+        ids = [f["id"] for f in c.get("/api/findings").json()["items"]]
+    assert ids[-1] == routine_id and len(ids) >= 2
+    with ward.web.sessions() as s, s.begin():  # leave the ward as it was
+        s.delete(s.get(Finding, routine_id))
+
+
 def test_radiologist_accepts_a_hemorrhage_and_pacs_gets_the_verified_sr(
         ward: Ward, browser: Any, tmp_path: Path) -> None:
     page = login(browser, ward.web, "alice")
