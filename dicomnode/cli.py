@@ -461,23 +461,9 @@ def jobs_cancel(job_id: int, config: ConfigOpt = None) -> None:
 @app.command()
 def plugins(as_json: JsonOpt = False) -> None:
     """Installed plugins (entry-point group dicomnode.plugins): version, needs, problems."""
-    from dicomnode.run.registry import discover
+    from dicomnode.run.registry import describe
 
-    rows: list[dict[str, Any]] = []
-    for name, info in sorted(discover().items()):
-        cls = info.cls
-        rows.append({
-            "name": name, "distribution": info.distribution, "entry_point": info.entry_point,
-            "ok": info.ok, "error": info.error,
-            "version": cls.version if cls else None,
-            "api_version": cls.api_version if cls else None,
-            "gpu": str(cls.needs.gpu) if cls else None,
-            "memory_mb": cls.needs.memory_mb if cls else None,
-            "timeout_seconds": cls.needs.timeout_seconds if cls else None,
-            "modalities": list(cls.accepts.modalities) if cls else None,
-            "description": cls.description if cls else "",
-            "params": cls.params_model.model_json_schema() if cls else None,
-        })
+    rows = describe(with_params=True)
     if as_json:
         _print_json(rows)
         return

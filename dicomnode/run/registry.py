@@ -66,3 +66,26 @@ def discover(group: str = ENTRY_POINT_GROUP) -> dict[str, PluginInfo]:
         cls = obj if not error and isinstance(obj, type) and issubclass(obj, Plugin) else None
         found[ep.name] = PluginInfo(ep.name, dist, ep.value, cls, error)
     return found
+
+
+def describe(with_params: bool = False) -> list[dict[str, Any]]:
+    """Every installed plugin as plain data, by name (``dicomnode plugins``, the console's
+    plugins page and API): version, plugin API, needs, accepted modalities, and why it was
+    refused if it was; ``with_params``: the JSON schema of its parameters too."""
+    rows: list[dict[str, Any]] = []
+    for name, info in sorted(discover().items()):
+        cls = info.cls
+        row: dict[str, Any] = {
+            "name": name, "distribution": info.distribution, "entry_point": info.entry_point,
+            "ok": info.ok, "error": info.error,
+            "version": cls.version if cls else None,
+            "api_version": cls.api_version if cls else None,
+            "gpu": str(cls.needs.gpu) if cls else None,
+            "memory_mb": cls.needs.memory_mb if cls else None,
+            "timeout_seconds": cls.needs.timeout_seconds if cls else None,
+            "modalities": list(cls.accepts.modalities) if cls else None,
+            "description": cls.description if cls else ""}
+        if with_params:
+            row["params"] = cls.params_model.model_json_schema() if cls else None
+        rows.append(row)
+    return rows

@@ -216,30 +216,30 @@ def _job_row(request: Request, st: WebState, job_id: int, error: str = "") -> HT
     return render(request, "_job_row.html", j=j, error=error)
 
 
-@pages.post("/jobs/{job_id}/retry", response_class=HTMLResponse)
-def retry_page(job_id: int, request: Request, who: Principal = Depends(require("jobs:write")),
-               st: WebState = Depends(node)) -> HTMLResponse:
+def _job_action(request: Request, st: WebState, job_id: int, who: Principal,
+                action: Any) -> HTMLResponse:
+    """Do ``action`` (retry or cancel) and answer the job's row again (htmx swaps it in
+    place), with the refusal in the row when the move is not allowed."""
     error = ""
     try:
-        retry_job(st, job_id, who)
+        action(st, job_id, who)
     except HTTPException as e:
         if e.status_code == 404:
             raise
         error = str(e.detail)
     return _job_row(request, st, job_id, error)
+
+
+@pages.post("/jobs/{job_id}/retry", response_class=HTMLResponse)
+def retry_page(job_id: int, request: Request, who: Principal = Depends(require("jobs:write")),
+               st: WebState = Depends(node)) -> HTMLResponse:
+    return _job_action(request, st, job_id, who, retry_job)
 
 
 @pages.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
 def cancel_page(job_id: int, request: Request, who: Principal = Depends(require("jobs:write")),
                 st: WebState = Depends(node)) -> HTMLResponse:
-    error = ""
-    try:
-        cancel_job(st, job_id, who)
-    except HTTPException as e:
-        if e.status_code == 404:
-            raise
-        error = str(e.detail)
-    return _job_row(request, st, job_id, error)
+    return _job_action(request, st, job_id, who, cancel_job)
 
 
 @pages.post("/deliveries/{delivery_id}/retry", response_class=HTMLResponse)

@@ -116,22 +116,9 @@ async def routes_test(body: RouteTest, _: Principal = Depends(require("routes:te
 
 
 def plugins_of() -> list[dict[str, Any]]:
-    from dicomnode.run.registry import discover
+    from dicomnode.run.registry import describe
 
-    rows = []
-    for name, info in sorted(discover().items()):
-        cls = info.cls
-        rows.append({
-            "name": name, "distribution": info.distribution, "entry_point": info.entry_point,
-            "ok": info.ok, "error": info.error,
-            "version": cls.version if cls else None,
-            "api_version": cls.api_version if cls else None,
-            "gpu": str(cls.needs.gpu) if cls else None,
-            "memory_mb": cls.needs.memory_mb if cls else None,
-            "timeout_seconds": cls.needs.timeout_seconds if cls else None,
-            "modalities": list(cls.accepts.modalities) if cls else None,
-            "description": cls.description if cls else ""})
-    return rows
+    return describe()
 
 
 @api.get("/plugins", summary="Installed plugins: version, API version, needs, problems")
