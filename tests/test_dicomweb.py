@@ -123,13 +123,16 @@ def test_qido_studies_filters_includefield_limit_offset(env: dict[str, Any]) -> 
     [b] = c.search_for_studies(search_filters={"StudyDate": "20200101-20200131"})
     assert b["00100020"]["Value"] == ["PAT-B"]
     assert len(c.search_for_studies(search_filters={"PatientName": "Alpha*"})) == 1
-    assert len(c.search_for_studies(search_filters={"PatientName": "alpha"},
+    # fuzzymatching: person names ignore case
+    assert len(c.search_for_studies(search_filters={"PatientName": "alpha^anna"},
                                      fuzzymatching=True)) == 1
-    assert c.search_for_studies(search_filters={"PatientName": "alpha"}) == []
+    assert c.search_for_studies(search_filters={"PatientName": "alpha^anna"}) == []
     # includefield: a series attribute is not offered at study level; study ones are
     [a2] = c.search_for_studies(search_filters={"PatientID": "PAT-A"},
-                                fields=["StudyDescription"])
-    assert "00081030" in a2
+                                fields=["IssuerOfPatientID", "00100021"])
+    assert "00100021" in a2 and "00100021" not in a
+    [a3] = c.search_for_studies(search_filters={"PatientID": "PAT-A"}, fields=["all"])
+    assert set(a3) > set(a)
     assert len(c.search_for_studies(limit=1)) == 1
     first = c.search_for_studies(limit=1)[0]
     second = c.search_for_studies(limit=1, offset=1)[0]
@@ -156,7 +159,8 @@ def test_qido_invalid_parameters_are_400_with_the_reason(env: dict[str, Any]) ->
     with http(env) as h:
         for query, reason in (("StudyDate=2020", "YYYYMMDD"), ("limit=-1", "limit"),
                               ("fuzzymatching=maybe", "true or false"),
-                              ("NoSuchKeyword=1", "not an attribute"),
+                              ("NoSuchKeyword=1", "not a DICOM attribute"),
+                              ("includefield=Bogus", "not a DICOM attribute"),
                               ("Modality=CT", "series-level"),
                               ("StudyInstanceUID=abc", "not a UID")):
             r = h.get(f"/studies?{query}")
