@@ -399,3 +399,32 @@ def test_cors_only_on_dicomweb(tmp_path: Path) -> None:
     assert "access-control-allow-origin" not in r.headers
     r = c.options("/dicomweb/studies", headers={**pre, "Origin": "https://evil.example"})
     assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_stow_to_the_console_alone_then_the_node_completes_it(tmp_path: Path) -> None:
+    """``dicomnode web`` without the node: STOW-RS stores through its own InstanceStore
+    (files and index rows, no association); a node started later on the same database and
+    storage completes the study."""
+    from tests.web import start_web, web_settings
+
+    w = start_web(web_settings(tmp_path))
+    try:
+        files = write_ct_series(tmp_path / "ct", n=3, size=32, patient_id="ALONE")
+        c = DICOMwebClient(url=f"{w.url}/dicomweb",
+                           headers={"Authorization": f"Bearer {w.token('admin')}"})
+        resp = c.store_instances([pydicom.dcmread(f) for f in files])
+        assert len(resp.ReferencedSOPSequence) == 3
+        study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        got = c.retrieve_study(study)
+        assert sorted(d.SOPInstanceUID for d in got) == sorted(
+            pydicom.dcmread(f).SOPInstanceUID for f in files)
+    finally:
+        w.stop()
+    node = NodeProc(tmp_path, w.settings.database_url).start()
+    try:
+        wait_until(lambda: any(c["study_uid"] == study for c in node.completions()),
+                   timeout=60, what="the STOW'd study complete")
+        [row] = [s for s in node.studies() if s["study_uid"] == study]
+        assert row["state"] == "complete"
+    finally:
+        node.stop()

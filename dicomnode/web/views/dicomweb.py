@@ -108,6 +108,8 @@ def allowed(permission: str) -> Any:
             raise HTTPException(403, f"your role ({who.role}) may not do this "
                                      f"(needs {permission})")
         return who
+
+    dependency.permission = permission  # type: ignore[attr-defined]  # read by the tests
     return Depends(dependency)
 
 
