@@ -13,6 +13,7 @@ none asked, or the stored one asked; anything else: 406). Instances are streamed
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -32,6 +33,7 @@ from pydicom.filereader import read_preamble
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from dicomnode.audit import EventKind, Outcome
 from dicomnode.query import ATTRS, Level, Query, QueryError, run_query
@@ -83,7 +85,7 @@ def _who(request: Request, st: WebState) -> Principal:
                                     remote=remote, via="basic")
             except LoginRefused as e:
                 s.commit()  # the failure count must be kept
-                raise Unauthorized(str(e)) from None
+                raise BasicRefused(str(e)) from None
             s.commit()
             return Principal(user.id, user.name, user.display_name or user.name, user.role,
                              0, "", "basic")
@@ -97,14 +99,24 @@ def _who(request: Request, st: WebState) -> Principal:
                        "Authorization: Bearer token from POST /api/token")
 
 
+class BasicRefused(Unauthorized):
+    """Wrong name or password over HTTP Basic (counted towards the lock-out)."""
+
+
 def allowed(permission: str) -> Any:
-    def dependency(request: Request, st: WebState = Depends(node)) -> Principal:
-        who = _who(request, st)
+    async def dependency(request: Request, st: WebState = Depends(node)) -> Principal:
+        try:
+            who = await run_in_threadpool(_who, request, st)
+        except BasicRefused:
+            # as for the login page: each failure costs the guesser time, not a thread
+            await asyncio.sleep(st.settings.web.failure_delay_seconds)
+            raise
         request.state.principal = who
         if not who.can(permission):
-            st.audit.record(EventKind.ACCESS_DENIED, Outcome.MINOR_FAILURE, user=who.name,
-                            source_host=remote_of(request), method=request.method,
-                            path=request.url.path, needs=permission, role=str(who.role))
+            await run_in_threadpool(  # off the event loop: the audit write commits
+                st.audit.record, EventKind.ACCESS_DENIED, Outcome.MINOR_FAILURE,
+                user=who.name, source_host=remote_of(request), method=request.method,
+                path=request.url.path, needs=permission, role=str(who.role))
             raise HTTPException(403, f"your role ({who.role}) may not do this "
                                      f"(needs {permission})")
         return who
@@ -763,8 +775,6 @@ def _stow(request: Request, st: WebState, who: Principal, body: bytes, study: st
 async def stow(request: Request, who: Principal = STORE, st: WebState = Depends(node)
                ) -> Response:
     body = await request.body()
-    from starlette.concurrency import run_in_threadpool
-
     return await run_in_threadpool(_stow, request, st, who, body, None)
 
 
@@ -772,6 +782,4 @@ async def stow(request: Request, who: Principal = STORE, st: WebState = Depends(
 async def stow_study(study: str, request: Request, who: Principal = STORE,
                      st: WebState = Depends(node)) -> Response:
     body = await request.body()
-    from starlette.concurrency import run_in_threadpool
-
     return await run_in_threadpool(_stow, request, st, who, body, study)
