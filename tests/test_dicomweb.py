@@ -167,6 +167,9 @@ def test_qido_invalid_parameters_are_400_with_the_reason(env: dict[str, Any]) ->
             assert r.status_code == 400, (query, r.text)
             assert reason in r.json()["detail"], (query, r.text)
         assert h.get(f"/studies/{generate_uid()}/series").status_code == 404
+    refused = [e for e in env["node"].audit("dicomweb-query") if "refused" in e["detail"]]
+    assert any("YYYYMMDD" in e["detail"]["refused"] and e["user"] == "radiologist"
+               for e in refused)
 
 
 # -- WADO-RS --------------------------------------------------------------------------------------
@@ -335,6 +338,11 @@ def test_stow_malformed_part_fails_with_reason_nothing_half_stored(env: dict[str
                    headers={"Content-Type": "multipart/related; type=\"application/dicom\"; "
                                             f"boundary={boundary}"})
     assert r.status_code == 409, r.text
+    with http(env, "admin") as h:
+        r = h.post("/studies", content=raw, headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 415 and "boundary" in r.text
+    refused = node.audit("store-refused")
+    assert any(e["user"] == "admin" and "boundary" in e["detail"]["reason"] for e in refused)
 
 
 # -- authentication -----------------------------------------------------------------------------

@@ -513,6 +513,17 @@ def _keyword(key: str) -> str:
 
 def _qido(request: Request, st: WebState, who: Principal, what: str,
           fixed: dict[str, str]) -> Response:
+    try:
+        return _search(request, st, who, what, fixed)
+    except HTTPException as e:
+        st.audit.record(EventKind.DICOMWEB_QUERY, Outcome.MINOR_FAILURE, user=who.name,
+                        source_host=remote_of(request), level=what,
+                        query=dict(request.query_params), fixed=fixed, refused=str(e.detail))
+        raise
+
+
+def _search(request: Request, st: WebState, who: Principal, what: str,
+            fixed: dict[str, str]) -> Response:
     level = QIDO_LEVEL[what]
     keys: dict[str, str] = {}
     extra = [k for lv in (Level.STUDY, Level.SERIES, Level.IMAGE) if lv.depth <= level.depth
@@ -771,15 +782,41 @@ def _stow(request: Request, st: WebState, who: Principal, body: bytes, study: st
     return JSONResponse(response, status_code=status, media_type=DICOM_JSON)
 
 
+async def _stow_request(request: Request, st: WebState, who: Principal, study: str | None
+                        ) -> Response:
+    limit = st.settings.dicomweb.max_stow_mb << 20
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limit:
+            raise HTTPException(413, f"request of {declared} bytes: dicomweb.max_stow_mb is "
+                                     f"{st.settings.dicomweb.max_stow_mb}; send fewer "
+                                     "instances per request")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"request over dicomweb.max_stow_mb "
+                                         f"({st.settings.dicomweb.max_stow_mb} MiB); send "
+                                         "fewer instances per request")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        return await run_in_threadpool(_stow, request, st, who, body, study)
+    except HTTPException as e:
+        await run_in_threadpool(
+            st.audit.record, EventKind.STORE_REFUSED, Outcome.MINOR_FAILURE, user=who.name,
+            source_aet=STOW_AE, source_host=remote_of(request), via="stow-rs",
+            status=f"HTTP {e.status_code}", reason=str(e.detail))
+        raise
+
+
 @dicomweb.post("/studies")
 async def stow(request: Request, who: Principal = STORE, st: WebState = Depends(node)
                ) -> Response:
-    body = await request.body()
-    return await run_in_threadpool(_stow, request, st, who, body, None)
+    return await _stow_request(request, st, who, None)
 
 
 @dicomweb.post("/studies/{study}")
 async def stow_study(study: str, request: Request, who: Principal = STORE,
                      st: WebState = Depends(node)) -> Response:
-    body = await request.body()
-    return await run_in_threadpool(_stow, request, st, who, body, study)
+    return await _stow_request(request, st, who, study)
