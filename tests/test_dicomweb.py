@@ -436,3 +436,28 @@ def test_stow_to_the_console_alone_then_the_node_completes_it(tmp_path: Path) ->
         assert row["state"] == "complete"
     finally:
         node.stop()
+
+
+def test_frames_of_a_compressed_instance_are_decoded(env: dict[str, Any]) -> None:
+    """An RLE Lossless instance (stored as sent): its frame comes back as the raw native
+    pixel bytes; the instance itself in its stored syntax; metadata says OB."""
+    from pydicom.uid import RLELossless
+
+    [f] = write_ct_series(env["root"] / "rle", n=1, size=64, patient_id="RLE")
+    ds = pydicom.dcmread(f)
+    native = ds.pixel_array.tobytes()
+    ds.compress(RLELossless)
+    resp = client(env, "admin").store_instances([ds])
+    assert len(resp.ReferencedSOPSequence) == 1
+    c = client(env)
+    ids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    [frame] = c.retrieve_instance_frames(*ids, frame_numbers=[1])
+    assert frame == native
+    [meta] = c.retrieve_series_metadata(*ids[:2])
+    assert meta["7FE00010"]["vr"] == "OB" and "BulkDataURI" in meta["7FE00010"]
+    [got] = c.retrieve_series(*ids[:2])
+    assert got.file_meta.TransferSyntaxUID == RLELossless
+    with http(env) as h:
+        r = h.get(f"/studies/{ids[0]}/series/{ids[1]}/instances/{ids[2]}/rendered",
+                  headers={"Accept": "image/jpeg"})
+    assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
