@@ -271,6 +271,16 @@ class WebConfig(_Section):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
+class DicomwebConfig(_Section):
+    """DICOMweb under /dicomweb on the console's server."""
+
+    # origins (e.g. https://viewer.example.org) whose pages may call /dicomweb (CORS);
+    # empty: same origin only
+    cors_origins: list[str] = Field(default_factory=list)
+    # the largest STOW-RS request accepted (the body is held in memory while it is stored)
+    max_stow_mb: int = Field(1024, ge=1, le=16384)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -301,6 +311,7 @@ class Settings(BaseSettings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    dicomweb: DicomwebConfig = Field(default_factory=DicomwebConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)
