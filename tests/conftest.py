@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,6 +79,24 @@ def orthanc(tmp_path: Path):  # type: ignore[no-untyped-def]
     o = Orthanc(tmp_path / "orthanc")
     yield o
     o.stop()
+
+
+@pytest.fixture(scope="session")
+def generated(
+        tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], Any]], Any]:
+    """Synthetic studies made once per session: ``generated(name, make)`` calls ``make(folder)``
+    the first time a name is asked for and returns what it returned then, every time.
+
+    Simulating a chest or head CT takes seconds to tens of seconds on 2 cores; a test that
+    runs on SQLite and on PostgreSQL sends the same files (read only) to two nodes."""
+    made: dict[str, Any] = {}
+
+    def get(name: str, make: Callable[[Path], Any]) -> Any:
+        if name not in made:
+            made[name] = make(tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return get
 
 
 # the console's fixtures (a live console with one user per role; headless Chromium)

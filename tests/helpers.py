@@ -147,6 +147,10 @@ class NodeProc:
                 cfg[section].update(values)
             else:
                 cfg[section] = values  # e.g. routes: a list
+        if not cfg.get("routes"):
+            # no route, no job: a warm spare (runner.warm_spares, default 1) would only spend
+            # ~2 s of CPU on imports beside the test and hold the node's stop up to 2 s more
+            cfg["runner"] = {"warm_spares": 0, **(cfg.get("runner") or {})}
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(cfg))
 

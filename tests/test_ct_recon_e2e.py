@@ -35,12 +35,12 @@ def simulate(out: Path, *extra: str) -> list[str]:
     return sorted(glob.glob(str(out / "*.dcm")))
 
 
-def test_raw_projections_to_a_valid_ct_series_in_orthanc(node_factory, orthanc,  # type: ignore[no-untyped-def]
+def test_raw_projections_to_a_valid_ct_series_in_orthanc(node_factory, orthanc, generated,  # type: ignore[no-untyped-def]
                                                          tmp_path: Path) -> None:
     cfg = pipeline_config(orthanc, [RECON])
     cfg["assemble"] = {"level": "series", "quiet_seconds": 1}
     node = make_node(node_factory, cfg)
-    files = simulate(tmp_path / "raw")
+    files = generated("raw-ct-fan", simulate)  # the same scan for SQLite and PostgreSQL
     storescu(node.port, files, aet="CT_SCANNER")
     wait_until(lambda: len(orthanc.series()) == 1, timeout=120, what="recon series in Orthanc")
     [series] = orthanc.series()
@@ -64,7 +64,7 @@ def test_raw_projections_to_a_valid_ct_series_in_orthanc(node_factory, orthanc, 
     assert job["state"] == "succeeded" and job["deliveries"][0]["state"] == "sent"
 
     # the same scan with views missing: the job fails with the reason, nothing is sent
-    broken = [f for f in simulate(tmp_path / "raw2", "--noise-i0", "1e5")
+    broken = [f for f in generated("raw-ct-fan-noisy", lambda d: simulate(d, "--noise-i0", "1e5"))
               if not f.endswith(("proj00050.dcm", "proj00051.dcm"))]
     storescu(node.port, broken, aet="CT_SCANNER")
     jobs = wait_jobs(node, lambda js: any(j["state"] in ("failed", "dead") for j in js),

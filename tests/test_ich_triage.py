@@ -209,7 +209,7 @@ def test_report_objects_are_conformant_and_read_back(tmp_path: Path) -> None:
     assert "Cranial cavity" in text  # finding site
 
 
-def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: ignore[no-untyped-def]
+def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc, generated,  # type: ignore[no-untyped-def]
                                                 tmp_path: Path) -> None:
     hook = Webhook().start()
     route = {"name": "ich", "match": {"Modality": "CT",
@@ -220,8 +220,9 @@ def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: 
     cfg["assemble"] = {"quiet_seconds": 1}
     node = make_node(node_factory, cfg)
     try:
-        _, truth = write_head_ct(tmp_path / "bleed", 41, kind="iph", volume_ml=6.0)
-        files = sorted((tmp_path / "bleed").glob("*.dcm"))
+        files, truth = generated("head-41-iph", lambda d: write_head_ct(d, 41, kind="iph",
+                                                                        volume_ml=6.0))
+        files = sorted(files)
         storescu(node.port, files, aet="CT_SCANNER")
         paths = orthanc.valid_results({"SR", "SEG", "KO"}, tmp_path, timeout=90)
         sr = hd.sr.srread(paths["SR"])
@@ -241,13 +242,13 @@ def test_head_ct_to_orthanc_with_critical_alert(node_factory, orthanc,  # type: 
         assert 0 < detail["seconds_since_completion"] < 60
         assert node.cli("audit", "verify").returncode == 0
         # a study without hemorrhage: an SR saying so, and no alert
-        write_head_ct(tmp_path / "clean", 42, kind="none")
-        storescu(node.port, sorted((tmp_path / "clean").glob("*.dcm")), aet="CT_SCANNER")
+        clean, _ = generated("head-42-none", lambda d: write_head_ct(d, 42, kind="none"))
+        storescu(node.port, sorted(clean), aet="CT_SCANNER")
         wait_until(lambda: len(orthanc.series()) == 4, timeout=90, what="the clean SR")
         assert len(hook.received) == 1
         # a body CT routed here by mistake: not applicable, with the reason; nothing is sent
-        storescu(node.port, write_ct_series(tmp_path / "body", n=40, size=96, slice_mm=5.0,
-                                            series_description="HEAD? (mislabelled body)"))
+        storescu(node.port, generated("body-40", lambda d: write_ct_series(
+            d, n=40, size=96, slice_mm=5.0, series_description="HEAD? (mislabelled body)")))
         jobs = wait_until(lambda: [j for j in node.jobs() if j["state"] == "not-applicable"],
                           timeout=60, what="the not-applicable job")
         assert "not a head CT" in jobs[0]["reason"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -40,9 +41,17 @@ def run(tmp_path: Path, seed: int, specs: list[tuple[str, float]]) -> tuple[obje
     return out, truth, mask, inputs
 
 
-def test_finds_solid_and_ground_glass_nodules_and_measures_them(tmp_path: Path) -> None:
-    out, truth, mask, _ = run(tmp_path, 51, [("solid", 10.0), ("ground-glass", 16.0),
-                                             ("solid", 6.5)])
+@pytest.fixture(scope="module")
+def three_nodules(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any, np.ndarray,
+                                                                       Inputs]:
+    """Seed 51 (two solid nodules and a ground-glass one) through the plugin, once: the
+    detection takes ~30–80 s on 2 cores; its findings are measured and also reported."""
+    return run(tmp_path_factory.mktemp("three-nodules"), 51,  # type: ignore[return-value]
+               [("solid", 10.0), ("ground-glass", 16.0), ("solid", 6.5)])
+
+
+def test_finds_solid_and_ground_glass_nodules_and_measures_them(three_nodules) -> None:  # type: ignore[no-untyped-def]
+    out, truth, mask, _ = three_nodules
     [lm] = out.label_maps  # type: ignore[attr-defined]
     labels = np.asarray(lm.array)
     by_truth = {}
@@ -128,10 +137,13 @@ def test_refuses_what_is_not_a_chest_ct(tmp_path: Path) -> None:
         LungNodules().run(Inputs("1", (series_input(five),), {}), params, c)
 
 
-def test_report_is_conformant(tmp_path: Path) -> None:
-    out, _, _, inputs = run(tmp_path, 53, [("solid", 12.0)])
+def test_report_is_conformant(three_nodules, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SEG and SR of a real detection (the three nodules of seed 51: solid and ground-glass,
+    one volumetric group each)."""
+    out, _, _, inputs = three_nodules
+    assert len(out.findings) >= 3
     src = inputs.primary
-    prov = Provenance("job-53", "lung-nodules", "1.0.0",
+    prov = Provenance("job-51", "lung-nodules", "1.0.0",
                       algorithm_family=("123104", "DCM", "Morphological Operations"))
     seg = label_map_to_seg(out.label_maps[0], src.datasets, src.geometry, prov, 9005)  # type: ignore[attr-defined]
     sr = findings_to_sr(out.findings, src.datasets, seg, prov, 9008)  # type: ignore[attr-defined]
@@ -141,17 +153,18 @@ def test_report_is_conformant(tmp_path: Path) -> None:
     assert dciodvfy_errors(tmp_path / "sr.dcm") == []
     assert dsrdump_errors(tmp_path / "sr.dcm") == []
     back = hd.sr.srread(tmp_path / "sr.dcm")
-    assert back.content.get_volumetric_roi_measurement_groups()
+    assert len(back.content.get_volumetric_roi_measurement_groups()) == len(out.findings)
 
 
-def test_chest_ct_to_orthanc(node_factory, orthanc, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_chest_ct_to_orthanc(node_factory, orthanc, generated, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     route = {"name": "nodules", "match": {"Modality": "CT",
                                           "SeriesDescription": {"regex": "CHEST"}},
              "pipeline": [{"plugin": "lung-nodules"}], "send_to": ["pacs"]}
     cfg = pipeline_config(orthanc, [route])
     cfg["assemble"] = {"quiet_seconds": 1}
     node = make_node(node_factory, cfg)
-    files, truth = write_chest_ct(tmp_path / "chest", 54, specs=[("solid", 14.0)], **SMALL)
+    files, truth = generated("chest-54", lambda d: write_chest_ct(d, 54, specs=[("solid", 14.0)],
+                                                                  **SMALL))
     storescu(node.port, files, aet="CT_SCANNER")
     paths = orthanc.valid_results({"SR", "SEG"}, tmp_path)
     sr = hd.sr.srread(paths["SR"])
