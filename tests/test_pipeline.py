@@ -5,6 +5,7 @@ or return nonsense, the node killed mid-job."""
 from __future__ import annotations
 
 import getpass
+import os
 import subprocess
 import textwrap
 import time
@@ -187,7 +188,9 @@ def bad_plugins(tmp_path: Path) -> dict[str, str]:
         "[dicomnode.plugins]\nraises = bad_plugins:Raises\nhangs = bad_plugins:Hangs\n"
         "nonsense = bad_plugins:Nonsense\nslow = bad_plugins:Slow\n"
         "critical = bad_plugins:Critical\n")
-    return {"PYTHONPATH": str(root)}
+    # added to (not replacing) the caller's path: a worktree run keeps its own dicomnode
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH"))
+                                          if p)}
 
 
 def test_plugins_that_raise_hang_or_return_nonsense(node_factory, orthanc, bad_plugins,  # type: ignore[no-untyped-def]
