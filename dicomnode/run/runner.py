@@ -114,8 +114,11 @@ class EmbeddedRunner:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=grace_seconds + 5)
-        for process, conn in self._spares:  # idle: closing the pipe ends them
+        for process, conn in self._spares:
+            # idle (no job, nothing to lose): ended at once rather than waited for; a spare
+            # still importing would otherwise hold the stop up to 2 s
             conn.close()
+            process.terminate()
             process.join(2)
             if process.is_alive():
                 process.kill()
