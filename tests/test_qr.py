@@ -21,6 +21,7 @@ from sqlalchemy import create_engine, insert, select, text
 from dicomnode.schema import AuditEvent, Patient, Study, utcnow
 from dicomnode.simulate.series import write_ct_series
 from tests.helpers import (
+    IN_CI,
     NodeProc,
     dcmtk,
     dcmtk_env,
@@ -29,6 +30,7 @@ from tests.helpers import (
     storescu,
     wait_until,
 )
+from tests.orthanc import ORTHANC, Orthanc
 
 STUDY_A, STUDY_B = generate_uid(), generate_uid()
 MAX_RESULTS = 1000
@@ -61,7 +63,7 @@ def _prepare(tmp: Path) -> dict[str, Path]:
 def qr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("qr")
     files = _prepare(tmp / "in")
-    store_port, cancel_port = free_port(), free_port()
+    store_port, orthanc_port = free_port(), free_port()
     modalities = {
         "ws": {"ae_title": "FINDSCU", "host": "127.0.0.1", "port": 1, "allow": ["find"]},
         "mover": {"ae_title": "MOVESCU", "host": "127.0.0.1", "port": 1,
@@ -70,6 +72,8 @@ def qr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         "sink": {"ae_title": "STORESCP", "host": "127.0.0.1", "port": store_port},
         "sender": {"ae_title": "STORESCU", "host": "127.0.0.1", "port": 1,
                    "allow": ["store"]},
+        "orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port,
+                    "allow": ["find", "move"]},
     }
     node = NodeProc(workdir=tmp / "node", db_url=f"sqlite:///{tmp / 'node' / 'index.sqlite3'}",
                     overrides={"modalities": modalities,
@@ -88,7 +92,7 @@ def qr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         engine = create_engine(node.db_url)
         wait_until(lambda: _count(engine, "instances") == len(files), what="instances indexed")
         yield {"node": node, "files": files, "tmp": tmp, "sink": sink_dir, "engine": engine,
-               "cancel_port": cancel_port}
+               "orthanc_port": orthanc_port}
     finally:
         sink.terminate()
         sink.wait(10)
@@ -351,3 +355,35 @@ def test_get_not_allowed(qr: dict[str, Any]) -> None:
     refused = _events(qr["engine"], "retrieve-refused")
     assert refused[-1]["source_aet"] == "MOVESCU" and "not allowed to get" in \
         refused[-1]["detail"]["reason"]
+
+
+@pytest.mark.orthanc
+def test_orthanc_as_query_retrieve_client(qr: dict[str, Any]) -> None:
+    """Orthanc (Debian) queries the node through its REST API (/modalities/{id}/query) and
+    retrieves a study by C-MOVE to itself: the instances arrive in Orthanc as stored."""
+    if not Path(ORTHANC).exists():
+        if IN_CI:
+            raise AssertionError("Orthanc (Debian package orthanc) must be installed in CI")
+        pytest.skip("Orthanc not installed (apt-get install orthanc)")
+    o = Orthanc(Path(qr["tmp"]) / "orthanc", port=qr["orthanc_port"],
+                modalities={"node": ["DICOMNODE", "127.0.0.1", qr["node"].port]})
+    try:
+        q = o.post("/modalities/node/query", {"Level": "Study",
+                                              "Query": {"PatientName": "Doe*",
+                                                        "StudyDate": "20240101-20240131"}})
+        answers = o.get(f"/queries/{q['ID']}/answers")
+        assert len(answers) == 1
+        content = o.get(f"/queries/{q['ID']}/answers/0/content?simplify")
+        assert content["StudyInstanceUID"] == STUDY_A
+        o.post(f"/queries/{q['ID']}/retrieve", {"TargetAet": "ORTHANC", "Synchronous": True})
+        wait_until(lambda: len(o.get("/instances")) == 4, what="the study in Orthanc")
+        for iid in o.get("/instances"):
+            f = o.instance_file(iid, Path(qr["tmp"]) / f"orthanc-{iid}.dcm")
+            uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            assert _dataset_bytes(f)[1] == _dataset_bytes(_stored(qr, uid))[1]
+    finally:
+        o.stop()
+    queries = [e for e in _events(qr["engine"], "query") if e["source_aet"] == "ORTHANC"]
+    assert queries and queries[-1]["detail"]["matches"] == 1
+    moved = [e for e in _events(qr["engine"], "instances-moved") if e["dest_aet"] == "ORTHANC"]
+    assert moved and moved[-1]["detail"]["completed"] == 4
