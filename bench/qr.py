@@ -146,6 +146,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-qr-"))
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
@@ -164,9 +165,10 @@ def main() -> None:
                                   "bench": ["BENCHSCU", "127.0.0.1", 1]})
     sink_dir = work / "sink"
     sink_dir.mkdir()
-    sink = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "+xa", "-od",
+    sink = subprocess.Popen([dcmtk("storescp"), "-v", "-aet", "STORESCP", "+xa", "-od",
                              str(sink_dir), str(sink_port)], env=dcmtk_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=open(work / "storescp.log", "wb"),  # noqa: SIM115
+                            stderr=subprocess.STDOUT)
     try:
         t0 = time.perf_counter()
         files = small_studies(work / "small", args.studies)
@@ -201,8 +203,8 @@ def main() -> None:
         move: dict[str, Any] = {}
         for name, port, aec in (("node", node.port, "DICOMNODE"),
                                 ("orthanc", orthanc.port, "ORTHANC")):
-            shutil.rmtree(sink_dir)
-            sink_dir.mkdir()
+            for f in sink_dir.iterdir():
+                f.unlink()
             peak = [tree_rss(node.proc.pid)] if node.proc else [0]
             stop = threading.Event()
 
@@ -236,7 +238,10 @@ def main() -> None:
         node.stop()
         if args.json:
             args.json.write_text(json.dumps(out, indent=2))
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
