@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--sink-pdu", type=int, default=0,
+                    help="storescp's maximum PDU length (default: dcmtk's 16 KiB)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-qr-"))
@@ -165,7 +167,8 @@ def main() -> None:
                                   "bench": ["BENCHSCU", "127.0.0.1", 1]})
     sink_dir = work / "sink"
     sink_dir.mkdir()
-    sink = subprocess.Popen([dcmtk("storescp"), "-v", "-aet", "STORESCP", "+xa", "-od",
+    pdu = ["-pdu", str(args.sink_pdu)] if args.sink_pdu else []
+    sink = subprocess.Popen([dcmtk("storescp"), "-v", "-aet", "STORESCP", "+xa", *pdu, "-od",
                              str(sink_dir), str(sink_port)], env=dcmtk_env(),
                             stdout=open(work / "storescp.log", "wb"),  # noqa: SIM115
                             stderr=subprocess.STDOUT)
