@@ -387,3 +387,37 @@ def test_orthanc_as_query_retrieve_client(qr: dict[str, Any]) -> None:
     assert queries and queries[-1]["detail"]["matches"] == 1
     moved = [e for e in _events(qr["engine"], "instances-moved") if e["dest_aet"] == "ORTHANC"]
     assert moved and moved[-1]["detail"]["completed"] == 4
+
+
+def test_find_case_insensitive_names_when_configured(tmp_path: Path) -> None:
+    """query.fuzzy_person_names: true → PatientName matches whatever the case. The index rows
+    are written through SQL: a C-FIND needs no files."""
+    node = NodeProc(workdir=tmp_path / "node",
+                    db_url=f"sqlite:///{tmp_path / 'node' / 'index.sqlite3'}",
+                    overrides={"query": {"fuzzy_person_names": True},
+                               "modalities": {"ws": {"ae_title": "FINDSCU",
+                                                     "host": "127.0.0.1", "port": 1,
+                                                     "allow": ["find"]}}})
+    node.start()
+    try:
+        engine = create_engine(node.db_url)
+        now, uid = utcnow(), generate_uid()
+        with engine.begin() as c:
+            pk = c.execute(insert(Patient).values(patient_id="F1", issuer="",
+                                                  patient_name="DOE^JANE", birth_date="",
+                                                  sex="")).inserted_primary_key[0]
+            c.execute(insert(Study).values(
+                study_uid=uid, patient_fk=pk, study_date="20240101", study_time="",
+                accession_number="", study_id="", study_description="",
+                referring_physician="", state="complete", revision=1, num_instances=0,
+                first_received_at=now, last_received_at=now))
+        found, _ = findscu({"tmp": tmp_path, "node": node},
+                           ["QueryRetrieveLevel=STUDY", "PatientName=doe^j*",
+                            "StudyInstanceUID"])
+        assert [str(d.StudyInstanceUID) for d in found] == [uid]
+        found, _ = findscu({"tmp": tmp_path, "node": node},
+                           ["QueryRetrieveLevel=STUDY", "PatientName=Doe^Jane",
+                            "StudyInstanceUID"])
+        assert [str(d.PatientName) for d in found] == ["DOE^JANE"]
+    finally:
+        node.stop()
