@@ -107,6 +107,34 @@ class AccessConfig(_Section):
         return [_check_ae(a) for a in v]
 
 
+class ModalityConfig(_Section):
+    """A remote AE the node knows (issue 22): what it may ask of the node when it calls
+    (``allow``), and where it listens when it is a C-MOVE destination (any listed AE may be).
+    ``store`` is allowed in addition to ``access.allowed_calling_aets``."""
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    allow: list[Literal["find", "move", "get", "store"]] = Field(default_factory=list)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+    def may(self, service: str) -> bool:
+        return service in self.allow
+
+
+class QueryConfig(_Section):
+    """Query/Retrieve (C-FIND/MOVE/GET, QIDO-RS): ``max_results`` bounds one response (it then
+    ends with 0xA700 "Out of resources" and an error comment, and is audited);
+    ``fuzzy_person_names``: person names match case-insensitively."""
+
+    max_results: int = Field(1000, ge=1, le=1_000_000)
+    fuzzy_person_names: bool = False
+
+
 class AssembleConfig(_Section):
     quiet_seconds: float = Field(5.0, ge=0)
     level: Literal["study", "series"] = "study"
@@ -314,10 +342,15 @@ class Settings(BaseSettings):
     dicomweb: DicomwebConfig = Field(default_factory=DicomwebConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
+    modalities: dict[str, ModalityConfig] = Field(default_factory=dict)
+    query: QueryConfig = Field(default_factory=QueryConfig)
     routes: list[RouteConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _routes_refer_to_known_destinations(self) -> Settings:
+        titles = [m.ae_title for m in self.modalities.values()]
+        for dup in sorted({t for t in titles if titles.count(t) > 1}):
+            raise ValueError(f"modalities: AE title {dup!r} is listed twice")
         names = [r.name for r in self.routes]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             raise ValueError(f"routes: name {dup!r} is used twice")

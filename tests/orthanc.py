@@ -15,8 +15,11 @@ ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 
 
 class Orthanc:
-    def __init__(self, work: Path, port: int | None = None) -> None:
-        """``port``: its DICOM port (default: a free one)."""
+    def __init__(self, work: Path, port: int | None = None,
+                 modalities: dict[str, list[Any]] | None = None) -> None:
+        """``port``: its DICOM port (default: a free one). ``modalities``: its
+        ``DicomModalities`` (name → [AE title, host, port]), the peers it may query and
+        retrieve from (Orthanc as a Query/Retrieve client)."""
         self.port, self.http = port or free_port(), free_port()
         work.mkdir(parents=True, exist_ok=True)
         cfg = work / "orthanc.json"
@@ -24,7 +27,8 @@ class Orthanc:
             "Name": "pacs", "StorageDirectory": str(work / "storage"),
             "IndexDirectory": str(work / "index"), "DicomAet": "ORTHANC",
             "DicomPort": self.port, "HttpPort": self.http, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": []}))
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
+            "DicomModalities": modalities or {}}))
         self.proc = subprocess.Popen([ORTHANC, str(cfg)], env=dcmtk_env(),
                                      stdout=subprocess.DEVNULL,
                                      stderr=open(work / "orthanc.log", "wb"))  # noqa: SIM115
@@ -41,6 +45,14 @@ class Orthanc:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=5) as r:
             body = r.read()
         return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, body: Any, timeout: float = 60) -> Any:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data,
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            out = r.read()
+        return json.loads(out) if out[:1] in (b"{", b"[") else out
 
     def series(self) -> list[dict[str, Any]]:
         return self.get("/series?expand")  # type: ignore[no-any-return]

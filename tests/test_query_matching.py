@@ -145,3 +145,17 @@ def test_from_dataset() -> None:
     ds2.QueryRetrieveLevel = "PATIENT"
     with pytest.raises(QueryError, match="Study Root"):
         query_from_dataset(ds2, Model.STUDY_ROOT)
+
+
+def test_wrong_vr_and_levels() -> None:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.add_new(0x00100010, "LO", "DOE*")  # PatientName is PN
+    with pytest.raises(QueryError, match="has VR LO, the dictionary says PN"):
+        query_from_dataset(ds, Model.STUDY_ROOT)
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIESX"
+    with pytest.raises(QueryError, match="not PATIENT, STUDY"):
+        query_from_dataset(ds, Model.STUDY_ROOT)
+    with pytest.raises(QueryError, match="no QueryRetrieveLevel"):
+        query_from_dataset(Dataset(), Model.PATIENT_ROOT)

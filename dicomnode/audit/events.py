@@ -63,6 +63,12 @@ class EventKind(Enum):
     AUDIT_EXPORTED = ("audit-exported", "110106", "Export", "R")
     AUDIT_VERIFIED = ("audit-verified", "110101", "Audit Log Used", "E")
     STUDY_FORCED_COMPLETE = ("study-forced-complete", "DN0010", "Study Completion Forced", "U")
+    # Query/Retrieve SCP (receive/qr.py): who asked what, what was sent where, and refusals
+    QUERY = ("query", "110112", "Query", "E")
+    QUERY_REFUSED = ("query-refused", "110112", "Query", "E")
+    INSTANCES_MOVED = ("instances-moved", "110104", "DICOM Instances Transferred", "R")
+    INSTANCES_RETRIEVED = ("instances-retrieved", "110104", "DICOM Instances Transferred", "R")
+    RETRIEVE_REFUSED = ("retrieve-refused", "110104", "DICOM Instances Transferred", "R")
     # a radiologist accepted, rejected or amended an AI finding; its verdict SR is queued
     FINDING_REVIEWED = ("finding-reviewed", "DN0009", "Finding Reviewed", "U")
 

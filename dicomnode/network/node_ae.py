@@ -101,6 +101,7 @@ from typing import Any
 import pynetdicom
 import pynetdicom.presentation
 import pynetdicom.utils
+from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom._handlers import (
@@ -802,14 +803,46 @@ _negotiate_as_acceptor = with_globals(pynetdicom.presentation.negotiate_as_accep
                                       PresentationContext=CachedContext)
 
 
+def _negotiate_roles_aware(rq_contexts: Any, ac_contexts: Any, roles: Any = None) -> Any:
+    """pynetdicom picks each context's transfer syntax in the *acceptor's* order (the node's:
+    uncompressed first, right for receiving). For a SOP class the requestor proposes to be
+    the SCP of (SCP/SCU role selection: a C-GET SCU that will receive), the node sends
+    stored files, so the requestor's order is taken: the file can then go as it is stored
+    when the requestor offered its syntax first (e.g. dcmtk getscu ``+xr``). Nothing changes
+    for an association without role selection items."""
+    getters = {uid for uid, (_, scp) in (roles or {}).items() if scp}
+    if getters:
+        order: dict[Any, list[Any]] = {}
+        for cx in rq_contexts:
+            if cx.abstract_syntax in getters:
+                wanted = order.setdefault(cx.abstract_syntax, [])
+                wanted += [ts for ts in cx.transfer_syntax if ts not in wanted]
+        contexts = []
+        for ac in ac_contexts:
+            theirs = order.get(ac.abstract_syntax)
+            if not theirs:
+                contexts.append(ac)
+                continue
+            cx = CachedContext()
+            cx.abstract_syntax = ac.abstract_syntax
+            for ts in [t for t in theirs if t in ac.transfer_syntax] + [
+                    t for t in ac.transfer_syntax if t not in theirs]:
+                cx.add_transfer_syntax(ts)
+            cx.scu_role, cx.scp_role = ac.scu_role, ac.scp_role
+            contexts.append(cx)
+        ac_contexts = contexts
+    return _negotiate_as_acceptor(rq_contexts, ac_contexts, roles)
+
+
 class NodeACSE(ACSE):
     """The node's ACSE: pynetdicom's acceptor negotiation, the accepted and rejected
     contexts it makes :class:`CachedContext` (7); upstream makes plain
     ``PresentationContext`` objects, re-validating each context's UIDs on every
-    association."""
+    association. With role selection, the requestor's transfer syntax order for the
+    classes it will be SCP of (:func:`_negotiate_roles_aware`)."""
 
     _negotiate_as_acceptor = with_globals(ACSE._negotiate_as_acceptor,
-                                          negotiate_as_acceptor=_negotiate_as_acceptor)
+                                          negotiate_as_acceptor=_negotiate_roles_aware)
 
 
 def warm_uid_checks(contexts: Any) -> None:
@@ -1017,7 +1050,11 @@ class NodeAssociation(Association):
 
     def send_c_store(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
         """Upstream's ``send_c_store``; with ``ae.send_files_as_stored``, a file is sent as
-        its data set's bytes are stored (:class:`_FilesAsStored`)."""
+        its data set's bytes are stored (:class:`_FilesAsStored`), and so is a
+        :class:`StoredFile` (what the Q/R SCP yields: pynetdicom's C-MOVE/C-GET service
+        accepts only Datasets from a handler)."""
+        if isinstance(dataset, StoredFile):
+            return _send_c_store_as_stored(self, dataset.stored_path, *args, **kwargs)
         if getattr(self.ae, "send_files_as_stored", False):
             return _send_c_store_as_stored(self, dataset, *args, **kwargs)
         return super().send_c_store(dataset, *args, **kwargs)
@@ -1030,6 +1067,21 @@ class NodeAssociation(Association):
         if _log_handlers(self.ae):
             for event, handler in _STANDARD_HANDLERS:
                 self.bind(event, handler)
+
+
+class StoredFile(Dataset):
+    """A stored Part 10 file to be sent as its data set's bytes are (bit for bit), standing
+    in for the data set where pynetdicom wants a ``Dataset`` (a C-MOVE or C-GET handler's
+    yields). Only the two UIDs pynetdicom's services read are set; the node's association
+    sends the file (:meth:`NodeAssociation.send_c_store`)."""
+
+    def __init__(self, path: str, sop_class_uid: str, sop_instance_uid: str) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_instance_uid
+        object.__setattr__(self, "stored_path", path)
+
+    stored_path: str
 
 
 class _FilesAsStored:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -26,6 +27,7 @@ from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
 from dicomnode.network import node_ae
 from dicomnode.network.node_ae import NodeAE, NodeServer
+from dicomnode.receive.qr import QR_CLASSES, QueryRetrieve
 from dicomnode.schema import (
     Association,
     AssociationState,
@@ -124,6 +126,13 @@ class Receiver:
         self.server: Any = None
         self._unbound = False  # a receiver worker's server (start_unbound)
         self.ae_title = settings.node.ae_title
+        self.qr = QueryRetrieve(settings, sessions, audit, Path(self.files.root))
+        # a calling AE that may not store (access.allowed_calling_aets set, the caller not in
+        # it, and listed in modalities without `store`): associations are open to modalities
+        self._no_store: frozenset[str] = frozenset(
+            m.ae_title for m in settings.modalities.values()
+            if settings.access.allowed_calling_aets and not m.may("store")
+            and m.ae_title not in settings.access.allowed_calling_aets)
         self.ae = self._build_ae()
         # SQLAlchemy configures every mapper when the first ORM object is made: ~60 ms that
         # would otherwise land on the first association's accept handler
@@ -145,11 +154,21 @@ class Receiver:
         ae.network_timeout = n.network_timeout_seconds
         ae.acse_timeout = n.acse_timeout_seconds
         ae.dimse_timeout = n.dimse_timeout_seconds
-        ae.require_calling_aet = list(self.settings.access.allowed_calling_aets)
+        allowed = list(self.settings.access.allowed_calling_aets)
+        if allowed:  # the modalities may associate too (what each may do: receive/qr.py)
+            allowed += [m.ae_title for m in self.settings.modalities.values()
+                        if m.ae_title not in allowed]
+        ae.require_calling_aet = allowed
         ae.require_called_aet = self.settings.access.require_called_aet
         ae.add_supported_context(VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        for uid in QR_CLASSES:
+            ae.add_supported_context(uid, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
         for uid in storage_sop_classes():
-            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+            # scp_role: a C-GET SCU proposes to be the storage SCP on its association (role
+            # selection, PS3.7 D.3.3.4); without a role item nothing changes for a sender
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
+        # C-MOVE/C-GET send stored files' data sets as they are (bit for bit)
+        ae.send_files_as_stored = True
         node_ae.warm_uid_checks(ae.supported_contexts)
         return ae
 
@@ -184,6 +203,7 @@ class Receiver:
         return [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            *self.qr.handlers(),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
@@ -382,6 +402,8 @@ class Receiver:
         with self._stats_lock:
             if st.stream is stream:
                 st.stream = None
+        if self._no_store and calling in self._no_store:
+            return self._refuse_store(event, st, stream, calling, host)
         if stream is not None and not stream.open:
             stream = None  # aborted meanwhile: store it the ordinary way
         # a view, not a copy, of the bytes exactly as they arrived
@@ -406,6 +428,24 @@ class Receiver:
         rsp = Dataset()
         rsp.Status = int(result.status)
         rsp.ErrorComment = result.reason[:64]
+        return rsp
+
+
+    def _refuse_store(self, event: Any, st: _AssocStats, stream: StreamingFile | None,
+                      calling: str, host: str) -> Dataset:
+        if stream is not None:
+            stream.abort()
+            if self._streams is not None:
+                self._streams(id(event.assoc), None)
+        reason = f"{calling!r} may not store: not in access.allowed_calling_aets, and " \
+            "its modalities entry does not allow store"
+        st.refusals["0x0124"] = st.refusals.get("0x0124", 0) + 1
+        self.audit.record(EventKind.STORE_REFUSED, Outcome.MINOR_FAILURE, source_aet=calling,
+                          source_host=host, reason=reason,
+                          sop_instance_uid=str(event.request.AffectedSOPInstanceUID))
+        rsp = Dataset()
+        rsp.Status = 0x0124  # Refused: Not authorized
+        rsp.ErrorComment = "calling AE may not store (modalities.allow)"
         return rsp
 
 
