@@ -49,6 +49,7 @@ MODULES = [
     "routes",  # routes, dry run, plugins
     "users",  # users and roles
     "audit",  # the audit trail: filter, export (CSV), verify
+    "viewer",  # the OHIF viewer at /viewer (installed by scripts/install-ohif.sh)
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")

@@ -1,0 +1,171 @@
+"""The OHIF viewer at /viewer: installed by scripts/install-ohif.sh (the real @ohif/app build),
+served by the console with its own app-config.js, CSP, login and single-page-app routes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote
+
+import httpx
+import pytest
+
+from dicomnode.web.views.viewer import NOT_INSTALLED, installed_version, viewer_dir
+from tests.helpers import IN_CI
+from tests.web import PASSWORD, WebNode, start_web, web_settings
+
+INSTALL = "scripts/install-ohif.sh"
+
+
+def _need_viewer(w: WebNode) -> Path:
+    root = viewer_dir(w.settings)
+    if installed_version(root) is None:
+        if IN_CI:
+            raise AssertionError(f"the viewer must be installed in CI ({INSTALL})")
+        pytest.skip(f"the viewer is not installed in {root} (run {INSTALL})")
+    return root
+
+
+@contextlib.contextmanager
+def cookie_client(w: WebNode, name: str) -> Iterator[httpx.Client]:
+    """An httpx client logged in through the login form (the session cookie, as a browser)."""
+    with httpx.Client(base_url=w.url, timeout=60, follow_redirects=False) as c:
+        c.get("/login")
+        r = c.post("/login", data={"username": name, "password": PASSWORD, "next": "/",
+                                   "csrf_token": c.cookies["dn_login_csrf"]})
+        assert r.status_code == 303, r.text
+        yield c
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebNode]:
+    w = start_web(web_settings(tmp_path_factory.mktemp("web")))
+    yield w
+    w.stop()
+
+
+def test_viewer_wants_a_login_with_studies_read(web: WebNode) -> None:
+    _need_viewer(web)
+    with web.api(None) as c:
+        for path in ("/viewer", "/viewer/viewer?StudyInstanceUIDs=1.2.3",
+                     "/viewer/app-config.js"):
+            r = c.get(path)
+            assert r.status_code == 303, (path, r.status_code)
+            loc = r.headers["location"]
+            assert loc.startswith("/login?next="), loc
+            assert unquote(loc.removeprefix("/login?next=")) == path
+    with web.api("auditor") as c:  # no studies:read
+        r = c.get("/viewer/viewer?StudyInstanceUIDs=1.2.3")
+        assert r.status_code == 403 and "studies:read" in r.text
+
+
+def test_spa_routes_answer_index_rewritten_for_viewer_with_its_csp(web: WebNode) -> None:
+    _need_viewer(web)
+    with cookie_client(web, "radiologist") as c:
+        for path in ("/viewer", "/viewer/", "/viewer/viewer?StudyInstanceUIDs=1.2.3",
+                     "/viewer/segmentation/dicomweb?StudyInstanceUIDs=1.2.3"):
+            r = c.get(path)
+            assert r.status_code == 200, (path, r.status_code)
+            html = r.text
+            assert 'window.PUBLIC_URL="/viewer/"' in html and 'PUBLIC_URL="/"' not in html
+            assert re.search(r'src="/viewer/app\.bundle\.[0-9a-f]+\.js"', html), html[:500]
+            assert 'src="/viewer/app-config.js"' in html
+            assert not re.search(r'(src|href)="/(?!viewer/|/)', html)  # nothing outside
+            policy = r.headers["content-security-policy"]
+            directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+            assert "'wasm-unsafe-eval'" in directives["script-src"]
+            assert "'unsafe-inline'" not in directives["script-src"]
+            assert "blob:" in directives["worker-src"]
+            assert {"data:", "blob:"} <= set(directives["img-src"].split())
+            assert directives["frame-ancestors"] == "'none'"
+            # each inline script is allowed by its hash, and only those
+            inline = re.findall(r"<script>(.*?)</script>", html, re.S)
+            assert len(inline) >= 1
+            for body in inline:
+                digest = base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()
+                assert f"'sha256-{digest}'" in directives["script-src"]
+            assert r.headers["cache-control"] == "no-store"
+        # the console keeps its own, stricter policy
+        console = c.get("/studies").headers["content-security-policy"]
+        assert "wasm-unsafe-eval" not in console and "blob:" not in console
+
+
+def test_app_config_points_ohif_at_the_nodes_dicomweb(web: WebNode) -> None:
+    _need_viewer(web)
+    with cookie_client(web, "radiologist") as c:
+        r = c.get("/viewer/app-config.js")
+    assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+    node = shutil.which("node") or shutil.which("nodejs")
+    assert node, "node.js comes with npm, which scripts/install-ohif.sh needs"
+    # run it as the browser would, with the console's origin, and read window.config
+    script = ("const window = {location: {origin: 'https://pacs.example:8443'}};\n"
+              + r.text + "\nconsole.log(JSON.stringify({...window.config, "
+              "httpErrorHandler: typeof window.config.httpErrorHandler}));")
+    out = subprocess.run([node, "-e", script], capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    config = json.loads(out)
+    assert config["routerBasename"] == "/viewer"
+    assert config["httpErrorHandler"] == "function"
+    assert config["defaultDataSourceName"] == "dicomnode"
+    (source,) = config["dataSources"]
+    assert source["namespace"] == "@ohif/extension-default.dataSourcesModule.dicomweb"
+    ds = source["configuration"]
+    for root in ("qidoRoot", "wadoRoot", "wadoUriRoot"):
+        assert ds[root] == "https://pacs.example:8443/dicomweb", (root, ds[root])
+    assert ds["imageRendering"] == "wadors" and ds["thumbnailRendering"] == "wadors"
+    assert ds["supportsFuzzyMatching"] is True and ds["enableStudyLazyLoad"] is True
+    assert ds["dicomUploadEnabled"] is False
+    assert "oidc" not in config  # the console's session is the login
+
+
+def test_files_of_the_build_are_served_and_nothing_else(web: WebNode) -> None:
+    root = _need_viewer(web)
+    bundle = next(root.glob("app.bundle.*.js")).name
+    wasm = next(root.glob("*.wasm")).name
+    with cookie_client(web, "radiologist") as c:
+        r = c.get(f"/viewer/{bundle}")
+        assert r.status_code == 200 and "javascript" in r.headers["content-type"]
+        assert '__webpack_require__.p = "/viewer/";' in r.text  # rewritten at install
+        assert "max-age" in r.headers["cache-control"]
+        r = c.get(f"/viewer/{wasm}")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/wasm"
+        assert r.content[:4] == b"\0asm"
+        assert c.get("/viewer/assets/favicon.ico").status_code == 200
+        for path in ("/viewer/no-such-chunk.js", "/viewer/.dicomnode-ohif",
+                     "/viewer/..%2f..%2fconfig.py", "/viewer/%2e%2e/%2e%2e/config.py"):
+            r = c.get(path)
+            assert r.status_code == 404, (path, r.status_code)
+
+
+def test_not_installed_says_how_to_install(tmp_path: Path) -> None:
+    w = start_web(web_settings(tmp_path, viewer_dir=str(tmp_path / "no-viewer")))
+    try:
+        with cookie_client(w, "radiologist") as c:
+            for path in ("/viewer", "/viewer/viewer?StudyInstanceUIDs=1.2.3",
+                         "/viewer/app-config.js"):
+                r = c.get(path)
+                assert r.status_code == 503, (path, r.status_code)
+                assert NOT_INSTALLED in r.text
+    finally:
+        w.stop()
+
+
+def test_install_script_skips_what_is_already_there(web: WebNode) -> None:
+    root = _need_viewer(web)
+    if shutil.which("npm") is None:
+        pytest.skip("npm is not installed") if not IN_CI else pytest.fail("npm needed")
+    before = (root / "index.html").stat().st_mtime_ns
+    out = subprocess.run([INSTALL], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent,
+                         env={**os.environ, "DICOMNODE_VIEWER_DIR": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert "already in" in out.stdout
+    assert (root / "index.html").stat().st_mtime_ns == before
