@@ -17,14 +17,15 @@ cd "$(dirname "$0")/.."
 VERSION="${OHIF_VERSION:-3.13.2}"
 DEST="${DICOMNODE_VIEWER_DIR:-dicomnode/web/viewer}"
 PUBLIC_PATH="/viewer/"
-MARK="$DEST/.dicomnode-ohif"   # "<version> <integrity>" once complete
+PATCH=2                        # how this script adapts the build; a change reinstalls
+MARK="$DEST/.dicomnode-ohif"   # "<version> <integrity> <patch>" once complete
 
 command -v npm >/dev/null || { echo "install-ohif: npm is needed (apt-get install npm)" >&2; exit 1; }
 
 integrity="$(npm view "@ohif/app@$VERSION" dist.integrity)"
 case "$integrity" in sha512-*) ;; *) echo "install-ohif: no sha512 integrity for @ohif/app@$VERSION: '$integrity'" >&2; exit 1;; esac
 
-if [ -f "$MARK" ] && [ "$(cat "$MARK")" = "$VERSION $integrity" ] && [ -f "$DEST/index.html" ]; then
+if [ -f "$MARK" ] && [ "$(cat "$MARK")" = "$VERSION $integrity $PATCH" ] && [ -f "$DEST/index.html" ]; then
   echo "install-ohif: @ohif/app $VERSION already in $DEST"
   exit 0
 fi
@@ -42,7 +43,8 @@ fi
 tar -xzf "$tgz" -C "$tmp" package/dist
 [ -f "$tmp/package/dist/index.html" ] || { echo "install-ohif: no dist/index.html in the package" >&2; exit 1; }
 
-# OHIF's webpack runtime loads chunks, workers and wasm from an absolute "/" public path
+# OHIF's webpack runtime loads chunks, workers and wasm from an absolute "/" public path, and
+# its CSS names its font as url(/…)
 python3 - "$tmp/package/dist" "$PUBLIC_PATH" <<'EOF'
 import pathlib, sys
 dist, public = pathlib.Path(sys.argv[1]), sys.argv[2]
@@ -56,10 +58,16 @@ for f in dist.glob("*.js"):
 if n == 0:
     sys.exit("install-ohif: found no webpack public path to rewrite: has OHIF's build changed?")
 print(f"install-ohif: public path {public} in {n} bundles")
+for f in dist.glob("*.css"):
+    data = f.read_bytes()
+    fixed = data.replace(b"url(/", b"url(" + public.encode()).replace(
+        b"url(" + public.encode() + b"/", b"url(//")
+    if fixed != data:
+        f.write_bytes(fixed)
 EOF
 # the console writes app-config.js itself; the package's default points at a public demo
 rm -f "$tmp/package/dist/app-config.js"
-echo "$VERSION $integrity" > "$tmp/package/dist/.dicomnode-ohif"
+echo "$VERSION $integrity $PATCH" > "$tmp/package/dist/.dicomnode-ohif"
 
 # swap in whole: a half-copied viewer is never served
 mkdir -p "$(dirname "$DEST")"

@@ -139,6 +139,8 @@ def test_files_of_the_build_are_served_and_nothing_else(web: WebNode) -> None:
         assert r.status_code == 200 and r.headers["content-type"] == "application/wasm"
         assert r.content[:4] == b"\0asm"
         assert c.get("/viewer/assets/favicon.ico").status_code == 200
+        css = c.get("/viewer/app.bundle.css").text  # its font, under /viewer/ too
+        assert "url(/viewer/" in css and not re.search(r"url\(/(?!viewer/|/)", css)
         for path in ("/viewer/no-such-chunk.js", "/viewer/.dicomnode-ohif",
                      "/viewer/..%2f..%2fconfig.py", "/viewer/%2e%2e/%2e%2e/config.py"):
             r = c.get(path)
