@@ -80,7 +80,7 @@ def serve(config: ConfigOpt = None) -> None:
         from dicomnode.web.server import WebThread
 
         _hint_first_user(settings, node.sessions)
-        web = WebThread(settings, node.sessions, node.audit)
+        web = WebThread(settings, node.sessions, node.audit, node.store)
         try:
             web.start()
         except OSError as e:

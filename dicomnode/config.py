@@ -274,6 +274,14 @@ class WebConfig(_Section):
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
 
 
+class DicomwebConfig(_Section):
+    """DICOMweb under /dicomweb on the console's server."""
+
+    # origins (e.g. https://viewer.example.org) whose pages may call /dicomweb (CORS);
+    # empty: same origin only
+    cors_origins: list[str] = Field(default_factory=list)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -304,6 +312,7 @@ class Settings(BaseSettings):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
     web: WebConfig = Field(default_factory=WebConfig)
+    dicomweb: DicomwebConfig = Field(default_factory=DicomwebConfig)
     package: PackageConfig = Field(default_factory=PackageConfig)
     destinations: dict[str, DestinationConfig] = Field(default_factory=dict)
     routes: list[RouteConfig] = Field(default_factory=list)

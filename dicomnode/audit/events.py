@@ -34,6 +34,8 @@ class EventKind(Enum):
     INSTANCES_RECEIVED = ("instances-received", "110104", "DICOM Instances Transferred", "C")
     STORE_REFUSED = ("store-refused", "110104", "DICOM Instances Transferred", "C")
     DUPLICATE_CONFLICT = ("duplicate-conflict", "110104", "DICOM Instances Transferred", "C")
+    DICOMWEB_QUERY = ("dicomweb-query", "110112", "Query", "E")  # QIDO-RS
+    DICOMWEB_RETRIEVE = ("dicomweb-retrieve", "110106", "Export", "R")  # WADO-RS
     # private coding scheme 99DCMNODE: PS3.15 has no event for these
     STUDY_COMPLETED = ("study-completed", "DN0001", "Study Completed", "E")
     SERIES_COMPLETED = ("series-completed", "DN0002", "Series Completed", "E")

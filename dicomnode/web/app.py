@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dicomnode import __version__
 from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
+from dicomnode.store import InstanceStore
 from dicomnode.web.auth import Principal
 from dicomnode.web.deps import WebState, principal
 
@@ -49,6 +50,7 @@ MODULES = [
     "routes",  # routes, dry run, plugins
     "users",  # users and roles
     "audit",  # the audit trail: filter, export (CSV), verify
+    "dicomweb",  # DICOMweb (QIDO-RS, WADO-RS, STOW-RS): its ``dicomweb`` router, /dicomweb
     "viewer",  # the OHIF viewer at /viewer (installed by scripts/install-ohif.sh)
 ]
 
@@ -64,7 +66,8 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
 
 
 def _wants_html(request: Request) -> bool:
-    return not request.url.path.startswith("/api/") and request.url.path != "/api"
+    path = request.url.path
+    return not path.startswith(("/api/", "/dicomweb/")) and path not in ("/api", "/dicomweb")
 
 
 def _security_headers(response: Response) -> None:
@@ -80,15 +83,16 @@ def _security_headers(response: Response) -> None:
 
 
 def create_app(settings: Settings, sessions: sessionmaker[Session],
-               audit: AuditLog | None = None) -> FastAPI:
+               audit: AuditLog | None = None, store: InstanceStore | None = None) -> FastAPI:
     """The app for a node whose database ``sessions`` opens (writing sessions; reads use
-    their read-only twin)."""
+    their read-only twin). ``store``: the node's instance store (STOW-RS shares it with
+    C-STORE); without one the app makes its own when first needed."""
     app = FastAPI(title="dicomnode", version=__version__, openapi_url=None, docs_url=None,
                   redoc_url=None,
                   description="REST API of the dicomnode console: studies, jobs, deliveries, "
                               "audit, AI findings and their review, routes, plugins, users. "
                               "Authenticate with a bearer token from POST /api/token.")
-    app.state.node = WebState(settings, sessions, audit or AuditLog(sessions))
+    app.state.node = WebState(settings, sessions, audit or AuditLog(sessions), store)
 
     @app.middleware("http")
     async def _headers_and_log(request: Request,
@@ -144,7 +148,33 @@ def create_app(settings: Settings, sessions: sessionmaker[Session],
             app.include_router(module.api, prefix="/api")
         if hasattr(module, "pages"):
             app.include_router(module.pages)
+        if hasattr(module, "dicomweb"):  # mounted at its own prefix (/dicomweb)
+            app.include_router(module.dicomweb)
+    if settings.dicomweb.cors_origins:
+        return _CORSOnDicomweb(app, settings.dicomweb.cors_origins)  # type: ignore[return-value]
     return app
+
+
+class _CORSOnDicomweb:
+    """CORS (Starlette's middleware) for /dicomweb only: a viewer served from another origin
+    may read DICOMweb, never the console's pages or API."""
+
+    def __init__(self, app: FastAPI, origins: list[str]) -> None:
+        from starlette.middleware.cors import CORSMiddleware
+
+        self.app = app
+        self.state = app.state
+        self.cors = CORSMiddleware(app, allow_origins=origins,
+                                   allow_methods=["GET", "POST", "OPTIONS"],
+                                   allow_headers=["Authorization", "Accept", "Content-Type"],
+                                   expose_headers=["Content-Type", "Content-Length"])
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == "/dicomweb" or path.startswith("/dicomweb/"):
+            await self.cors(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 def _quote(path: str) -> str:

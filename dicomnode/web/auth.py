@@ -31,6 +31,7 @@ from dicomnode.schema import Role, User, WebSession, utcnow
 ALL_PERMISSIONS = frozenset({
     "dashboard:read",
     "studies:read", "studies:write",  # write: force completion
+    "studies:store",  # STOW-RS: store instances over DICOMweb
     "jobs:read", "jobs:write",  # write: retry, cancel
     "deliveries:read", "deliveries:write",
     "destinations:read",
@@ -42,7 +43,7 @@ ALL_PERMISSIONS = frozenset({
 })
 
 PERMISSIONS: dict[Role, frozenset[str]] = {
-    Role.ADMIN: ALL_PERMISSIONS,
+    Role.ADMIN: ALL_PERMISSIONS,  # studies:store (STOW-RS) is the admin's only
     Role.RADIOLOGIST: frozenset({"studies:read", "findings:read", "findings:review"}),
     Role.AUDITOR: frozenset({"audit:read", "audit:export", "audit:verify"}),
 }

@@ -13,9 +13,10 @@ request, their permission, CSRF protection, and database sessions.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session, sessionmaker
@@ -24,6 +25,9 @@ from dicomnode.audit import AuditLog, EventKind, Outcome
 from dicomnode.config import Settings
 from dicomnode.database import reading
 from dicomnode.web.auth import Principal, principal_for
+
+if TYPE_CHECKING:
+    from dicomnode.store import InstanceStore
 
 SESSION_COOKIE = "dn_session"
 LOGIN_CSRF_COOKIE = "dn_login_csrf"
@@ -38,6 +42,22 @@ class WebState:
     settings: Settings
     sessions: sessionmaker[Session]  # writing
     audit: AuditLog
+    # the node's store (``dicomnode serve``: STOW-RS shares C-STORE's store and index lock);
+    # ``dicomnode web`` alone makes its own at the first STOW-RS request
+    instance_store: InstanceStore | None = None
+    _store_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def store(self) -> InstanceStore:
+        with self._store_lock:
+            if self.instance_store is None:
+                from dicomnode.store import FileStore, InstanceStore
+
+                files = FileStore(self.settings.storage.path, self.settings.storage.min_free_mb)
+                self.instance_store = InstanceStore(files, self.sessions, self.audit,
+                                                    self.settings.storage.duplicate_policy,
+                                                    workers=4)
+            return self.instance_store
 
     @property
     def reads(self) -> sessionmaker[Session]:

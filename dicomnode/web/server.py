@@ -11,14 +11,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.audit import AuditLog
 from dicomnode.config import Settings
+from dicomnode.store import InstanceStore
 from dicomnode.web.app import create_app
 
 log = logging.getLogger("dicomnode.web")
 
 
-def _server(settings: Settings, sessions: sessionmaker[Session], audit: AuditLog | None
-            ) -> uvicorn.Server:
-    app = create_app(settings, sessions, audit)
+def _server(settings: Settings, sessions: sessionmaker[Session], audit: AuditLog | None,
+            store: InstanceStore | None = None) -> uvicorn.Server:
+    app = create_app(settings, sessions, audit, store)
     config = uvicorn.Config(app, host=settings.web.host, port=settings.web.port,
                             log_config=None, access_log=False,  # ours logs paths only
                             proxy_headers=settings.web.public_url is not None,
@@ -30,8 +31,8 @@ class WebThread:
     """The console in a thread of the node's process; :meth:`stop` ends it."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session],
-                 audit: AuditLog | None = None) -> None:
-        self.server = _server(settings, sessions, audit)
+                 audit: AuditLog | None = None, store: InstanceStore | None = None) -> None:
+        self.server = _server(settings, sessions, audit, store)
         self.thread = threading.Thread(target=self.server.run, name="web", daemon=True)
         self.url = settings.web.base_url
 
