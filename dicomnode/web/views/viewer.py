@@ -12,8 +12,10 @@ authenticates every QIDO/WADO request; OHIF has no login of its own).
   …) answer its ``index.html``, rewritten for ``/viewer/`` (OHIF is built for ``/``); a missing
   file (a name with a dot) is a 404.
 - Its own Content-Security-Policy, only under ``/viewer``: OHIF compiles WebAssembly codecs
-  (``'wasm-unsafe-eval'``), starts web workers from blob URLs and draws into blob/data images;
-  the two inline scripts of ``index.html`` are allowed by their hashes.
+  (``'wasm-unsafe-eval'``), compiles array kernels with ``new Function`` when it reads a SEG
+  (ndarray's cwise, in dcmjs: ``'unsafe-eval'``; without it the SEG fails with an EvalError),
+  starts web workers from blob URLs and draws into blob/data images; the inline scripts of
+  ``index.html`` are allowed by their hashes, not by ``'unsafe-inline'``.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def csp(script_hashes: tuple[str, ...] = ()) -> str:
     """The viewer's policy: its own origin only, plus what OHIF's engine needs to run."""
     scripts = " ".join(f"'{h}'" for h in script_hashes)
     return ("default-src 'self'; "
-            f"script-src 'self' 'wasm-unsafe-eval' {scripts}".rstrip() + "; "
+            f"script-src 'self' 'unsafe-eval' 'wasm-unsafe-eval' {scripts}".rstrip() + "; "
             "worker-src 'self' blob:; "
             "img-src 'self' data: blob:; "
             "media-src 'self' blob:; "
