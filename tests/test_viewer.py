@@ -273,7 +273,8 @@ def test_radiologist_opens_the_study_in_ohif_and_sees_the_seg(ward: Ward, browse
                                                                ) -> None:
     page = login(browser, ward.web, "alice")
     problems: list[str] = []
-    page.on("console", lambda m: problems.append(m.text[:500]) if m.type == "error" else None)
+    page.on("console", lambda m: problems.append(m.text[:500])
+            if m.type == "error" or "Error Boundary" in m.text else None)
     page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"[:500]))
     page.goto(f"{ward.web.url}/studies/{ward.study_uid}")
     link = page.locator("a.open-viewer")
@@ -301,6 +302,16 @@ def test_radiologist_opens_the_study_in_ohif_and_sees_the_seg(ward: Ward, browse
         expect(page.get_by_text(label, exact=True).first).to_be_visible(timeout=60_000)
     assert _drawn(viewport.screenshot()) > 10
     screenshot(page, "viewer")
+    # the SR: OHIF 3.13 lists a TID 1500 measurement only when its group has a SCOORD or
+    # SCOORD3D; ours reference the SEG segment (TID 1411) instead, so OHIF lists none of them
+    # (docs/qr-viewer.md). Opening it must not take the viewer down (OHIF threw a TypeError
+    # on such a group until install-ohif.sh guarded it).
+    page.locator("[data-cy=studyBrowser-panel]").get_by_text(
+        str(ward.sr.SeriesDescription)).dblclick()
+    page.click("[data-cy=trackedMeasurements-btn]")
+    expect(page.get_by_text("Measurements (")).to_be_visible(timeout=30_000)
+    expect(page.get_by_text("Something went wrong")).to_have_count(0)
+    assert not [p for p in problems if "pageerror" in p or "Error Boundary" in p], problems
     assert not [p for p in problems if "Content Security Policy" in p], problems
 
 
