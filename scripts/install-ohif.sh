@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 VERSION="${OHIF_VERSION:-3.13.2}"
 DEST="${DICOMNODE_VIEWER_DIR:-dicomnode/web/viewer}"
 PUBLIC_PATH="/viewer/"
-PATCH=3                        # how this script adapts the build; a change reinstalls
+PATCH=4                        # how this script adapts the build; a change reinstalls
 MARK="$DEST/.dicomnode-ohif"   # "<version> <integrity> <patch>" once complete
 
 command -v npm >/dev/null || { echo "install-ohif: npm is needed (apt-get install npm)" >&2; exit 1; }
@@ -58,15 +58,18 @@ for f in dist.glob("*.js"):
 if n == 0:
     sys.exit("install-ohif: found no webpack public path to rewrite: has OHIF's build changed?")
 print(f"install-ohif: public path {public} in {n} bundles")
-# OHIF 3.13's SR loader dereferences the first SCOORD of every TID 1500 measurement group; a
-# group without one (TID 1411 referencing a SEG segment, or findings only) throws a TypeError
-# that takes down the whole viewer route. Guarded: such a group is skipped, as OHIF intends.
-bug = b"const referencedSOPSequence = measurement.coords[0].ReferencedSOPSequence;"
+# OHIF 3.13's SR loader keeps every TID 1500 measurement group it cannot place as "unloaded"
+# and retries it against each display set: a group without a SCOORD/SCOORD3D (ours: TID 1411
+# referencing a SEG segment, or findings only) then throws a TypeError (coords[0] undefined, or
+# a SEG's derived image ids without UIDs) that takes the whole viewer route down. Such a group
+# can never be placed, so it is left out of the retries.
+bug = (b"const unloadedMeasurements = srDisplaySet.measurements.filter("
+       b"measurement => measurement.loaded === false);")
 hits = [f for f in dist.glob("*.js") if bug in f.read_bytes()]
 if len(hits) != 1:
     sys.exit(f"install-ohif: expected OHIF's SR loader in one bundle, found {len(hits)}")
-hits[0].write_bytes(hits[0].read_bytes().replace(
-    bug, b"const referencedSOPSequence = measurement.coords[0]?.ReferencedSOPSequence;"))
+hits[0].write_bytes(hits[0].read_bytes().replace(bug, bug.replace(
+    b"measurement.loaded === false", b"measurement.loaded === false && measurement.coords?.length")))
 for f in dist.glob("*.css"):
     data = f.read_bytes()
     fixed = data.replace(b"url(/", b"url(" + public.encode()).replace(
