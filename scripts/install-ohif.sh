@@ -20,15 +20,18 @@ PUBLIC_PATH="/viewer/"
 PATCH=4                        # how this script adapts the build; a change reinstalls
 MARK="$DEST/.dicomnode-ohif"   # "<version> <integrity> <patch>" once complete
 
+# already there (checked without the network: the mark was written after the integrity check)
+if [ -f "$MARK" ] && [ -f "$DEST/index.html" ] \
+   && read -r have_version _ have_patch < "$MARK" \
+   && [ "$have_version" = "$VERSION" ] && [ "$have_patch" = "$PATCH" ]; then
+  echo "install-ohif: @ohif/app $VERSION already in $DEST"
+  exit 0
+fi
+
 command -v npm >/dev/null || { echo "install-ohif: npm is needed (apt-get install npm)" >&2; exit 1; }
 
 integrity="$(npm view "@ohif/app@$VERSION" dist.integrity)"
 case "$integrity" in sha512-*) ;; *) echo "install-ohif: no sha512 integrity for @ohif/app@$VERSION: '$integrity'" >&2; exit 1;; esac
-
-if [ -f "$MARK" ] && [ "$(cat "$MARK")" = "$VERSION $integrity $PATCH" ] && [ -f "$DEST/index.html" ]; then
-  echo "install-ohif: @ohif/app $VERSION already in $DEST"
-  exit 0
-fi
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
