@@ -280,6 +280,8 @@ class DicomwebConfig(_Section):
     # origins (e.g. https://viewer.example.org) whose pages may call /dicomweb (CORS);
     # empty: same origin only
     cors_origins: list[str] = Field(default_factory=list)
+    # the largest STOW-RS request accepted (the body is held in memory while it is stored)
+    max_stow_mb: int = Field(1024, ge=1, le=16384)
 
 
 class LoggingConfig(_Section):

@@ -123,13 +123,16 @@ def test_qido_studies_filters_includefield_limit_offset(env: dict[str, Any]) -> 
     [b] = c.search_for_studies(search_filters={"StudyDate": "20200101-20200131"})
     assert b["00100020"]["Value"] == ["PAT-B"]
     assert len(c.search_for_studies(search_filters={"PatientName": "Alpha*"})) == 1
-    assert len(c.search_for_studies(search_filters={"PatientName": "alpha"},
+    # fuzzymatching: person names ignore case
+    assert len(c.search_for_studies(search_filters={"PatientName": "alpha^anna"},
                                      fuzzymatching=True)) == 1
-    assert c.search_for_studies(search_filters={"PatientName": "alpha"}) == []
+    assert c.search_for_studies(search_filters={"PatientName": "alpha^anna"}) == []
     # includefield: a series attribute is not offered at study level; study ones are
     [a2] = c.search_for_studies(search_filters={"PatientID": "PAT-A"},
-                                fields=["StudyDescription"])
-    assert "00081030" in a2
+                                fields=["IssuerOfPatientID", "00100021"])
+    assert "00100021" in a2 and "00100021" not in a
+    [a3] = c.search_for_studies(search_filters={"PatientID": "PAT-A"}, fields=["all"])
+    assert set(a3) > set(a)
     assert len(c.search_for_studies(limit=1)) == 1
     first = c.search_for_studies(limit=1)[0]
     second = c.search_for_studies(limit=1, offset=1)[0]
@@ -156,13 +159,17 @@ def test_qido_invalid_parameters_are_400_with_the_reason(env: dict[str, Any]) ->
     with http(env) as h:
         for query, reason in (("StudyDate=2020", "YYYYMMDD"), ("limit=-1", "limit"),
                               ("fuzzymatching=maybe", "true or false"),
-                              ("NoSuchKeyword=1", "not an attribute"),
+                              ("NoSuchKeyword=1", "not a DICOM attribute"),
+                              ("includefield=Bogus", "not a DICOM attribute"),
                               ("Modality=CT", "series-level"),
                               ("StudyInstanceUID=abc", "not a UID")):
             r = h.get(f"/studies?{query}")
             assert r.status_code == 400, (query, r.text)
             assert reason in r.json()["detail"], (query, r.text)
         assert h.get(f"/studies/{generate_uid()}/series").status_code == 404
+    refused = [e for e in env["node"].audit("dicomweb-query") if "refused" in e["detail"]]
+    assert any("YYYYMMDD" in e["detail"]["refused"] and e["user"] == "radiologist"
+               for e in refused)
 
 
 # -- WADO-RS --------------------------------------------------------------------------------------
@@ -331,6 +338,11 @@ def test_stow_malformed_part_fails_with_reason_nothing_half_stored(env: dict[str
                    headers={"Content-Type": "multipart/related; type=\"application/dicom\"; "
                                             f"boundary={boundary}"})
     assert r.status_code == 409, r.text
+    with http(env, "admin") as h:
+        r = h.post("/studies", content=raw, headers={"Content-Type": "application/dicom"})
+    assert r.status_code == 415 and "boundary" in r.text
+    refused = node.audit("store-refused")
+    assert any(e["user"] == "admin" and "boundary" in e["detail"]["reason"] for e in refused)
 
 
 # -- authentication -----------------------------------------------------------------------------
@@ -395,3 +407,57 @@ def test_cors_only_on_dicomweb(tmp_path: Path) -> None:
     assert "access-control-allow-origin" not in r.headers
     r = c.options("/dicomweb/studies", headers={**pre, "Origin": "https://evil.example"})
     assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_stow_to_the_console_alone_then_the_node_completes_it(tmp_path: Path) -> None:
+    """``dicomnode web`` without the node: STOW-RS stores through its own InstanceStore
+    (files and index rows, no association); a node started later on the same database and
+    storage completes the study."""
+    from tests.web import start_web, web_settings
+
+    w = start_web(web_settings(tmp_path))
+    try:
+        files = write_ct_series(tmp_path / "ct", n=3, size=32, patient_id="ALONE")
+        c = DICOMwebClient(url=f"{w.url}/dicomweb",
+                           headers={"Authorization": f"Bearer {w.token('admin')}"})
+        resp = c.store_instances([pydicom.dcmread(f) for f in files])
+        assert len(resp.ReferencedSOPSequence) == 3
+        study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
+        got = c.retrieve_study(study)
+        assert sorted(d.SOPInstanceUID for d in got) == sorted(
+            pydicom.dcmread(f).SOPInstanceUID for f in files)
+    finally:
+        w.stop()
+    node = NodeProc(tmp_path, w.settings.database_url).start()
+    try:
+        wait_until(lambda: any(c["study_uid"] == study for c in node.completions()),
+                   timeout=60, what="the STOW'd study complete")
+        [row] = [s for s in node.studies() if s["study_uid"] == study]
+        assert row["state"] == "complete"
+    finally:
+        node.stop()
+
+
+def test_frames_of_a_compressed_instance_are_decoded(env: dict[str, Any]) -> None:
+    """An RLE Lossless instance (stored as sent): its frame comes back as the raw native
+    pixel bytes; the instance itself in its stored syntax; metadata says OB."""
+    from pydicom.uid import RLELossless
+
+    [f] = write_ct_series(env["root"] / "rle", n=1, size=64, patient_id="RLE")
+    ds = pydicom.dcmread(f)
+    native = ds.pixel_array.tobytes()
+    ds.compress(RLELossless)
+    resp = client(env, "admin").store_instances([ds])
+    assert len(resp.ReferencedSOPSequence) == 1
+    c = client(env)
+    ids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    [frame] = c.retrieve_instance_frames(*ids, frame_numbers=[1])
+    assert frame == native
+    [meta] = c.retrieve_series_metadata(*ids[:2])
+    assert meta["7FE00010"]["vr"] == "OB" and "BulkDataURI" in meta["7FE00010"]
+    [got] = c.retrieve_series(*ids[:2])
+    assert got.file_meta.TransferSyntaxUID == RLELossless
+    with http(env) as h:
+        r = h.get(f"/studies/{ids[0]}/series/{ids[1]}/instances/{ids[2]}/rendered",
+                  headers={"Accept": "image/jpeg"})
+    assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"

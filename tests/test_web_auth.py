@@ -39,7 +39,7 @@ def _routes(web: WebNode) -> list[tuple[str, str, str | None]]:
     routes: list[tuple[str, APIRoute]] = []
     for name in MODULES:
         module = importlib.import_module(f"dicomnode.web.views.{name}")
-        for attr, prefix in (("api", "/api"), ("pages", "")):
+        for attr, prefix in (("api", "/api"), ("pages", ""), ("dicomweb", "")):
             if hasattr(module, attr):
                 routes += [(prefix, r) for r in getattr(module, attr).routes
                            if isinstance(r, APIRoute)]
@@ -59,7 +59,10 @@ def _routes(web: WebNode) -> list[tuple[str, str, str | None]]:
 def _concrete(path: str) -> str:
     return (path.replace("{id}", "1").replace("{job_id}", "1").replace("{study_uid}", "1.2.3")
             .replace("{uid}", "1.2.3").replace("{name}", "nobody").replace("{finding_id}", "1")
-            .replace("{delivery_id}", "1").replace("{sop_uid}", "1.2.3"))
+            .replace("{delivery_id}", "1").replace("{sop_uid}", "1.2.3")
+            .replace("{study}", "1.2.3").replace("{series}", "1.2.4")
+            .replace("{instance}", "1.2.5").replace("{frames}", "1").replace("{frame}", "1")
+            .replace("{tag}", "7FE00010"))
 
 
 def test_every_endpoint_but_health_and_login_wants_authentication(web: WebNode) -> None:
@@ -73,6 +76,9 @@ def test_every_endpoint_but_health_and_login_wants_authentication(web: WebNode) 
             if path.startswith("/api/"):
                 assert r.status_code == 401, (method, path, r.status_code, r.text)
                 assert r.json()["detail"].startswith("not authenticated")
+            elif path.startswith("/dicomweb/"):  # HTTP Basic or bearer
+                assert r.status_code == 401, (method, path, r.status_code, r.text)
+                assert r.headers["www-authenticate"] == 'Basic realm="dicomnode", Bearer'
             else:  # pages send the browser to the login page
                 assert r.status_code in (303, 401), (method, path, r.status_code)
                 if r.status_code == 303:

@@ -13,6 +13,7 @@ none asked, or the stored one asked; anything else: 406). Instances are streamed
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -25,17 +26,18 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydicom import dcmread
+from pydicom import datadict, dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_preamble
 from pydicom.tag import Tag
 from pydicom.uid import UID
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from dicomnode.audit import EventKind, Outcome
-from dicomnode.schema import Instance, Patient, Series, Study
+from dicomnode.query import ATTRS, Level, Query, QueryError, run_query
+from dicomnode.schema import Instance, Series, Study
 from dicomnode.store import Received
 from dicomnode.store.meta import part10_header
 from dicomnode.web.auth import LoginRefused, Principal, authenticate, principal_for
@@ -83,7 +85,7 @@ def _who(request: Request, st: WebState) -> Principal:
                                     remote=remote, via="basic")
             except LoginRefused as e:
                 s.commit()  # the failure count must be kept
-                raise Unauthorized(str(e)) from None
+                raise BasicRefused(str(e)) from None
             s.commit()
             return Principal(user.id, user.name, user.display_name or user.name, user.role,
                              0, "", "basic")
@@ -97,17 +99,29 @@ def _who(request: Request, st: WebState) -> Principal:
                        "Authorization: Bearer token from POST /api/token")
 
 
+class BasicRefused(Unauthorized):
+    """Wrong name or password over HTTP Basic (counted towards the lock-out)."""
+
+
 def allowed(permission: str) -> Any:
-    def dependency(request: Request, st: WebState = Depends(node)) -> Principal:
-        who = _who(request, st)
+    async def dependency(request: Request, st: WebState = Depends(node)) -> Principal:
+        try:
+            who = await run_in_threadpool(_who, request, st)
+        except BasicRefused:
+            # as for the login page: each failure costs the guesser time, not a thread
+            await asyncio.sleep(st.settings.web.failure_delay_seconds)
+            raise
         request.state.principal = who
         if not who.can(permission):
-            st.audit.record(EventKind.ACCESS_DENIED, Outcome.MINOR_FAILURE, user=who.name,
-                            source_host=remote_of(request), method=request.method,
-                            path=request.url.path, needs=permission, role=str(who.role))
+            await run_in_threadpool(  # off the event loop: the audit write commits
+                st.audit.record, EventKind.ACCESS_DENIED, Outcome.MINOR_FAILURE,
+                user=who.name, source_host=remote_of(request), method=request.method,
+                path=request.url.path, needs=permission, role=str(who.role))
             raise HTTPException(403, f"your role ({who.role}) may not do this "
                                      f"(needs {permission})")
         return who
+
+    dependency.permission = permission  # type: ignore[attr-defined]  # read by the tests
     return Depends(dependency)
 
 
@@ -469,214 +483,133 @@ def rendered_frame(study: str, series: str, instance: str, frame: str, request: 
 
 
 # -- QIDO-RS ------------------------------------------------------------------------------------
+# Matching is the node's (dicomnode.query, PS3.4 C.2.2.2, shared with C-FIND): this part only
+# turns QIDO parameters into a Query and its rows into DICOM JSON.
 
-# Until the node's matching module (dicomnode.query) is in this branch, QIDO-RS matches on the
-# indexed columns with the simple rules below (_simple_match): exact, wildcard (* and ?), and
-# date ranges. Attributes answered come from the index only.
-
-
-@dataclass(frozen=True)
-class Attr:
-    keyword: str
-    tag: str
-    vr: str
-    column: Any  # an SQL column expression, or None: computed
-    level: str  # study | series | instance
-    date: bool = False
-
-
-ATTRS: list[Attr] = [
-    Attr("StudyDate", "00080020", "DA", Study.study_date, "study", True),
-    Attr("StudyTime", "00080030", "TM", Study.study_time, "study"),
-    Attr("AccessionNumber", "00080050", "SH", Study.accession_number, "study"),
-    Attr("ReferringPhysicianName", "00080090", "PN", Study.referring_physician, "study"),
-    Attr("StudyDescription", "00081030", "LO", Study.study_description, "study"),
-    Attr("PatientName", "00100010", "PN", Patient.patient_name, "study"),
-    Attr("PatientID", "00100020", "LO", Patient.patient_id, "study"),
-    Attr("PatientBirthDate", "00100030", "DA", Patient.birth_date, "study", True),
-    Attr("PatientSex", "00100040", "CS", Patient.sex, "study"),
-    Attr("StudyInstanceUID", "0020000D", "UI", Study.study_uid, "study"),
-    Attr("StudyID", "00200010", "SH", Study.study_id, "study"),
-    Attr("Modality", "00080060", "CS", Series.modality, "series"),
-    Attr("SeriesDescription", "0008103E", "LO", Series.series_description, "series"),
-    Attr("BodyPartExamined", "00180015", "CS", Series.body_part, "series"),
-    Attr("SeriesInstanceUID", "0020000E", "UI", Series.series_uid, "series"),
-    Attr("SeriesNumber", "00200011", "IS", Series.series_number, "series"),
-    Attr("SOPClassUID", "00080016", "UI", Instance.sop_class_uid, "instance"),
-    Attr("SOPInstanceUID", "00080018", "UI", Instance.sop_instance_uid, "instance"),
-    Attr("InstanceNumber", "00200013", "IS", Instance.instance_number, "instance"),
-]
-BY_NAME = {a.keyword: a for a in ATTRS} | {a.tag: a for a in ATTRS}
-COMPUTED = {"ModalitiesInStudy": ("00080061", "CS"),
-            "NumberOfStudyRelatedSeries": ("00201206", "IS"),
-            "NumberOfStudyRelatedInstances": ("00201208", "IS"),
-            "NumberOfSeriesRelatedInstances": ("00201209", "IS"),
-            "RetrieveURL": ("00081190", "UR")}
-LEVELS = {"study": ("study",), "series": ("study", "series"),
-          "instance": ("study", "series", "instance")}
-DEFAULT = {  # PS3.18 Tables 6.7.1-2, -2a, -2b (those the index holds)
-    "study": ["StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
-              "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-              "StudyInstanceUID", "StudyID", "StudyDescription"],
-    "series": ["Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber"],
-    "instance": ["SOPClassUID", "SOPInstanceUID", "InstanceNumber"],
+QIDO_LEVEL = {"study": Level.STUDY, "series": Level.SERIES, "instance": Level.IMAGE}
+DEFAULT = {  # PS3.18 Tables 6.7.1-2, -2a, -2b: those the index holds
+    Level.STUDY: ["StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName",
+                  "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                  "StudyInstanceUID", "StudyID", "StudyDescription", "ModalitiesInStudy",
+                  "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"],
+    Level.SERIES: ["Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
+                   "BodyPartExamined", "NumberOfSeriesRelatedInstances"],
+    Level.IMAGE: ["SOPClassUID", "SOPInstanceUID", "InstanceNumber"],
 }
-MAX_LIMIT = 1000
+MAX_RESULTS = 1000  # a page holds at most this many; ask again with offset
 
 
-def _simple_match(column: Any, attr: Attr, value: str, fuzzy: bool) -> Any:
-    """One attribute's condition: a date range (DA ``a-b``, ``a-``, ``-b``), a wildcard
-    (``*``, ``?``; PN case-insensitive when fuzzymatching), a UID list (``\\``), or exact."""
-    if attr.date and "-" in value:
-        lo, _, hi = value.partition("-")
-        for d in (lo, hi):
-            if d and not re.fullmatch(r"\d{8}", d):
-                raise HTTPException(400, f"{attr.keyword}={value!r}: a date range is "
-                                         "YYYYMMDD-YYYYMMDD (either side may be empty)")
-        cond = []
-        if lo:
-            cond.append(column >= lo)
-        if hi:
-            cond.append(column <= hi)
-        return cond
-    if attr.date and not re.fullmatch(r"\d{8}", value):
-        raise HTTPException(400, f"{attr.keyword}={value!r}: a date is YYYYMMDD")
-    if attr.vr == "UI":
-        uids = value.split("\\") if "\\" in value else value.split(",")
-        for u in uids:
-            if not re.fullmatch(r"[0-9.]{1,64}", u):
-                raise HTTPException(400, f"{attr.keyword}={u!r} is not a UID")
-        return [column.in_(uids)]
-    if attr.vr == "IS" and not re.fullmatch(r"-?\d+", value):
-        raise HTTPException(400, f"{attr.keyword}={value!r}: a whole number")
-    if attr.vr == "IS":
-        return [column == (int(value) if attr.level == "instance" else value)]
-    if "*" in value or "?" in value:
-        pattern = (value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                   .replace("*", "%").replace("?", "_"))
-        if fuzzy and attr.vr == "PN":
-            return [func.lower(column).like(pattern.lower(), escape="\\")]
-        return [column.like(pattern, escape="\\")]
-    if fuzzy and attr.vr == "PN":
-        return [func.lower(column).like(value.lower() + "%")]
-    return [column == value]
+def _keyword(key: str) -> str:
+    """A QIDO attribute key (keyword or 8 hex digits) as a keyword; 400 if neither."""
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", key):
+        kw = datadict.keyword_for_tag(int(key, 16))
+        if kw:
+            return kw
+    elif datadict.tag_for_keyword(key) is not None:
+        return key
+    raise HTTPException(400, f"{key!r} is not a DICOM attribute keyword or tag, nor a QIDO-RS "
+                             "parameter (includefield, limit, offset, fuzzymatching)")
 
 
-def _qido(request: Request, st: WebState, who: Principal, level: str,
+def _qido(request: Request, st: WebState, who: Principal, what: str,
           fixed: dict[str, str]) -> Response:
-    allowed_levels = LEVELS[level]
-    includes: list[str] = []
-    everything = False
-    limit, offset, fuzzy = MAX_LIMIT, 0, False
-    conds: list[Any] = []
-    params = list(request.query_params.multi_items()) + list(fixed.items())
-    if request.query_params.get("fuzzymatching") == "true":
-        fuzzy = True  # applies to every attribute, wherever it stands in the query
-    for key, value in params:
+    try:
+        return _search(request, st, who, what, fixed)
+    except HTTPException as e:
+        st.audit.record(EventKind.DICOMWEB_QUERY, Outcome.MINOR_FAILURE, user=who.name,
+                        source_host=remote_of(request), level=what,
+                        query=dict(request.query_params), fixed=fixed, refused=str(e.detail))
+        raise
+
+
+def _search(request: Request, st: WebState, who: Principal, what: str,
+            fixed: dict[str, str]) -> Response:
+    level = QIDO_LEVEL[what]
+    keys: dict[str, str] = {}
+    extra = [k for lv in (Level.STUDY, Level.SERIES, Level.IMAGE) if lv.depth <= level.depth
+             for k in DEFAULT[lv]]
+    limit: int | None = None
+    offset = 0
+    fuzzy = False
+    for key, value in request.query_params.multi_items():
         if key == "includefield":
             for f in value.split(","):
                 f = f.strip()
                 if f == "all":
-                    everything = True
-                elif f in BY_NAME or f in COMPUTED:
-                    includes.append(BY_NAME[f].keyword if f in BY_NAME else f)
-                elif re.fullmatch(r"[0-9A-Fa-f]{8}|[A-Za-z]+", f):
-                    pass  # not held in the index: PS3.18 lets us leave it out
-                else:
-                    raise HTTPException(400, f"includefield={f!r}: a keyword or tag")
+                    extra += [a.keyword for a in ATTRS.values()
+                              if a.level.depth <= level.depth]
+                elif f:
+                    extra.append(_keyword(f))
         elif key in ("limit", "offset"):
             if not re.fullmatch(r"\d{1,9}", value):
                 raise HTTPException(400, f"{key}={value!r}: a whole number ≥ 0")
             if key == "limit":
-                limit = min(int(value), MAX_LIMIT)
+                limit = int(value)
             else:
                 offset = int(value)
         elif key == "fuzzymatching":
             if value not in ("true", "false"):
                 raise HTTPException(400, f"fuzzymatching={value!r}: true or false")
+            fuzzy = value == "true"
         else:
-            attr = BY_NAME.get(key)
+            kw = _keyword(key)
+            attr = ATTRS.get(kw)
             if attr is None:
-                raise HTTPException(400, f"{key!r} is not an attribute this node can match "
-                                         f"on (matchable: "
-                                         f"{', '.join(a.keyword for a in ATTRS)})")
-            if attr.level not in allowed_levels:
-                raise HTTPException(400, f"{attr.keyword} is a {attr.level}-level attribute: "
-                                         f"not matchable in a {level} query")
-            if value:
-                conds += _simple_match(attr.column, attr, value, fuzzy)
-    names = [n for lv in allowed_levels for n in DEFAULT[lv]]
-    if everything:
-        names = [a.keyword for a in ATTRS if a.level in allowed_levels]
-    names += [n for n in includes if n not in names and n in BY_NAME
-              and BY_NAME[n].level in allowed_levels]
-    columns = [BY_NAME[n].column for n in names]
-    if level == "study":
-        q = select(Study.id, *columns).join(Patient, Study.patient_fk == Patient.id)
-        order: list[Any] = [Study.id]
-    elif level == "series":
-        q = (select(Series.id, *columns).join(Study, Series.study_fk == Study.id)
-             .join(Patient, Study.patient_fk == Patient.id))
-        order = [Series.id]
-    else:
-        q = (select(Instance.id, *columns).join(Series, Instance.series_fk == Series.id)
-             .join(Study, Instance.study_fk == Study.id)
-             .join(Patient, Study.patient_fk == Patient.id))
-        order = [Instance.id]
-    q = q.where(*conds).order_by(*order).limit(limit).offset(offset)
-    with st.reads() as s:
-        rows = s.execute(q).all()
-        out = [_qido_item(s, request, level, names, row) for row in rows]
-    st.audit.record(EventKind.DICOMWEB_QUERY, user=who.name, source_host=remote_of(request),
-                    level=level, query=dict(request.query_params), fixed=fixed,
-                    matches=len(out))
-    return JSONResponse(out, media_type=DICOM_JSON)
-
-
-def _json_value(attr_vr: str, value: Any) -> dict[str, Any]:
-    if value is None or value == "":
-        return {"vr": attr_vr}
-    if attr_vr == "PN":
-        return {"vr": "PN", "Value": [{"Alphabetic": str(value)}]}
-    if attr_vr == "IS":
-        try:
-            return {"vr": "IS", "Value": [int(value)]}
-        except ValueError:
-            return {"vr": "IS"}
-    return {"vr": attr_vr, "Value": [str(value)]}
-
-
-def _qido_item(s: Session, request: Request, level: str, names: list[str], row: Any
-               ) -> dict[str, Any]:
-    item: dict[str, Any] = {}
-    for n, v in zip(names, row[1:], strict=True):
-        a = BY_NAME[n]
-        item[a.tag] = _json_value(a.vr, v)
+                raise HTTPException(400, f"{kw} is not an attribute this node can match on "
+                                         f"(matchable: {', '.join(ATTRS)})")
+            if attr.level.depth > level.depth:
+                raise HTTPException(400, f"{kw} is a {attr.level.value.lower()}-level "
+                                         f"attribute: not matchable in a {what} query")
+            if kw in keys or kw in fixed:
+                raise HTTPException(400, f"{kw} given twice")
+            keys[kw] = value
+    keys.update(fixed)
+    try:
+        query = Query(level=level, keys=keys, fuzzy=fuzzy)
+        with st.reads() as s:
+            result = run_query(s, query, limit=min(limit, MAX_RESULTS) if limit is not None
+                               else MAX_RESULTS, offset=offset, max_results=MAX_RESULTS,
+                               extra=list(dict.fromkeys(extra)))
+    except QueryError as e:
+        raise HTTPException(400, str(e)) from None
     root = str(request.base_url).rstrip("/") + PREFIX
-    if level == "study":
-        sid = row[0]
-        mods = sorted({m for (m,) in s.execute(select(Series.modality).where(
-            Series.study_fk == sid)) if m})
-        nseries = s.execute(select(func.count()).select_from(Series).where(
-            Series.study_fk == sid)).scalar_one()
-        ninst = s.execute(select(func.count()).select_from(Instance).where(
-            Instance.study_fk == sid)).scalar_one()
-        item["00080061"] = {"vr": "CS", "Value": mods} if mods else {"vr": "CS"}
-        item["00201206"] = {"vr": "IS", "Value": [nseries]}
-        item["00201208"] = {"vr": "IS", "Value": [ninst]}
-        item["00081190"] = {"vr": "UR", "Value": [
-            f"{root}/studies/{item['0020000D']['Value'][0]}"]}
-    elif level == "series":
-        count = s.execute(select(func.count()).select_from(Instance).where(
-            Instance.series_fk == row[0])).scalar_one()
-        item["00201209"] = {"vr": "IS", "Value": [count]}
-        item["00081190"] = {"vr": "UR", "Value": [
-            f"{root}/studies/{item['0020000D']['Value'][0]}/series/"
-            f"{item['0020000E']['Value'][0]}"]}
-    else:
-        item["00081190"] = {"vr": "UR", "Value": [
-            f"{root}/studies/{item['0020000D']['Value'][0]}/series/"
-            f"{item['0020000E']['Value'][0]}/instances/{item['00080018']['Value'][0]}"]}
+    out = [_qido_json(row, level, root) for row in result.rows]
+    st.audit.record(EventKind.DICOMWEB_QUERY, user=who.name, source_host=remote_of(request),
+                    level=what, query=dict(request.query_params), fixed=fixed,
+                    matches=len(out))
+    headers = {}
+    if limit is None and len(out) == MAX_RESULTS:
+        headers["Warning"] = (f'299 dicomnode "the first {MAX_RESULTS} matches: page with '
+                              'limit and offset"')
+    return JSONResponse(out, media_type=DICOM_JSON, headers=headers)
+
+
+def _json_attr(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
+    tag = datadict.tag_for_keyword(keyword)
+    assert tag is not None
+    vr = datadict.dictionary_VR(keyword).split(" ")[0]
+    key = f"{tag:08X}"
+    if value is None or value == "" or value == []:
+        return key, {"vr": vr}
+    values = value if isinstance(value, list) else [value]
+    if vr == "PN":
+        return key, {"vr": vr, "Value": [{"Alphabetic": str(v)} for v in values]}
+    if vr in ("IS", "US", "UL", "SL", "SS"):
+        try:
+            return key, {"vr": vr, "Value": [int(v) for v in values]}
+        except ValueError:
+            return key, {"vr": vr}
+    return key, {"vr": vr, "Value": [str(v) for v in values]}
+
+
+def _qido_json(row: dict[str, Any], level: Level, root: str) -> dict[str, Any]:
+    item = dict(_json_attr(k, v) for k, v in row.items() if k != "QueryRetrieveLevel")
+    url = f"{root}/studies/{row['StudyInstanceUID']}"
+    if level.depth >= Level.SERIES.depth:
+        url += f"/series/{row['SeriesInstanceUID']}"
+    if level is Level.IMAGE:
+        url += f"/instances/{row['SOPInstanceUID']}"
+    item["00081190"] = {"vr": "UR", "Value": [url]}
     return dict(sorted(item.items()))
 
 
@@ -849,19 +782,41 @@ def _stow(request: Request, st: WebState, who: Principal, body: bytes, study: st
     return JSONResponse(response, status_code=status, media_type=DICOM_JSON)
 
 
+async def _stow_request(request: Request, st: WebState, who: Principal, study: str | None
+                        ) -> Response:
+    limit = st.settings.dicomweb.max_stow_mb << 20
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > limit:
+            raise HTTPException(413, f"request of {declared} bytes: dicomweb.max_stow_mb is "
+                                     f"{st.settings.dicomweb.max_stow_mb}; send fewer "
+                                     "instances per request")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"request over dicomweb.max_stow_mb "
+                                         f"({st.settings.dicomweb.max_stow_mb} MiB); send "
+                                         "fewer instances per request")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        del chunks
+        return await run_in_threadpool(_stow, request, st, who, body, study)
+    except HTTPException as e:
+        await run_in_threadpool(
+            st.audit.record, EventKind.STORE_REFUSED, Outcome.MINOR_FAILURE, user=who.name,
+            source_aet=STOW_AE, source_host=remote_of(request), via="stow-rs",
+            status=f"HTTP {e.status_code}", reason=str(e.detail))
+        raise
+
+
 @dicomweb.post("/studies")
 async def stow(request: Request, who: Principal = STORE, st: WebState = Depends(node)
                ) -> Response:
-    body = await request.body()
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(_stow, request, st, who, body, None)
+    return await _stow_request(request, st, who, None)
 
 
 @dicomweb.post("/studies/{study}")
 async def stow_study(study: str, request: Request, who: Principal = STORE,
                      st: WebState = Depends(node)) -> Response:
-    body = await request.body()
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(_stow, request, st, who, body, study)
+    return await _stow_request(request, st, who, study)
