@@ -326,4 +326,10 @@ def test_finding_page_links_to_the_viewer(ward: Ward, browser: Any) -> None:
     page.goto(f"{ward.web.url}/findings/{finding['id']}")
     href = page.locator("a.open-viewer").get_attribute("href")
     assert href == f"/viewer/viewer?StudyInstanceUIDs={ward.study_uid}"
+    # OHIF's own study list (/viewer) finds the study through QIDO-RS
+    accession = str(ward.sr.AccessionNumber)
+    assert accession
+    page.goto(f"{ward.web.url}/viewer")
+    _dismiss(page, "Confirm and hide")
+    expect(page.locator("body")).to_contain_text(accession, timeout=60_000)
     page.context.close()
