@@ -293,6 +293,9 @@ class WebConfig(_Section):
     # after each failed login the next attempt for that user waits this long (seconds)
     failure_delay_seconds: float = Field(1.0, ge=0, le=30)
     oidc: OIDCConfig | None = None
+    # the OHIF viewer's files (scripts/install-ohif.sh puts them there), served at /viewer.
+    # Default: $DICOMNODE_VIEWER_DIR, else dicomnode/web/viewer
+    viewer_dir: Path | None = None
 
     @property
     def base_url(self) -> str:

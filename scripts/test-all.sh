@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need_apt=()
 # chromium: the console's browser tests (Playwright drives it; it cannot download its own)
-for pkg in dcmtk orthanc chromium; do dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg"); done
+# npm: scripts/install-ohif.sh fetches the OHIF viewer's build (npm pack; nothing is built)
+for pkg in dcmtk orthanc chromium npm; do dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg"); done
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
@@ -18,6 +19,9 @@ python3 -m pip install -q -e '.[test]'
 for plugin in plugins/*/pyproject.toml; do
   python3 -m pip install -q -e "$(dirname "$plugin")"
 done
+
+# the OHIF viewer served at /viewer (tests/test_viewer.py); skipped when already installed
+scripts/install-ohif.sh
 
 echo "== ruff"; python3 -m ruff check dicomnode plugins tests bench
 echo "== mypy"; python3 -m mypy dicomnode plugins/*/src

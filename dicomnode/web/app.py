@@ -51,6 +51,7 @@ MODULES = [
     "users",  # users and roles
     "audit",  # the audit trail: filter, export (CSV), verify
     "dicomweb",  # DICOMweb (QIDO-RS, WADO-RS, STOW-RS): its ``dicomweb`` router, /dicomweb
+    "viewer",  # the OHIF viewer at /viewer (installed by scripts/install-ohif.sh)
 ]
 
 templates = Jinja2Templates(directory=HERE / "templates")
