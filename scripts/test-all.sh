@@ -8,7 +8,9 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 need_apt=()
 # chromium: the console's browser tests (Playwright drives it; it cannot download its own)
 # npm: scripts/install-ohif.sh fetches the OHIF viewer's build (npm pack; nothing is built)
-for pkg in dcmtk orthanc chromium npm; do dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg"); done
+for pkg in dcmtk orthanc chromium; do dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg"); done
+# npm may come with a nodejs that is not Debian's (it bundles npm): only ask apt when missing
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
