@@ -308,7 +308,7 @@ def test_radiologist_opens_the_study_in_ohif_and_sees_the_seg(ward: Ward, browse
     screenshot(page, "viewer")
     # the SR: OHIF 3.13 lists a TID 1500 measurement only when its group has a SCOORD or
     # SCOORD3D; ours reference the SEG segment (TID 1411) instead, so OHIF lists none of them
-    # (docs/qr-viewer.md). Opening it must not take the viewer down (OHIF threw a TypeError
+    # (docs/query-retrieve.md). Opening it must not take the viewer down (OHIF threw a TypeError
     # on such a group, after the SEG was opened too, until install-ohif.sh guarded it).
     page.locator("[data-cy=studyBrowser-panel]").get_by_text(
         str(ward.sr.SeriesDescription)).dblclick()

@@ -10,7 +10,7 @@ Who may do what: ``modalities`` (config). A caller not listed, or listed without
 ``move``/``get``, is refused with 0x0124 (Refused: Not authorized); a C-MOVE destination that is
 not listed gets 0xA801. A response cut by ``query.max_results`` ends with 0xA700 (Out of
 resources) and an error comment saying so. Every query and retrieve is audited
-(110112 Query, 110104 DICOM Instances Transferred), refusals included. See docs/qr-scp.md.
+(110112 Query, 110104 DICOM Instances Transferred), refusals included. See docs/query-retrieve.md.
 """
 
 from __future__ import annotations
